@@ -1,0 +1,142 @@
+"""The Python API: ``optimize`` runs a pipeline and ends in a validation; everything stays in memory."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import onnx
+import onnx_ir as ir
+
+from onnxpress import __version__
+from onnxpress.io import load
+from onnxpress.pass_infra import Pass, PassContext, PassStats
+from onnxpress.pipeline import Pipeline
+from onnxpress.validate import Tolerance, ValidationReport, validate
+
+# Lossy pipelines are judged on output cosine similarity unless the caller sets a tolerance.
+LOSSY_MIN_COSINE = 0.99
+
+
+def default_pipeline() -> str:
+    from onnxpress.passes import DEFAULT_PIPELINE
+
+    return DEFAULT_PIPELINE
+
+
+def model_bytes(model: ir.Model | onnx.ModelProto) -> int:
+    """Bytes the model takes on disk: the serialized proto plus its external data."""
+    proto = ir.to_proto(model) if isinstance(model, ir.Model) else model
+    external = 0
+    for tensor in proto.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in tensor.external_data}
+            external += int(info.get("length", 0) or 0)
+    return proto.ByteSize() + external
+
+
+@dataclasses.dataclass
+class OptimizeReport:
+    pipeline: str
+    bytes_before: int
+    bytes_after: int
+    seconds: float
+    passes: list[PassStats]
+    validation: ValidationReport | None
+    version: str = __version__
+
+    @property
+    def ratio(self) -> float:
+        return self.bytes_before / self.bytes_after if self.bytes_after else float("inf")
+
+    @property
+    def passed(self) -> bool:
+        return self.validation is None or self.validation.passed
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "onnxpress_version": self.version,
+            "pipeline": self.pipeline,
+            "bytes_before": self.bytes_before,
+            "bytes_after": self.bytes_after,
+            "ratio": self.ratio,
+            "seconds": self.seconds,
+            "passes": [p.to_dict() for p in self.passes],
+            "validation": self.validation.to_dict() if self.validation else None,
+        }
+
+
+def optimize(
+    model: ir.Model | onnx.ModelProto | str | os.PathLike,
+    pipeline: Pipeline | str | list[Pass] | None = None,
+    *,
+    validate_result: bool = True,
+    inputs: Any = None,
+    dims: dict[str, int] | None = None,
+    calibration: Any = None,
+    tolerance: Tolerance | None = None,
+    provider: str = "cpu",
+    verify_each: bool = False,
+    on_pass_start: Callable[[Pass], None] | None = None,
+    on_pass_end: Callable[[Pass], None] | None = None,
+) -> tuple[ir.Model | onnx.ModelProto, OptimizeReport]:
+    """Run ``pipeline`` (text, Pipeline or passes; default: the lossless pipeline) and validate the result.
+
+    The input is never modified: a path is loaded lazily; an in-memory model is copied first.
+    ``calibration``: a path (.npz / folder) or a list of feeds, given to the passes that use it.
+    Returns the rewritten model (an ``ir.Model``, or an ``onnx.ModelProto`` if the pipeline ends in a
+    proto-stage pass such as ``sparsify``) and an ``OptimizeReport``.
+    """
+    start = time.perf_counter()
+    pipe = Pipeline.coerce(pipeline, default_pipeline())
+    if isinstance(model, (str, os.PathLike)):
+        reference: Any = os.fspath(model)
+        working = load(model)
+        bytes_before = model_bytes(working)
+    else:
+        reference = ir.to_proto(model) if isinstance(model, ir.Model) else model
+        working = ir.serde.deserialize_model(reference)
+        if isinstance(model, ir.Model):
+            _copy_base_dir(model, working)
+        bytes_before = model_bytes(reference)
+    context = PassContext(calibration=_calibration_feeds(calibration, working))
+    result = pipe.run(working, context=context, verify_each=verify_each, on_pass_start=on_pass_start, on_pass_end=on_pass_end)
+    out = result.model
+    _stamp_metadata(out, str(pipe))
+    report = None
+    if validate_result:
+        if tolerance is None:
+            tolerance = Tolerance() if pipe.lossless else Tolerance(min_cosine=LOSSY_MIN_COSINE)
+        report = validate(reference, out, inputs=inputs, dims=dims, tolerance=tolerance, provider=provider)
+    return out, OptimizeReport(str(pipe), bytes_before, model_bytes(out), time.perf_counter() - start, result.stats, report)
+
+
+def _calibration_feeds(calibration: Any, model: ir.Model):
+    if calibration is None or isinstance(calibration, list):
+        return calibration
+    from onnxpress.data import load_calibration
+
+    return load_calibration(calibration, model)
+
+
+def _copy_base_dir(src: ir.Model, dst: ir.Model) -> None:
+    for value in src.graph.initializers.values():
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor):
+            ir.external_data.set_base_dir(dst.graph, tensor.base_dir)
+            return
+
+
+def _stamp_metadata(model: ir.Model | onnx.ModelProto, pipeline: str) -> None:
+    entries = {"onnxpress.pipeline": pipeline, "onnxpress.version": __version__}
+    if isinstance(model, ir.Model):
+        model.metadata_props.update(entries)
+    else:
+        kept = [p for p in model.metadata_props if p.key not in entries]
+        del model.metadata_props[:]
+        model.metadata_props.extend(kept)
+        for key, value in entries.items():
+            model.metadata_props.add(key=key, value=value)

@@ -1,0 +1,251 @@
+"""Pipelines: text <-> pass objects, and running them on onnx-ir's PassManager.
+
+Grammar (whitespace is ignored outside quotes)::
+
+    pipeline := pass ("," pass)*
+    pass     := NAME [ "(" [ option ("," option)* ] ")" ]
+    option   := KEY "=" value
+    value    := WORD | '"' chars '"' | "[" [ value ("," value)* ] "]"
+
+``str(Pipeline.parse(text)) == text`` for canonical text, and ``Pipeline.parse(str(p)) == p`` always.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import onnx_ir as ir
+
+from onnxpress.errors import PassFailedError, UsageError
+from onnxpress.pass_infra import Pass, PassContext, PassStats, make_pass
+from onnxpress.registry import get_pass_class
+
+
+class _Lexer:
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.pos = 0
+
+    def error(self, message: str) -> UsageError:
+        return UsageError(f"pipeline text, column {self.pos + 1}: {message} in '{self.text}'")
+
+    def skip_space(self) -> None:
+        while self.pos < len(self.text) and self.text[self.pos].isspace():
+            self.pos += 1
+
+    def peek(self) -> str:
+        self.skip_space()
+        return self.text[self.pos] if self.pos < len(self.text) else ""
+
+    def expect(self, ch: str) -> None:
+        if self.peek() != ch:
+            found = self.peek() or "end of text"
+            raise self.error(f"expected '{ch}', found '{found}'")
+        self.pos += 1
+
+    def word(self, what: str) -> str:
+        self.skip_space()
+        start = self.pos
+        while self.pos < len(self.text) and (self.text[self.pos].isalnum() or self.text[self.pos] in "_-.+:/*|<>%"):
+            self.pos += 1
+        if start == self.pos:
+            found = self.text[self.pos] if self.pos < len(self.text) else "end of text"
+            raise self.error(f"expected {what}, found '{found}'")
+        return self.text[start : self.pos]
+
+    def value(self) -> Any:
+        ch = self.peek()
+        if ch == "[":
+            self.pos += 1
+            items: list[Any] = []
+            if self.peek() == "]":
+                self.pos += 1
+                return items
+            while True:
+                items.append(self.value())
+                if self.peek() == ",":
+                    self.pos += 1
+                    continue
+                self.expect("]")
+                return items
+        if ch == '"':
+            self.pos += 1
+            out = []
+            while self.pos < len(self.text) and self.text[self.pos] != '"':
+                if self.text[self.pos] == "\\" and self.pos + 1 < len(self.text):
+                    self.pos += 1
+                out.append(self.text[self.pos])
+                self.pos += 1
+            if self.pos >= len(self.text):
+                raise self.error("unterminated string")
+            self.pos += 1
+            return "".join(out)
+        return self.word("a value")
+
+
+def parse_pipeline(text: str) -> list[Pass]:
+    lexer = _Lexer(text)
+    passes: list[Pass] = []
+    if not text.strip():
+        return passes
+    while True:
+        name = lexer.word("a pass name")
+        cls = get_pass_class(name)
+        raw: list[tuple[str, Any]] = []
+        if lexer.peek() == "(":
+            lexer.pos += 1
+            if lexer.peek() != ")":
+                while True:
+                    key = lexer.word("an option name")
+                    lexer.expect("=")
+                    raw.append((key, lexer.value()))
+                    if lexer.peek() == ",":
+                        lexer.pos += 1
+                        continue
+                    break
+            lexer.expect(")")
+        passes.append(make_pass(cls, raw))
+        if lexer.peek() == "":
+            return passes
+        lexer.expect(",")
+
+
+@dataclasses.dataclass
+class PipelineResult:
+    model: Any  # ir.Model, or onnx.ModelProto when the pipeline ends in proto-stage passes
+    modified: bool
+    stats: list[PassStats]
+
+
+class Pipeline:
+    """An ordered list of passes; the Python form of pipeline text."""
+
+    def __init__(self, passes: Iterable[Pass] = ()) -> None:
+        self.passes: list[Pass] = list(passes)
+        seen_proto_stage = None
+        for p in self.passes:
+            if not isinstance(p, Pass):
+                raise TypeError(f"not an onnxpress pass: {p!r}")
+            if seen_proto_stage is not None and not p.proto_stage:
+                raise UsageError(
+                    f"pass '{p.name}' cannot run after '{seen_proto_stage.name}': "
+                    f"'{seen_proto_stage.name}' works on the serialized model and must come last"
+                )
+            if p.proto_stage:
+                seen_proto_stage = p
+
+    @classmethod
+    def parse(cls, text: str) -> Pipeline:
+        return cls(parse_pipeline(text))
+
+    @classmethod
+    def coerce(cls, value: Pipeline | str | Sequence[Pass] | None, default: str = "") -> Pipeline:
+        if value is None:
+            return cls.parse(default)
+        if isinstance(value, Pipeline):
+            return value
+        if isinstance(value, str):
+            return cls.parse(value)
+        return cls(value)
+
+    def __str__(self) -> str:
+        return ",".join(str(p) for p in self.passes)
+
+    def __repr__(self) -> str:
+        return f"Pipeline({str(self)!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Pipeline) and self.passes == other.passes
+
+    def __len__(self) -> int:
+        return len(self.passes)
+
+    def __iter__(self):
+        return iter(self.passes)
+
+    @property
+    def lossless(self) -> bool:
+        return all(p.lossless for p in self.passes)
+
+    def run(
+        self,
+        model: ir.Model,
+        *,
+        context: PassContext | None = None,
+        verify_each: bool = False,
+        on_pass_start=None,
+        on_pass_end=None,
+    ) -> PipelineResult:
+        """Run the passes in order on ``model`` (in place). Errors name the failing pass and those before it."""
+        context = context or PassContext()
+        ir_passes = [p for p in self.passes if not p.proto_stage]
+        proto_passes = [p for p in self.passes if p.proto_stage]
+        for p in self.passes:
+            p.context = context
+            p.verify = verify_each
+        stats: list[PassStats] = []
+        modified = False
+        if ir_passes:
+            hooked = [_Hooked(p, on_pass_start, on_pass_end) for p in ir_passes]
+            try:
+                result = ir.passes.PassManager(hooked, steps=1)(model)
+            except Exception as exc:  # onnx-ir wraps the failure; report the root cause in one line
+                failed = next((h.inner for h in hooked if h.running), None)
+                before = [str(h.inner) for h in hooked[: hooked.index(next(h for h in hooked if h.running))]] if failed else []
+                raise PassFailedError(
+                    f"pass '{failed}' failed after [{', '.join(before)}]: {_root_cause(exc)}"
+                ) from exc
+            model = result.model
+            modified = result.modified
+            stats.extend(p.stats for p in ir_passes if p.stats is not None)
+        out: Any = model
+        if proto_passes:
+            proto = ir.to_proto(model)
+            for i, p in enumerate(proto_passes):
+                if on_pass_start:
+                    on_pass_start(p)
+                try:
+                    changed = p.run_proto(proto)  # type: ignore[attr-defined]
+                except Exception as exc:
+                    before = [str(q) for q in ir_passes + proto_passes[:i]]
+                    raise PassFailedError(f"pass '{p}' failed after [{', '.join(before)}]: {_root_cause(exc)}") from exc
+                modified = modified or changed
+                if p.stats is not None:
+                    stats.append(p.stats)
+                if on_pass_end:
+                    on_pass_end(p)
+            out = proto
+        return PipelineResult(out, modified, stats)
+
+
+class _Hooked(ir.passes.InPlacePass):
+    """Wraps a pass to report progress and to know which pass was running when an error came up."""
+
+    def __init__(self, inner: Pass, on_start, on_end) -> None:
+        self.inner = inner
+        self.on_start = on_start
+        self.on_end = on_end
+        self.running = False
+
+    def __str__(self) -> str:
+        return str(self.inner)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self.running = True
+        if self.on_start:
+            self.on_start(self.inner)
+        result = self.inner(model)
+        self.running = False
+        if self.on_end:
+            self.on_end(self.inner)
+        return result
+
+
+def _root_cause(exc: BaseException) -> str:
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    text = str(exc).strip().splitlines()
+    msg = text[0] if text else ""
+    return f"{type(exc).__name__}: {msg}"[:500]

@@ -1,0 +1,193 @@
+"""Validation: run the original and the rewritten model in onnxruntime on the same inputs and compare.
+
+Per output: max abs error, relative L2 error, cosine similarity, and whether every element satisfies
+``|a - b| <= atol + rtol * |b|`` (polygraphy's semantics, b = reference).  A lossy pipeline is judged by a
+cosine floor instead (``min_cosine``), because its elementwise error is by design above float rounding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxpress import data as data_mod
+from onnxpress import runtime
+from onnxpress.errors import ValidationError
+
+LOSSLESS_TOLERANCE = (1e-4, 1e-3)  # atol, rtol: float rounding of reordered arithmetic
+
+
+@dataclasses.dataclass(frozen=True)
+class Tolerance:
+    atol: float = LOSSLESS_TOLERANCE[0]
+    rtol: float = LOSSLESS_TOLERANCE[1]
+    min_cosine: float | None = None  # when set, a float output passes on cosine >= min_cosine
+
+    def describe(self) -> str:
+        if self.min_cosine is not None:
+            return f"cosine >= {self.min_cosine}"
+        return f"|a-b| <= {self.atol} + {self.rtol}*|b|"
+
+
+@dataclasses.dataclass
+class OutputComparison:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    max_abs: float
+    rel_l2: float
+    cosine: float
+    within_tolerance: bool
+    note: str = ""
+
+
+@dataclasses.dataclass
+class ValidationReport:
+    provider: str
+    tolerance: Tolerance
+    outputs: list[OutputComparison]
+    inputs: dict[str, list[int]]
+    samples: int = 1
+
+    @property
+    def passed(self) -> bool:
+        return all(o.within_tolerance for o in self.outputs)
+
+    @property
+    def min_cosine(self) -> float:
+        values = [o.cosine for o in self.outputs if np.isfinite(o.cosine)]
+        return min(values) if values else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["passed"] = self.passed
+        return d
+
+
+def compare_arrays(name: str, actual: Any, expected: Any, tol: Tolerance) -> OutputComparison:
+    """Compare one output. NaNs must sit in the same places; integer and bool outputs must be equal."""
+    if not isinstance(expected, np.ndarray) or not isinstance(actual, np.ndarray):
+        same = _nested_equal(actual, expected, tol)
+        return OutputComparison(name, (), type(expected).__name__, 0.0 if same else float("inf"), 0.0 if same else 1.0, 1.0 if same else 0.0, same, "non-tensor output")
+    if actual.shape != expected.shape:
+        return OutputComparison(name, tuple(expected.shape), str(expected.dtype), float("inf"), float("inf"), float("nan"), False, f"shape {actual.shape} != reference {expected.shape}")
+    if expected.dtype.kind in "OUS":
+        same = bool(np.array_equal(actual, expected))
+        return OutputComparison(name, tuple(expected.shape), str(expected.dtype), 0.0 if same else float("inf"), 0.0, 1.0, same)
+    if expected.dtype.kind in "biu":
+        a = actual.astype(np.float64)
+        b = expected.astype(np.float64)
+        diff = np.abs(a - b)
+        max_abs = float(diff.max()) if diff.size else 0.0
+        return OutputComparison(name, tuple(expected.shape), str(expected.dtype), max_abs, _rel_l2(a, b), _cosine(a, b), max_abs == 0.0)
+    a = np.asarray(actual, dtype=np.float64) if actual.dtype.kind != "c" else np.asarray(actual)
+    b = np.asarray(expected, dtype=np.float64) if expected.dtype.kind != "c" else np.asarray(expected)
+    nan_a, nan_b = np.isnan(a), np.isnan(b)
+    if not np.array_equal(nan_a, nan_b):
+        return OutputComparison(name, tuple(b.shape), str(expected.dtype), float("inf"), float("inf"), float("nan"), False, "NaNs differ")
+    finite = ~nan_b
+    a_f, b_f = a[finite], b[finite]
+    inf_mismatch = bool(np.any((np.isinf(a_f) | np.isinf(b_f)) & (a_f != b_f)))
+    both_inf = np.isinf(a_f) & np.isinf(b_f) & (a_f == b_f)
+    a_f, b_f = a_f[~both_inf], b_f[~both_inf]
+    diff = np.abs(a_f - b_f)
+    max_abs = float(diff.max()) if diff.size else 0.0
+    cosine = _cosine(a_f, b_f)
+    if tol.min_cosine is not None:
+        ok = (cosine >= tol.min_cosine) if np.isfinite(cosine) else max_abs <= tol.atol
+    else:
+        ok = bool(np.all(diff <= tol.atol + tol.rtol * np.abs(b_f)))
+    return OutputComparison(name, tuple(b.shape), str(expected.dtype), max_abs, _rel_l2(a_f, b_f), cosine, bool(ok and not inf_mismatch))
+
+
+def _nested_equal(a: Any, b: Any, tol: Tolerance) -> bool:
+    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+        return compare_arrays("", a, b, tol).within_tolerance
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_nested_equal(x, y, tol) for x, y in zip(a, b))
+    return a is None and b is None
+
+
+def _rel_l2(a: np.ndarray, b: np.ndarray) -> float:
+    denom = float(np.linalg.norm(b))
+    num = float(np.linalg.norm(a - b))
+    if denom == 0.0:
+        return 0.0 if num == 0.0 else float("inf")
+    return num / denom
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    if na == 0.0 and nb == 0.0:
+        return 1.0
+    if na == 0.0 or nb == 0.0:
+        return 0.0
+    return float(np.vdot(a.ravel(), b.ravel()).real / (na * nb))
+
+
+def make_feeds(model: ir.Model, inputs: Any = None, dims: dict[str, int] | None = None, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """Validation feeds: user-supplied (path, dict, or list of dicts) or generated from the signature."""
+    if inputs is None:
+        return [data_mod.generate_inputs(model, dims, seed)]
+    if isinstance(inputs, dict):
+        data_mod.check_feeds(inputs, model, where="inputs")
+        return [inputs]
+    if isinstance(inputs, list):
+        return inputs
+    return [data_mod.load_feeds(inputs, model)]
+
+
+def _as_ir(model: Any) -> ir.Model:
+    if isinstance(model, ir.Model):
+        return model
+    if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
+        from onnxpress.io import load
+
+        return load(model)
+    return ir.serde.deserialize_model(model)  # onnx.ModelProto
+
+
+def validate(
+    reference: Any,
+    candidate: Any,
+    *,
+    inputs: Any = None,
+    dims: dict[str, int] | None = None,
+    tolerance: Tolerance | None = None,
+    provider: str = "cpu",
+    seed: int = 0,
+    reference_outputs: list[dict[str, Any]] | None = None,
+) -> ValidationReport:
+    """Run both models on the same inputs in onnxruntime and compare every output."""
+    tolerance = tolerance or Tolerance()
+    ref_ir = _as_ir(reference)
+    feeds = make_feeds(ref_ir, inputs, dims, seed)
+    cand_session = runtime.make_session(candidate if not isinstance(candidate, ir.Model) else candidate, provider)
+    if reference_outputs is None:
+        ref_session = runtime.make_session(reference if not isinstance(reference, (str,)) else reference, provider)
+        output_names = [o.name for o in ref_session.get_outputs()]
+        reference_outputs = [runtime.run(ref_session, f, output_names) for f in feeds]
+    output_names = list(reference_outputs[0])
+    cand_names = {o.name for o in cand_session.get_outputs()}
+    missing = [n for n in output_names if n not in cand_names]
+    if missing:
+        raise ValidationError(f"the rewritten model lacks outputs {', '.join(missing)}")
+    comparisons: dict[str, OutputComparison] = {}
+    for feed, expected in zip(feeds, reference_outputs):
+        actual = runtime.run(cand_session, feed, output_names)
+        for name in output_names:
+            comp = compare_arrays(name, actual[name], expected[name], tolerance)
+            prev = comparisons.get(name)
+            comparisons[name] = comp if prev is None else _worst(prev, comp)
+    shapes = {k: list(np.shape(v)) for k, v in feeds[0].items()}
+    return ValidationReport(provider, tolerance, list(comparisons.values()), shapes, samples=len(feeds))
+
+
+def _worst(a: OutputComparison, b: OutputComparison) -> OutputComparison:
+    return OutputComparison(
+        a.name, a.shape, a.dtype, max(a.max_abs, b.max_abs), max(a.rel_l2, b.rel_l2), min(a.cosine, b.cosine),
+        a.within_tolerance and b.within_tolerance, a.note or b.note,
+    )

@@ -1,0 +1,55 @@
+"""``simplify``: onnxsim's graph simplification (constant propagation, shape folding, fusions it proves exact).
+
+Applies to models under 2 GB (onnxsim works on a serialized proto); larger models are skipped with the
+reason in the report. Lossless: onnxsim only rewrites subgraphs whose values it can compute or whose
+semantics are identical; the pipeline's validation checks the outputs within float rounding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import onnx
+import onnx_ir as ir
+
+from onnxpress.pass_infra import Pass, option
+
+_PROTO_LIMIT = 2**31 - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class SimplifyOptions:
+    skip_fuse_bn: bool = option(False, "keep BatchNormalization separate from the preceding Conv")
+
+
+class Simplify(Pass):
+    name = "simplify"
+    Options = SimplifyOptions
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        import onnxsim
+
+        from onnxpress.io import initializer_bytes
+
+        if initializer_bytes(model) > _PROTO_LIMIT // 2 or _has_external(model):
+            self.details.append({"skipped": "model has external data or is near 2 GB; onnxsim needs an in-memory proto"})
+            return ir.passes.PassResult(model, False)
+        proto = ir.to_proto(model)
+        before = proto.graph.SerializeToString(deterministic=True)
+        skipped = ["fuse_bn_into_conv"] if self.options.skip_fuse_bn else None
+        try:
+            simplified, ok = onnxsim.simplify(proto, check_n=0, skipped_optimizers=skipped)
+        except Exception as exc:  # onnxsim raises for ops it cannot evaluate; simplification is optional
+            self.details.append({"skipped": f"onnxsim failed: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}"})
+            return ir.passes.PassResult(model, False)
+        if simplified.graph.SerializeToString(deterministic=True) == before:
+            return ir.passes.PassResult(model, False)
+        new = ir.serde.deserialize_model(simplified)
+        model.graph = new.graph
+        model.functions.clear()
+        model.functions.update(new.functions)
+        return ir.passes.PassResult(model, True)
+
+
+def _has_external(model: ir.Model) -> bool:
+    return any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
