@@ -1,5 +1,9 @@
 """All onnxpress passes. ``ALL`` is the one explicit list the registry reads; names must be unique."""
 
+if __name__ != "onnxpress.passes":  # pragma: no cover - a second copy would break the registry and isinstance checks
+    raise ImportError("import onnxpress.passes, not 'passes' from the repository root")
+
+
 from onnxpress.passes.cse import CommonSubexpressionElimination
 from onnxpress.passes.dedup import DeduplicateInitializers
 from onnxpress.passes.fold import FoldConstants

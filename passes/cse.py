@@ -1,8 +1,4 @@
-"""``cse``: common subexpression elimination — identical nodes on identical inputs are computed once.
-
-Applies to deterministic ops (random ops are never merged). Lossless: the merged node computes
-exactly what each copy computed. Built on onnx-ir's CommonSubexpressionEliminationPass.
-"""
+"""The ``cse`` pass."""
 
 from __future__ import annotations
 
@@ -13,6 +9,12 @@ from onnxpress.pass_infra import Pass
 
 
 class CommonSubexpressionElimination(Pass):
+    """``cse``: common subexpression elimination — identical nodes on identical inputs are computed once.
+
+    Applies to deterministic ops (random ops are never merged). Lossless: the merged node computes
+    exactly what each copy computed. Built on onnx-ir's CommonSubexpressionEliminationPass.
+    """
+
     name = "cse"
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:

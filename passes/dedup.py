@@ -1,9 +1,4 @@
-"""``dedup``: merge initializers with identical dtype, shape and bytes into one.
-
-Applies to every model with repeated constant tensors (tied weights, repeated biases, shape constants).
-Lossless: consumers read bit-identical data. Built on onnx-ir's DeduplicateHashedInitializersPass
-(hashes first, compares bytes on a hash match, so large tensors are not compared pairwise).
-"""
+"""The ``dedup`` pass."""
 
 from __future__ import annotations
 
@@ -25,6 +20,13 @@ class DedupOptions:
 
 
 class DeduplicateInitializers(Pass):
+    """``dedup``: merge initializers with identical dtype, shape and bytes into one.
+
+    Applies to every model with repeated constant tensors (tied weights, repeated biases, shape constants).
+    Lossless: consumers read bit-identical data. Built on onnx-ir's DeduplicateHashedInitializersPass
+    (hashes first, compares bytes on a hash match, so large tensors are not compared pairwise).
+    """
+
     name = "dedup"
     Options = DedupOptions
 

@@ -1,10 +1,4 @@
-"""``fold``: constant folding with onnxscript's optimizer.
-
-Rewrites every node whose inputs are all constants (and shape computations that are statically known)
-into an initializer, then removes what became unused. Lossless up to float rounding of the folded
-expression (ONNX reference evaluation of the same ops). Outputs larger than ``max_output`` elements are not
-materialised, so folding never bloats the file.
-"""
+"""The ``fold`` pass."""
 
 from __future__ import annotations
 
@@ -28,6 +22,14 @@ class FoldOptions:
 
 
 class FoldConstants(Pass):
+    """``fold``: constant folding with onnxscript's optimizer.
+
+    Rewrites every node whose inputs are all constants (and shape computations that are statically known)
+    into an initializer, then removes what became unused. Lossless up to float rounding of the folded
+    expression (ONNX reference evaluation of the same ops). Outputs larger than ``max_output`` elements are not
+    materialised, so folding never bloats the file.
+    """
+
     name = "fold"
     Options = FoldOptions
 

@@ -1,8 +1,4 @@
-"""``prune-unused``: remove nodes, initializers, functions and opset imports that no output depends on.
-
-Applies to every model. Lossless: graph outputs are computed by exactly the same nodes as before.
-Built on onnx-ir's RemoveUnusedNodesPass / RemoveUnusedFunctionsPass / RemoveUnusedOpsetsPass.
-"""
+"""The ``prune-unused`` pass."""
 
 from __future__ import annotations
 
@@ -13,6 +9,12 @@ from onnxpress.pass_infra import Pass
 
 
 class PruneUnused(Pass):
+    """``prune-unused``: remove nodes, initializers, functions and opset imports that no output depends on.
+
+    Applies to every model. Lossless: graph outputs are computed by exactly the same nodes as before.
+    Built on onnx-ir's RemoveUnusedNodesPass / RemoveUnusedFunctionsPass / RemoveUnusedOpsetsPass.
+    """
+
     name = "prune-unused"
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:

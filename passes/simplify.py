@@ -1,9 +1,4 @@
-"""``simplify``: onnxsim's graph simplification (constant propagation, shape folding, fusions it proves exact).
-
-Applies to models under 2 GB (onnxsim works on a serialized proto); larger models are skipped with the
-reason in the report. Lossless: onnxsim only rewrites subgraphs whose values it can compute or whose
-semantics are identical; the pipeline's validation checks the outputs within float rounding.
-"""
+"""The ``simplify`` pass."""
 
 from __future__ import annotations
 
@@ -23,6 +18,13 @@ class SimplifyOptions:
 
 
 class Simplify(Pass):
+    """``simplify``: onnxsim's graph simplification (constant propagation, shape folding, fusions it proves exact).
+
+    Applies to models under 2 GB (onnxsim works on a serialized proto); larger models are skipped with the
+    reason in the report. Lossless: onnxsim only rewrites subgraphs whose values it can compute or whose
+    semantics are identical; the pipeline's validation checks the outputs within float rounding.
+    """
+
     name = "simplify"
     Options = SimplifyOptions
 
@@ -35,14 +37,14 @@ class Simplify(Pass):
             self.details.append({"skipped": "model has external data or is near 2 GB; onnxsim needs an in-memory proto"})
             return ir.passes.PassResult(model, False)
         proto = ir.to_proto(model)
-        before = proto.graph.SerializeToString(deterministic=True)
+        before = _graph_text(proto.graph)
         skipped = ["fuse_bn_into_conv"] if self.options.skip_fuse_bn else None
         try:
             simplified, ok = onnxsim.simplify(proto, check_n=0, skipped_optimizers=skipped)
         except Exception as exc:  # onnxsim raises for ops it cannot evaluate; simplification is optional
             self.details.append({"skipped": f"onnxsim failed: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}"})
             return ir.passes.PassResult(model, False)
-        if simplified.graph.SerializeToString(deterministic=True) == before:
+        if _graph_text(simplified.graph) == before:
             return ir.passes.PassResult(model, False)
         new = ir.serde.deserialize_model(simplified)
         model.graph = new.graph
@@ -53,3 +55,11 @@ class Simplify(Pass):
 
 def _has_external(model: ir.Model) -> bool:
     return any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
+
+
+def _graph_text(graph: onnx.GraphProto) -> str:
+    """Printed graph without value_info: onnx-ir and onnxsim record shape info differently for equal graphs."""
+    bare = onnx.GraphProto()
+    bare.CopyFrom(graph)
+    del bare.value_info[:]
+    return onnx.printer.to_text(bare)

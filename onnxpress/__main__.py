@@ -1,0 +1,3 @@
+from onnxpress.cli import entry
+
+entry()

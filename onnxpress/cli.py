@@ -1,0 +1,321 @@
+"""The command line: thin — parse arguments, call the API, render rich tables.
+
+Errors are one line on stderr (``onnxpress: error: ...``) with exit code 2 for usage errors and 1 for
+failures; ``--debug`` shows the traceback.  No command ever leaves a partial output file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from onnxpress.errors import OnnxpressError, UsageError
+
+console = Console(stderr=False)
+err_console = Console(stderr=True)
+
+
+def _parse_dims(values: tuple[str, ...]) -> dict[str, int]:
+    dims: dict[str, int] = {}
+    for item in values:
+        name, sep, raw = item.partition("=")
+        if not sep or not name:
+            raise UsageError(f"--dim expects NAME=VALUE, got '{item}'")
+        try:
+            dims[name] = int(raw)
+        except ValueError:
+            raise UsageError(f"--dim {name}: '{raw}' is not an integer") from None
+        if dims[name] <= 0:
+            raise UsageError(f"--dim {name}: must be positive")
+    return dims
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.3f} MB"
+
+
+def _tolerance(atol: float | None, rtol: float | None, min_cosine: float | None, lossless: bool):
+    from onnxpress.validate import LOSSLESS_TOLERANCE, Tolerance
+
+    if atol is None and rtol is None and min_cosine is None:
+        return None  # let the API choose by pipeline kind
+    return Tolerance(
+        atol=LOSSLESS_TOLERANCE[0] if atol is None else atol,
+        rtol=LOSSLESS_TOLERANCE[1] if rtol is None else rtol,
+        min_cosine=min_cosine,
+    )
+
+
+def render_validation(report) -> Table:
+    table = Table(title=f"Validation on {report.provider} ({report.tolerance.describe()}, {report.samples} input set(s))")
+    for col in ("output", "shape", "max abs", "rel L2", "cosine", "verdict"):
+        table.add_column(col, justify="right" if col not in ("output", "verdict") else "left")
+    for o in report.outputs:
+        verdict = "[green]ok[/]" if o.within_tolerance else f"[red]FAIL[/] {o.note}"
+        table.add_row(o.name, str(list(o.shape)), f"{o.max_abs:.3g}", f"{o.rel_l2:.3g}", f"{o.cosine:.6f}", verdict)
+    return table
+
+
+def render_passes(stats) -> Table:
+    table = Table(title="Passes")
+    for col in ("pass", "time s", "nodes", "initializer bytes", "params", "modified"):
+        table.add_column(col, justify="left" if col == "pass" else "right")
+    for s in stats:
+        table.add_row(
+            s.text,
+            f"{s.seconds:.3f}",
+            f"{s.before.nodes} -> {s.after.nodes}",
+            f"{s.before.initializer_bytes:,} -> {s.after.initializer_bytes:,}",
+            f"{s.before.parameters:,} -> {s.after.parameters:,}",
+            "yes" if s.modified else "no",
+        )
+    return table
+
+
+def render_details(stats) -> list[Table]:
+    tables = []
+    for s in stats:
+        rows = [d for d in s.details if isinstance(d, dict)]
+        if not rows or s.name in ("dedup", "cse"):
+            continue
+        keys: list[str] = []
+        for row in rows:
+            keys.extend(k for k in row if k not in keys)
+        table = Table(title=f"{s.text}: per layer")
+        for k in keys:
+            table.add_column(k)
+        for row in rows[:200]:
+            table.add_row(*(_fmt(row.get(k, "")) for k in keys))
+        if len(rows) > 200:
+            table.caption = f"{len(rows) - 200} more rows in the JSON report"
+        tables.append(table)
+    return tables
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="onnxpress")
+@click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """onnxpress: make ONNX models small and fast, and prove they still compute the same."""
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Output .onnx path.")
+@click.option("-p", "--pipeline", default=None, help="Pipeline text, e.g. 'simplify,fold,dedup'. Default: the lossless pipeline.")
+@click.option("--validate/--no-validate", "do_validate", default=True, show_default=True, help="Compare the result with the input in onnxruntime.")
+@click.option("--inputs", type=click.Path(exists=True, path_type=Path), help="Validation inputs: .npz keyed by input name, or a folder of input_*.pb.")
+@click.option("--calibration", type=click.Path(exists=True, path_type=Path), help="Calibration data for data-aware passes (.npz with a leading sample axis, or a folder).")
+@click.option("--dim", "dims", multiple=True, metavar="NAME=VALUE", help="Value of a symbolic dimension for generated inputs (repeatable).")
+@click.option("--provider", default="cpu", show_default=True, help="Execution provider for validation: cpu or cuda.")
+@click.option("--atol", type=float, help="Absolute tolerance (default 1e-4 for lossless pipelines).")
+@click.option("--rtol", type=float, help="Relative tolerance (default 1e-3 for lossless pipelines).")
+@click.option("--min-cosine", type=float, help="Pass an output on cosine >= this (default 0.99 for lossy pipelines).")
+@click.option("--verify-each", is_flag=True, help="Run the onnx checker and strict shape inference after every pass that changed the model.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the full report as JSON.")
+@click.option("--force", is_flag=True, help="Allow the output to overwrite the input file.")
+@click.option("--keep-failed", is_flag=True, help="Write the output even when validation fails.")
+@click.option("--external-data/--no-external-data", default=None, help="Store tensors in OUTPUT.data (default: when the model is large or had external data).")
+def optimize(model, output, pipeline, do_validate, inputs, calibration, dims, provider, atol, rtol, min_cosine, verify_each, report_path, force, keep_failed, external_data):
+    """Rewrite MODEL with a pipeline of passes, validate it, and write OUTPUT."""
+    from onnxpress import api, io
+    from onnxpress.pipeline import Pipeline
+
+    pipe = Pipeline.coerce(pipeline, api.default_pipeline())
+    io.check_writable_output(output, (model,), force=force)
+    if report_path:
+        io.check_writable_output(report_path, (model,), force=False)
+    tolerance = _tolerance(atol, rtol, min_cosine, pipe.lossless)
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=err_console, transient=True) as progress:
+        task = progress.add_task("loading", total=len(pipe) + (1 if do_validate else 0))
+
+        def start(p):
+            progress.update(task, description=f"pass {p}")
+
+        def end(p):
+            progress.advance(task)
+
+        out_model, report = api.optimize(
+            model, pipe, validate_result=False, calibration=calibration, verify_each=verify_each,
+            on_pass_start=start, on_pass_end=end,
+        )
+        if do_validate:
+            from onnxpress.validate import Tolerance, validate
+
+            progress.update(task, description="validating in onnxruntime")
+            tol = tolerance or (Tolerance() if pipe.lossless else Tolerance(min_cosine=api.LOSSY_MIN_COSINE))
+            report.validation = validate(str(model), out_model, inputs=inputs, dims=_parse_dims(dims), tolerance=tol, provider=provider)
+            progress.advance(task)
+    console.print(render_passes(report.passes))
+    for table in render_details(report.passes):
+        console.print(table)
+    if report.validation is not None:
+        console.print(render_validation(report.validation))
+    summary = Table(title="Result", show_header=False)
+    summary.add_row("pipeline", report.pipeline)
+    summary.add_row("size", f"{_mb(report.bytes_before)} -> {_mb(report.bytes_after)} ({report.ratio:.2f}x smaller)")
+    verdict = "not run" if report.validation is None else ("[green]passed[/]" if report.passed else "[red]FAILED[/]")
+    summary.add_row("validation", verdict)
+    if report_path:
+        io.write_bytes_atomic(json.dumps(report.to_dict(), indent=2, default=str).encode(), report_path)
+    if report.passed or keep_failed:
+        io.save(out_model, output, external_data=external_data)
+        summary.add_row("written", str(output))
+    else:
+        summary.add_row("written", "nothing (validation failed; --keep-failed writes anyway)")
+    console.print(summary)
+    if not report.passed:
+        worst = min(report.validation.outputs, key=lambda o: o.cosine if o.cosine == o.cosine else -1)
+        raise OnnxpressError(
+            f"validation failed: output '{worst.name}' max abs {worst.max_abs:.3g}, cosine {worst.cosine:.6f} "
+            f"(tolerance {report.validation.tolerance.describe()})"
+        )
+
+
+@main.command(name="validate")
+@click.argument("reference", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("candidate", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--inputs", type=click.Path(exists=True, path_type=Path), help="Inputs: .npz keyed by input name, or a folder of input_*.pb.")
+@click.option("--dim", "dims", multiple=True, metavar="NAME=VALUE", help="Value of a symbolic dimension for generated inputs.")
+@click.option("--provider", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--atol", type=float, help="Absolute tolerance (default 1e-4).")
+@click.option("--rtol", type=float, help="Relative tolerance (default 1e-3).")
+@click.option("--min-cosine", type=float, help="Pass an output on cosine >= this instead of the elementwise test.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the report as JSON.")
+def validate_cmd(reference, candidate, inputs, dims, provider, atol, rtol, min_cosine, report_path):
+    """Run REFERENCE and CANDIDATE in onnxruntime on the same inputs and compare every output."""
+    from onnxpress import io
+    from onnxpress.validate import Tolerance, validate
+
+    tol = _tolerance(atol, rtol, min_cosine, True) or Tolerance()
+    io.load(candidate)  # same safety checks (external data, format) as for the reference
+    report = validate(str(reference), str(candidate), inputs=inputs, dims=_parse_dims(dims), tolerance=tol, provider=provider)
+    console.print(render_validation(report))
+    if report_path:
+        io.write_bytes_atomic(json.dumps(report.to_dict(), indent=2, default=str).encode(), report_path)
+    if not report.passed:
+        raise OnnxpressError("validation failed: " + ", ".join(o.name for o in report.outputs if not o.within_tolerance))
+    console.print("[green]passed[/]")
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--top", default=10, show_default=True, help="How many of the largest initializers to list.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+def inspect(model, top, as_json):
+    """Opsets, inputs/outputs, node histogram, parameters and bytes by dtype, largest initializers."""
+    from onnxpress.inspect import summarize
+
+    info = summarize(model, top=top)
+    if as_json:
+        click.echo(json.dumps(info, indent=2, default=str))
+        return
+    head = Table(title=str(model), show_header=False)
+    head.add_row("ir_version", str(info["ir_version"]))
+    head.add_row("opsets", ", ".join(f"{d or 'ai.onnx'}:{v}" for d, v in info["opsets"].items()))
+    head.add_row("producer", info["producer"])
+    head.add_row("nodes", f"{info['nodes']:,}")
+    head.add_row("parameters", f"{info['parameters']:,}")
+    head.add_row("initializer bytes", f"{info['initializer_bytes']:,}")
+    head.add_row("file bytes", f"{info['file_bytes']:,}")
+    for key, value in info.get("metadata", {}).items():
+        head.add_row(f"metadata {key}", value)
+    console.print(head)
+    io_table = Table(title="Inputs and outputs")
+    for col in ("kind", "name", "dtype", "shape"):
+        io_table.add_column(col)
+    for kind in ("inputs", "outputs"):
+        for v in info[kind]:
+            io_table.add_row(kind[:-1], v["name"], v["dtype"], str(v["shape"]))
+    console.print(io_table)
+    ops = Table(title="Nodes by op type")
+    ops.add_column("op")
+    ops.add_column("count", justify="right")
+    for op, n in info["ops"].items():
+        ops.add_row(op, str(n))
+    console.print(ops)
+    dt = Table(title="Initializers by dtype")
+    for col in ("dtype", "tensors", "parameters", "bytes"):
+        dt.add_column(col, justify="left" if col == "dtype" else "right")
+    for d, row in info["by_dtype"].items():
+        dt.add_row(d, str(row["tensors"]), f"{row['parameters']:,}", f"{row['bytes']:,}")
+    console.print(dt)
+    big = Table(title=f"Largest {top} initializers")
+    for col in ("name", "dtype", "shape", "bytes"):
+        big.add_column(col, justify="right" if col == "bytes" else "left")
+    for row in info["largest"]:
+        big.add_row(row["name"], row["dtype"], str(row["shape"]), f"{row['bytes']:,}")
+    console.print(big)
+
+
+@main.command(name="passes")
+def passes_cmd():
+    """List every pass with its options and defaults (generated from the registry)."""
+    from onnxpress.pass_infra import describe_options
+    from onnxpress.registry import registry
+
+    for name, cls in registry().items():
+        doc = (cls.__doc__ or "").strip().splitlines()
+        table = Table(title=f"{name}  ({'lossless' if cls.lossless else 'lossy'})", caption=doc[0] if doc else "", title_justify="left")
+        for col in ("option", "type", "default", "help"):
+            table.add_column(col)
+        for row in describe_options(cls):
+            table.add_row(*row)
+        if not describe_options(cls):
+            table.add_row("(none)", "", "", "")
+        console.print(table)
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Entry point with the error policy: one line, exit 2 for usage, 1 for failures, no traceback."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("ONNXPRESS_DEBUG") == "1"
+    try:
+        main.main(args=args, prog_name="onnxpress", standalone_mode=False)
+        return 0
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.exceptions.Abort:
+        err_console.print("onnxpress: aborted", highlight=False)
+        return 1
+    except click.ClickException as exc:
+        if debug:
+            raise
+        message = exc.format_message().replace("\n", " ")
+        sys.stderr.write(f"onnxpress: error: {message}\n")
+        return exc.exit_code
+    except OnnxpressError as exc:
+        if debug:
+            raise
+        sys.stderr.write(f"onnxpress: error: {' '.join(str(exc).split())}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("onnxpress: interrupted\n")
+        return 130
+    except Exception as exc:  # an onnxpress bug or an unexpected library failure: still one line
+        if debug:
+            raise
+        text = " ".join(str(exc).split())[:400]
+        sys.stderr.write(f"onnxpress: error: {type(exc).__name__}: {text} (rerun with --debug for the traceback)\n")
+        return 1
+
+
+def entry() -> None:
+    sys.exit(run())

@@ -1,0 +1,116 @@
+"""The CLI's contract: one-line errors, exit codes 2 (usage) / 1 (failure), no partial output, input untouched."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from graphs import mlp_model, redundant_model
+
+import onnxpress
+from onnxpress.cli import run
+
+
+def _sha(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+@pytest.fixture
+def model_path(tmp_path):
+    path = tmp_path / "in.onnx"
+    onnxpress.save(redundant_model(), path)
+    return path
+
+
+def test_optimize_writes_output_report_and_metadata(tmp_path, model_path, capsys):
+    out = tmp_path / "out.onnx"
+    before = _sha(model_path)
+    assert run(["optimize", str(model_path), "-o", str(out), "--report", str(tmp_path / "r.json")]) == 0
+    assert _sha(model_path) == before
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["validation"]["passed"] is True
+    assert [p["name"] for p in report["passes"]] == onnxpress.api.default_pipeline().split(",")
+    model = onnxpress.load(out)
+    assert model.metadata_props["onnxpress.pipeline"] == report["pipeline"]
+    text = capsys.readouterr().out
+    assert "Passes" in text and "Validation" in text and "passed" in text
+
+
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (["optimize", "{in}", "-o", "{out}", "-p", "nosuch"], 2, "unknown pass 'nosuch'"),
+        (["optimize", "{in}", "-o", "{in}"], 2, "output is the input file"),
+        (["optimize", "{in}", "-o", "/nonexistent-dir/x.onnx"], 2, "output folder does not exist"),
+        (["optimize", "{missing}", "-o", "{out}"], 2, "no such file"),
+        (["optimize", "{in}", "-o", "{out}", "--dim", "batch"], 2, "--dim expects NAME=VALUE"),
+        (["optimize", "{junk}", "-o", "{out}"], 1, "not a valid ONNX model"),
+        (["optimize", "{in}"], 2, "Missing option '-o'"),
+        (["frobnicate"], 2, "No such command"),
+    ],
+)
+def test_errors_are_one_line_without_output(tmp_path, model_path, capsys, args, code, message):
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\x08\x07garbage" * 50)
+    fmt = {"in": str(model_path), "out": str(tmp_path / "out.onnx"), "missing": str(tmp_path / "missing.onnx"), "junk": str(junk)}
+    before = _sha(model_path)
+    assert run([a.format(**fmt) for a in args]) == code
+    err = capsys.readouterr().err.strip()
+    assert message in err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "out.onnx").exists()
+    assert _sha(model_path) == before
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_failed_validation_writes_nothing(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "in.onnx"
+    onnxpress.save(mlp_model(), path)
+    out = tmp_path / "out.onnx"
+    # a pipeline that changes the numbers: inject a broken pass
+    import onnx_ir as ir
+
+    from onnxpress.pass_infra import Pass
+    from onnxpress.registry import registry
+
+    class Breaker(Pass):
+        """Test only: scales the first weight, so validation must fail and nothing may be written."""
+
+        name = "breaker"
+
+        def call(self, model):
+            w = next(iter(model.graph.initializers.values()))
+            w.const_value = ir.tensor(w.const_value.numpy() * 2, name=w.name)
+            return ir.passes.PassResult(model, True)
+
+    monkeypatch.setitem(registry(), "breaker", Breaker)
+    assert run(["optimize", str(path), "-o", str(out), "-p", "breaker"]) == 1
+    err = capsys.readouterr().err
+    assert "validation failed" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+    assert run(["optimize", str(path), "-o", str(out), "-p", "breaker", "--keep-failed"]) == 1
+    assert out.exists()
+
+
+def test_validate_and_inspect_and_passes(tmp_path, model_path, capsys):
+    out = tmp_path / "out.onnx"
+    assert run(["optimize", str(model_path), "-o", str(out)]) == 0
+    capsys.readouterr()
+    assert run(["validate", str(model_path), str(out)]) == 0
+    assert "passed" in capsys.readouterr().out
+    assert run(["inspect", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["ops"]["MatMul"] == 1 and info["metadata"]["onnxpress.pipeline"]
+    assert run(["passes"]) == 0
+    listing = capsys.readouterr().out
+    for name in ("simplify", "fold", "dedup", "cse", "prune-unused", "max_input"):
+        assert name in listing
+
+
+def test_console_script_entry_point(tmp_path, model_path):
+    proc = subprocess.run([sys.executable, "-m", "onnxpress", "optimize", str(model_path), "-o", str(tmp_path / "o.onnx"), "-p", "fold(max_input=1"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("onnxpress: error: pipeline text")
+    assert "Traceback" not in proc.stderr
