@@ -1,0 +1,32 @@
+"""The wheel ships every module of passes/ and models/ under onnxpress.*, and `import passes` is refused."""
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_wheel_contains_every_module(tmp_path):
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("onnxpress-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for folder, package in (("passes", "onnxpress/passes"), ("models", "onnxpress/models"), ("onnxpress", "onnxpress")):
+        for source in (ROOT / folder).glob("*.py"):
+            assert f"{package}/{source.name}" in names, f"{source} missing from the wheel"
+    for data in (ROOT / "models" / "data").glob("*.txt"):
+        assert f"onnxpress/models/data/{data.name}" in names
+
+
+def test_second_copy_of_passes_is_refused():
+    proc = subprocess.run([sys.executable, "-c", "import passes"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "import onnxpress.passes, not 'passes'" in proc.stderr
