@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import onnx_ir as ir
 from onnx_ir.passes import common
+from onnxscript.optimizer import _constant_folding as constant_folding
 from onnxscript.optimizer import fold_constants
 
 from onnxpress.pass_infra import Pass, option
@@ -35,10 +37,32 @@ class FoldConstants(Pass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         before = _signature(model)
-        fold_constants(model, input_size_limit=self.options.max_input, output_size_limit=self.options.max_output)
+        unsafe = _UNSAFE_PARTIAL_EVALUATORS
+        if model.opset_imports.get("", 13) < 13:
+            unsafe += _UNSAFE_BELOW_OPSET_13
+        with _without_partial_evaluators(unsafe):
+            fold_constants(model, input_size_limit=self.options.max_input, output_size_limit=self.options.max_output)
         common.RemoveUnusedNodesPass()(model)
         # onnxscript reports a change when it only refreshed shapes; compare structure for an honest flag.
         return ir.passes.PassResult(model, _signature(model) != before)
+
+
+# onnxscript 0.7's SplitToSequence partial evaluator crashes when `split` is neither constant nor of known
+# shape, and it and ConcatFromSequence's emit Split/Unsqueeze with axes as inputs also at opsets below 13
+# (where they are attributes: an invalid model). Found by the ONNX backend node suite
+# (test_sequence_model5/8, test_split_to_sequence_1).
+_UNSAFE_PARTIAL_EVALUATORS = (("", "SplitToSequence"),)
+_UNSAFE_BELOW_OPSET_13 = (("", "ConcatFromSequence"),)
+
+
+@contextlib.contextmanager
+def _without_partial_evaluators(keys):
+    table = constant_folding.registry.op_evaluators
+    saved = {key: table.pop(key) for key in keys if key in table}
+    try:
+        yield
+    finally:
+        table.update(saved)
 
 
 def _signature(model: ir.Model) -> tuple:

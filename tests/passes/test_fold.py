@@ -22,3 +22,21 @@ def test_fold_options_round_trip():
     p = Pipeline.parse("fold(max_input=10,max_output=20)")
     assert p.passes[0].options.max_input == 10
     assert str(p) == "fold(max_input=10,max_output=20)"
+
+
+def test_fold_keeps_sequence_models_valid_below_opset_13():
+    """onnxscript's ConcatFromSequence/SplitToSequence folding emits opset-13 forms; fold must not use it there."""
+    from graphs import text_model
+
+    model = text_model(
+        """
+        <ir_version: 7, opset_import: ["" : 11]>
+        g (float[2,3] x) => (float[2,2,3] y)
+        {
+            s = SequenceConstruct(x, x)
+            y = ConcatFromSequence<axis=1, new_axis=1>(s)
+        }
+        """
+    )
+    out, _ = apply_and_check(FoldConstants(), model, atol=0, rtol=0)
+    assert all(n.op_type != "Unsqueeze" or len(n.inputs) == 1 for n in out.graph)
