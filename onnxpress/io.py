@@ -166,6 +166,12 @@ def check_writable_output(path: str | os.PathLike, inputs: tuple[str | os.PathLi
     return out
 
 
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def save(
     model: ir.Model,
     path: str | os.PathLike,
@@ -190,6 +196,7 @@ def save(
             ir.save(model, tmp_name, external_data=f"{out.name}.data", size_threshold_bytes=size_threshold_bytes)
         else:
             ir.save(model, tmp_name)
+        os.chmod(tmp_name, _umask_mode())  # mkstemp creates 0600; a model file is an ordinary file
         os.replace(tmp_name, out)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -205,6 +212,7 @@ def write_bytes_atomic(data: bytes, path: str | os.PathLike) -> Path:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+        os.chmod(tmp_name, _umask_mode())
         os.replace(tmp_name, out)
     except BaseException:
         with contextlib.suppress(OSError):

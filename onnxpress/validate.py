@@ -165,11 +165,13 @@ def validate(
     tolerance = tolerance or Tolerance()
     ref_ir = _as_ir(reference)
     feeds = make_feeds(ref_ir, inputs, dims, seed)
-    cand_session = runtime.make_session(candidate if not isinstance(candidate, ir.Model) else candidate, provider)
     if reference_outputs is None:
-        ref_session = runtime.make_session(reference if not isinstance(reference, (str,)) else reference, provider)
+        # One session at a time: for a large model two live sessions would hold the weights twice.
+        ref_session = runtime.make_session(reference, provider)
         output_names = [o.name for o in ref_session.get_outputs()]
         reference_outputs = [runtime.run(ref_session, f, output_names) for f in feeds]
+        del ref_session
+    cand_session = runtime.make_session(candidate, provider)
     output_names = list(reference_outputs[0])
     cand_names = {o.name for o in cand_session.get_outputs()}
     missing = [n for n in output_names if n not in cand_names]
