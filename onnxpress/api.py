@@ -47,6 +47,9 @@ class OptimizeReport:
     passes: list[PassStats]
     validation: ValidationReport | None
     version: str = __version__
+    # --bisect: (pass text, validation after it) for every pass run, and the first pass that broke tolerance
+    bisect: list[tuple[str, ValidationReport]] = dataclasses.field(default_factory=list)
+    first_failing_pass: str | None = None
 
     @property
     def ratio(self) -> float:
@@ -66,6 +69,8 @@ class OptimizeReport:
             "seconds": self.seconds,
             "passes": [p.to_dict() for p in self.passes],
             "validation": self.validation.to_dict() if self.validation else None,
+            "bisect": [{"after": text, **r.to_dict()} for text, r in self.bisect] or None,
+            "first_failing_pass": self.first_failing_pass,
         }
 
 
@@ -80,6 +85,7 @@ def optimize(
     tolerance: Tolerance | None = None,
     provider: str = "cpu",
     verify_each: bool = False,
+    bisect: bool = False,
     on_pass_start: Callable[[Pass], None] | None = None,
     on_pass_end: Callable[[Pass], None] | None = None,
 ) -> tuple[ir.Model | onnx.ModelProto, OptimizeReport]:
@@ -87,6 +93,8 @@ def optimize(
 
     The input is never modified: a path is loaded lazily; an in-memory model is copied first.
     ``calibration``: a path (.npz / folder) or a list of feeds, given to the passes that use it.
+    ``bisect=True`` validates after every pass and stops at the first pass that breaks the tolerance
+    (``report.first_failing_pass``); the returned model is then the one after that pass.
     Returns the rewritten model (an ``ir.Model``, or an ``onnx.ModelProto`` if the pipeline ends in a
     proto-stage pass such as ``sparsify``) and an ``OptimizeReport``.
     """
@@ -103,15 +111,39 @@ def optimize(
             _copy_base_dir(model, working)
         bytes_before = model_bytes(reference)
     context = PassContext(calibration=_calibration_feeds(calibration, working))
+    if tolerance is None:
+        tolerance = Tolerance() if pipe.lossless else Tolerance(min_cosine=LOSSY_MIN_COSINE)
+    if bisect:
+        return _bisect(pipe, working, reference, context, bytes_before, start, tolerance,
+                       dict(inputs=inputs, dims=dims, provider=provider), verify_each, on_pass_start, on_pass_end)
     result = pipe.run(working, context=context, verify_each=verify_each, on_pass_start=on_pass_start, on_pass_end=on_pass_end)
     out = result.model
     _stamp_metadata(out, str(pipe))
     report = None
     if validate_result:
-        if tolerance is None:
-            tolerance = Tolerance() if pipe.lossless else Tolerance(min_cosine=LOSSY_MIN_COSINE)
         report = validate(reference, out, inputs=inputs, dims=dims, tolerance=tolerance, provider=provider)
     return out, OptimizeReport(str(pipe), bytes_before, model_bytes(out), time.perf_counter() - start, result.stats, report)
+
+
+def _bisect(pipe, working, reference, context, bytes_before, start, tolerance, validate_kwargs, verify_each, on_pass_start, on_pass_end):
+    """Run one pass at a time, validating after each; stop at the first that breaks the tolerance."""
+    stats: list[PassStats] = []
+    log: list[tuple[str, ValidationReport]] = []
+    out: Any = working
+    first_failing = None
+    for p in pipe:
+        result = Pipeline([p]).run(out, context=context, verify_each=verify_each, on_pass_start=on_pass_start, on_pass_end=on_pass_end)
+        out = result.model
+        stats.extend(result.stats)
+        report = validate(reference, out, tolerance=tolerance, **validate_kwargs)
+        log.append((str(p), report))
+        if not report.passed:
+            first_failing = str(p)
+            break
+    _stamp_metadata(out, str(pipe))
+    final = log[-1][1] if log else None
+    return out, OptimizeReport(str(pipe), bytes_before, model_bytes(out), time.perf_counter() - start, stats, final,
+                               bisect=log, first_failing_pass=first_failing)
 
 
 def _calibration_feeds(calibration: Any, model: ir.Model):

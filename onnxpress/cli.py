@@ -64,6 +64,17 @@ def render_validation(report) -> Table:
     return table
 
 
+def render_bisect(report) -> Table:
+    table = Table(title=f"Bisect: validation after every pass ({report.bisect[0][1].tolerance.describe()})")
+    for col in ("after pass", "max abs", "rel L2", "min cosine", "verdict"):
+        table.add_column(col, justify="left" if col in ("after pass", "verdict") else "right")
+    for text, r in report.bisect:
+        worst_abs = max(o.max_abs for o in r.outputs)
+        worst_l2 = max(o.rel_l2 for o in r.outputs)
+        table.add_row(text, f"{worst_abs:.3g}", f"{worst_l2:.3g}", f"{r.min_cosine:.6f}", "[green]ok[/]" if r.passed else "[red]FIRST FAILURE[/]")
+    return table
+
+
 def render_passes(stats) -> Table:
     table = Table(title="Passes")
     for col in ("pass", "time s", "nodes", "initializer bytes", "params", "modified"):
@@ -128,12 +139,13 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--atol", type=float, help="Absolute tolerance (default 1e-4 for lossless pipelines).")
 @click.option("--rtol", type=float, help="Relative tolerance (default 1e-3 for lossless pipelines).")
 @click.option("--min-cosine", type=float, help="Pass an output on cosine >= this (default 0.99 for lossy pipelines).")
+@click.option("--bisect", is_flag=True, help="Validate after every pass and name the first pass that breaks the tolerance.")
 @click.option("--verify-each", is_flag=True, help="Run the onnx checker and strict shape inference after every pass that changed the model.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the full report as JSON.")
 @click.option("--force", is_flag=True, help="Allow the output to overwrite the input file.")
 @click.option("--keep-failed", is_flag=True, help="Write the output even when validation fails.")
 @click.option("--external-data/--no-external-data", default=None, help="Store tensors in OUTPUT.data (default: when the model is large or had external data).")
-def optimize(model, output, pipeline, do_validate, inputs, calibration, dims, provider, atol, rtol, min_cosine, verify_each, report_path, force, keep_failed, external_data):
+def optimize(model, output, pipeline, do_validate, inputs, calibration, dims, provider, atol, rtol, min_cosine, bisect, verify_each, report_path, force, keep_failed, external_data):
     """Rewrite MODEL with a pipeline of passes, validate it, and write OUTPUT."""
     from onnxpress import api, io
     from onnxpress.pipeline import Pipeline
@@ -152,11 +164,18 @@ def optimize(model, output, pipeline, do_validate, inputs, calibration, dims, pr
         def end(p):
             progress.advance(task)
 
-        out_model, report = api.optimize(
-            model, pipe, validate_result=False, calibration=calibration, verify_each=verify_each,
-            on_pass_start=start, on_pass_end=end,
-        )
-        if do_validate:
+        if bisect:
+            progress.update(task, total=len(pipe))
+            out_model, report = api.optimize(
+                model, pipe, calibration=calibration, verify_each=verify_each, bisect=True, inputs=inputs,
+                dims=_parse_dims(dims), tolerance=tolerance, provider=provider, on_pass_start=start, on_pass_end=end,
+            )
+        else:
+            out_model, report = api.optimize(
+                model, pipe, validate_result=False, calibration=calibration, verify_each=verify_each,
+                on_pass_start=start, on_pass_end=end,
+            )
+        if do_validate and not bisect:
             from onnxpress.validate import Tolerance, validate
 
             progress.update(task, description="validating in onnxruntime")
@@ -166,7 +185,9 @@ def optimize(model, output, pipeline, do_validate, inputs, calibration, dims, pr
     console.print(render_passes(report.passes))
     for table in render_details(report.passes):
         console.print(table)
-    if report.validation is not None:
+    if report.bisect:
+        console.print(render_bisect(report))
+    elif report.validation is not None:
         console.print(render_validation(report.validation))
     summary = Table(title="Result", show_header=False)
     summary.add_row("pipeline", report.pipeline)
@@ -181,6 +202,8 @@ def optimize(model, output, pipeline, do_validate, inputs, calibration, dims, pr
     else:
         summary.add_row("written", "nothing (validation failed; --keep-failed writes anyway)")
     console.print(summary)
+    if report.first_failing_pass:
+        raise OnnxpressError(f"bisect: pass '{report.first_failing_pass}' is the first to break the tolerance ({report.validation.tolerance.describe()}); later passes were not run")
     if not report.passed:
         worst = min(report.validation.outputs, key=lambda o: o.cosine if o.cosine == o.cosine else -1)
         raise OnnxpressError(
