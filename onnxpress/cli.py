@@ -117,6 +117,20 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def validation_options(command):
+    """The options every validating command shares."""
+    for decorator in reversed((
+        click.option("--inputs", type=click.Path(exists=True, path_type=Path), help="Validation inputs: .npz keyed by input name, or a folder of input_*.pb."),
+        click.option("--dim", "dims", multiple=True, metavar="NAME=VALUE", help="Value of a symbolic dimension for generated inputs (repeatable)."),
+        click.option("--provider", default="cpu", show_default=True, help="Execution provider for validation: cpu or cuda."),
+        click.option("--atol", type=float, help="Absolute tolerance (default 1e-4 for lossless pipelines)."),
+        click.option("--rtol", type=float, help="Relative tolerance (default 1e-3 for lossless pipelines)."),
+        click.option("--min-cosine", type=float, help="Pass an output on cosine >= this (default 0.99 for lossy pipelines)."),
+    )):
+        command = decorator(command)
+    return command
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="onnxpress")
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
@@ -132,13 +146,8 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Output .onnx path.")
 @click.option("-p", "--pipeline", default=None, help="Pipeline text, e.g. 'simplify,fold,dedup'. Default: the lossless pipeline.")
 @click.option("--validate/--no-validate", "do_validate", default=True, show_default=True, help="Compare the result with the input in onnxruntime.")
-@click.option("--inputs", type=click.Path(exists=True, path_type=Path), help="Validation inputs: .npz keyed by input name, or a folder of input_*.pb.")
+@validation_options
 @click.option("--calibration", type=click.Path(exists=True, path_type=Path), help="Calibration data for data-aware passes (.npz with a leading sample axis, or a folder).")
-@click.option("--dim", "dims", multiple=True, metavar="NAME=VALUE", help="Value of a symbolic dimension for generated inputs (repeatable).")
-@click.option("--provider", default="cpu", show_default=True, help="Execution provider for validation: cpu or cuda.")
-@click.option("--atol", type=float, help="Absolute tolerance (default 1e-4 for lossless pipelines).")
-@click.option("--rtol", type=float, help="Relative tolerance (default 1e-3 for lossless pipelines).")
-@click.option("--min-cosine", type=float, help="Pass an output on cosine >= this (default 0.99 for lossy pipelines).")
 @click.option("--bisect", is_flag=True, help="Validate after every pass and name the first pass that breaks the tolerance.")
 @click.option("--verify-each", is_flag=True, help="Run the onnx checker and strict shape inference after every pass that changed the model.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the full report as JSON.")
@@ -215,12 +224,7 @@ def optimize(model, output, pipeline, do_validate, inputs, calibration, dims, pr
 @main.command(name="validate")
 @click.argument("reference", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("candidate", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--inputs", type=click.Path(exists=True, path_type=Path), help="Inputs: .npz keyed by input name, or a folder of input_*.pb.")
-@click.option("--dim", "dims", multiple=True, metavar="NAME=VALUE", help="Value of a symbolic dimension for generated inputs.")
-@click.option("--provider", default="cpu", show_default=True, help="cpu or cuda.")
-@click.option("--atol", type=float, help="Absolute tolerance (default 1e-4).")
-@click.option("--rtol", type=float, help="Relative tolerance (default 1e-3).")
-@click.option("--min-cosine", type=float, help="Pass an output on cosine >= this instead of the elementwise test.")
+@validation_options
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the report as JSON.")
 def validate_cmd(reference, candidate, inputs, dims, provider, atol, rtol, min_cosine, report_path):
     """Run REFERENCE and CANDIDATE in onnxruntime on the same inputs and compare every output."""
