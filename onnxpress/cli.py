@@ -346,3 +346,137 @@ def run(argv: list[str] | None = None) -> int:
 
 def entry() -> None:
     sys.exit(run())
+
+
+# --- export and eval: PyTorch export (onnxpress.export) and the real-model task metrics (onnxpress.models) ---
+
+
+def _load_factory(spec: str):
+    """``pkg.mod:factory`` or ``path/to/file.py:factory`` -> the callable."""
+    import importlib
+    import importlib.util
+
+    target, sep, attr = spec.rpartition(":")
+    if not sep or not target or not attr:
+        raise UsageError(f"--module expects PKG.MOD:FACTORY or FILE.py:FACTORY, got '{spec}'")
+    try:
+        if target.endswith(".py"):
+            if not os.path.isfile(target):
+                raise UsageError(f"--module: {target}: no such file")
+            mod_spec = importlib.util.spec_from_file_location(Path(target).stem, target)
+            mod = importlib.util.module_from_spec(mod_spec)
+            mod_spec.loader.exec_module(mod)
+        else:
+            if os.getcwd() not in sys.path:
+                sys.path.insert(0, os.getcwd())
+            mod = importlib.import_module(target)
+    except UsageError:
+        raise
+    except Exception as exc:
+        raise UsageError(f"--module: cannot import {target}: {type(exc).__name__}: {exc}") from None
+    factory = getattr(mod, attr, None)
+    if not callable(factory):
+        raise UsageError(f"--module: {target} has no callable '{attr}'")
+    return factory
+
+
+def render_metrics(title: str, metrics: dict) -> Table:
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in metrics.items():
+        table.add_row(key, f"{value:.6g}" if isinstance(value, float) else str(value))
+    return table
+
+
+@main.command(name="export")
+@click.argument("name", required=False, metavar="[minilm|digits-mlp|digits-cnn|lm]")
+@click.option("--module", "module_spec", metavar="PKG.MOD:FACTORY", help="A factory returning (module, example_inputs) or (module, example_inputs, export_kwargs); FILE.py:FACTORY works too.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Output .onnx path.")
+@click.option("-p", "--pipeline", default=None, help="Run this pipeline on the exported model before writing it.")
+@click.option("--opset", type=int, default=None, help="ONNX opset for --module exports (default 18).")
+@click.option("--eval", "do_eval", is_flag=True, help="Builtin models: also print the task metrics of the result.")
+@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+def export_cmd(name, module_spec, output, pipeline, opset, do_eval, force):
+    """Export a PyTorch model to ONNX (a builtin model or --module), check it against PyTorch, optionally optimize."""
+    from onnxpress import api, io
+    from onnxpress.export import DEFAULT_OPSET, compare_with_module, export
+    from onnxpress.validate import Tolerance
+
+    if (name is None) == (module_spec is None):
+        raise UsageError("give a builtin model name (minilm, digits-mlp, digits-cnn, lm) or --module PKG.MOD:FACTORY, not both")
+    io.check_writable_output(output, (), force=force)
+    task = kind = None
+    calibration = inputs = None
+    with err_console.status("exporting"):
+        if name is not None:
+            from onnxpress.models import BUILTIN_MODELS, TASKS
+
+            if name not in BUILTIN_MODELS:
+                raise UsageError(f"unknown builtin model '{name}' (valid: {', '.join(BUILTIN_MODELS)}; or use --module)")
+            if opset is not None:
+                raise UsageError(f"builtin models are exported at opset {DEFAULT_OPSET}; --opset applies to --module")
+            task, kind = BUILTIN_MODELS[name]
+            mod = TASKS[task]
+            kw = {"kind": kind} if kind else {}
+            torch_module = mod.module(**kw)
+            example = mod.example_inputs(**kw)
+            model = io.load(mod.build(**kw))
+            calibration = mod.calibration_feeds(**kw)
+            inputs = mod.evaluation_feeds(**kw)[:1]
+        else:
+            produced = _load_factory(module_spec)()
+            if not isinstance(produced, tuple) or len(produced) not in (2, 3):
+                raise UsageError("--module factory must return (module, example_inputs) or (module, example_inputs, export_kwargs)")
+            torch_module, example = produced[0], produced[1]
+            kwargs = dict(produced[2]) if len(produced) == 3 else {}
+            model = export(torch_module, example, opset=opset or kwargs.pop("opset", DEFAULT_OPSET), **kwargs)
+    check = compare_with_module(torch_module, model, example, Tolerance())
+    check_table = render_validation(check)
+    check_table.title = "Exported ONNX vs the PyTorch module (" + check.tolerance.describe() + ")"
+    console.print(check_table)
+    if not check.passed:
+        raise OnnxpressError("the exported model does not match the PyTorch module: " + ", ".join(o.name for o in check.outputs if not o.within_tolerance))
+    out_model = model
+    summary = Table(title="Result", show_header=False)
+    if pipeline:
+        out_model, report = api.optimize(model, pipeline, calibration=calibration, inputs=inputs)
+        console.print(render_passes(report.passes))
+        for table in render_details(report.passes):
+            console.print(table)
+        console.print(render_validation(report.validation))
+        summary.add_row("pipeline", report.pipeline)
+        summary.add_row("size", f"{_mb(report.bytes_before)} -> {_mb(report.bytes_after)} ({report.ratio:.2f}x smaller)")
+        if not report.passed:
+            raise OnnxpressError("validation of the optimized model against the exported fp32 model failed; nothing written")
+    else:
+        summary.add_row("size", _mb(api.model_bytes(model)))
+    if do_eval:
+        if task is None:
+            raise UsageError("--eval needs a builtin model (its task defines the metric)")
+        from onnxpress.models import evaluate_task
+
+        console.print(render_metrics(f"Task metrics ({task}{'-' + kind if kind else ''}) vs the fp32 model", evaluate_task(task, out_model, kind=kind)))
+    io.save(out_model, output)
+    summary.add_row("written", str(output))
+    console.print(summary)
+
+
+@main.command(name="eval")
+@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--task", required=True, type=click.Choice(["minilm", "digits", "lm"]), help="The task whose metric to compute.")
+@click.option("--kind", type=click.Choice(["mlp", "cnn"]), help="digits only: the reference model (default: from the input rank).")
+@click.option("--reference", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Reference ONNX model (default: the cached fp32 build of the task).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def eval_cmd(model, task, kind, reference, as_json):
+    """Print the task metrics of MODEL (any ONNX file for the task) against the fp32 reference."""
+    from onnxpress import io
+    from onnxpress.models import evaluate_task
+
+    io.load(model)  # the same safety checks (format, external data) as every other command
+    with err_console.status(f"evaluating on the {task} task"):
+        metrics = evaluate_task(task, str(model), kind=kind, reference=str(reference) if reference else None)
+    if as_json:
+        click.echo(json.dumps(metrics, indent=2))
+        return
+    console.print(render_metrics(f"{model} on task {task} (reference: {reference or 'fp32 build'})", metrics))

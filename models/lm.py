@@ -1,0 +1,330 @@
+"""A small decoder-only language model (GPT-style), byte-level, trained here on Python standard-library source.
+
+Architecture: token embedding (256 byte values) + learned positions (context 128), 4 pre-LayerNorm blocks
+of causal multi-head self-attention (4 heads, width 192) and a GELU MLP (768), a final LayerNorm and an
+untied linear head: 1.9 M parameters.  Attention is written out (MatMul, a causal mask, Softmax)
+so the exported graph holds plain ONNX ops that the compression passes can see.
+
+Corpus: a fixed list of modules of the installed Python's ``Lib`` folder (``TRAIN_FILES``); held-out text
+for perplexity comes from other modules (``HELDOUT_FILES``).  Training is seeded, about 3 minutes on
+2 cores, and cached (checkpoint + ONNX) so tests never retrain.
+
+Export: input ``input_ids`` int64 [batch, sequence] (both dynamic, sequence <= 128) -> ``logits`` float32
+[batch, sequence, 256].
+
+Task metric: perplexity on held-out text (``exp`` of the mean next-byte cross-entropy over 64 windows of
+128 bytes).  A uniform guess over 256 byte values has perplexity 256; the fp32 model is asserted to stay
+below ``FP32_MAX_PERPLEXITY``.  ``ppl_increase`` is the candidate's perplexity minus the fp32 model's;
+``top1_agreement`` the share of positions whose most likely next byte matches the fp32 model's.
+
+Run as a script to train/build it and print its figures: ``python -m onnxpress.models lm``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import sysconfig
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from onnxpress.models import common
+
+VERSION = 1
+NAME = "lm"
+SEED = 0
+VOCAB = 256
+CONTEXT = 128
+WIDTH = 192
+LAYERS = 4
+HEADS = 4
+MLP_WIDTH = 768
+MAX_STEPS = 1500
+TRAIN_SECONDS = 210.0  # a safety cap: on a slow or busy machine training stops early (info records the steps)
+BATCH = 8
+LEARNING_RATE = 3e-3
+INPUT = "input_ids"
+OUTPUT = "logits"
+EVAL_WINDOWS = 64
+FP32_MAX_PERPLEXITY = 16.0  # 16x below the uniform guess (256); measured 11.1 after 336 steps on a busy 2-core machine
+
+TRAIN_FILES = (
+    "argparse.py", "ast.py", "base64.py", "bisect.py", "calendar.py", "cmd.py", "code.py", "codecs.py",
+    "colorsys.py", "configparser.py", "contextlib.py", "copy.py", "csv.py", "dataclasses.py", "datetime.py",
+    "difflib.py", "dis.py", "enum.py", "fileinput.py", "fnmatch.py", "fractions.py", "ftplib.py", "functools.py",
+    "getopt.py", "gettext.py", "glob.py", "gzip.py", "heapq.py", "hmac.py", "imaplib.py", "inspect.py",
+    "ipaddress.py", "keyword.py", "linecache.py", "locale.py", "mailbox.py", "mimetypes.py", "netrc.py",
+    "numbers.py", "opcode.py", "operator.py", "optparse.py", "os.py", "pathlib.py", "pdb.py", "pickle.py",
+    "pkgutil.py", "platform.py", "plistlib.py", "poplib.py", "pprint.py", "queue.py", "quopri.py", "random.py",
+    "reprlib.py", "sched.py", "secrets.py", "selectors.py", "shelve.py", "shlex.py", "shutil.py", "smtplib.py",
+    "socket.py", "socketserver.py", "stat.py", "string.py", "subprocess.py", "symtable.py", "tabnanny.py",
+    "tarfile.py", "tempfile.py", "textwrap.py", "threading.py", "timeit.py", "token.py", "tokenize.py", "trace.py",
+    "traceback.py", "types.py", "typing.py", "uuid.py", "warnings.py", "wave.py", "weakref.py", "webbrowser.py",
+    "zipapp.py",
+)
+HELDOUT_FILES = ("statistics.py", "bdb.py", "filecmp.py", "graphlib.py", "compileall.py", "pstats.py")
+
+
+def stdlib_dir() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _read(names: tuple[str, ...]) -> bytes:
+    lib = stdlib_dir()
+    parts = [(lib / n).read_bytes() for n in names if (lib / n).is_file()]
+    if not parts:
+        raise FileNotFoundError(f"none of the corpus files exist under {lib}")
+    return b"\n".join(parts)
+
+
+@functools.lru_cache(maxsize=1)
+def corpus() -> tuple[np.ndarray, np.ndarray]:
+    """(training bytes, held-out bytes) as uint8 arrays."""
+    train = np.frombuffer(_read(TRAIN_FILES), dtype=np.uint8)
+    heldout = np.frombuffer(_read(tuple(n for n in HELDOUT_FILES if n not in TRAIN_FILES)), dtype=np.uint8)
+    return train, heldout
+
+
+def encode(text: str | bytes) -> np.ndarray:
+    """Byte-level tokenizer: the UTF-8 bytes as int64 token ids."""
+    data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+    return np.frombuffer(data, dtype=np.uint8).astype(np.int64)
+
+
+def decode(ids: Any) -> str:
+    return bytes(int(i) for i in np.asarray(ids).ravel()).decode("utf-8", errors="replace")
+
+
+def make_module():
+    """A freshly initialised GPT (seed it first for reproducibility)."""
+    import torch
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ln1 = nn.LayerNorm(WIDTH)
+            self.qkv = nn.Linear(WIDTH, 3 * WIDTH)
+            self.proj = nn.Linear(WIDTH, WIDTH)
+            self.ln2 = nn.LayerNorm(WIDTH)
+            self.fc = nn.Linear(WIDTH, MLP_WIDTH)
+            self.out = nn.Linear(MLP_WIDTH, WIDTH)
+            self.register_buffer("causal", torch.tril(torch.ones(CONTEXT, CONTEXT, dtype=torch.bool)), persistent=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b, t, c = x.shape
+            q, k, v = self.qkv(self.ln1(x)).split(WIDTH, dim=-1)
+            q = q.view(b, t, HEADS, c // HEADS).transpose(1, 2)
+            k = k.view(b, t, HEADS, c // HEADS).transpose(1, 2)
+            v = v.view(b, t, HEADS, c // HEADS).transpose(1, 2)
+            scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(c // HEADS))
+            scores = scores.masked_fill(~self.causal[:t, :t], float("-inf"))
+            attn = torch.softmax(scores, dim=-1) @ v
+            x = x + self.proj(attn.transpose(1, 2).reshape(b, t, c))
+            return x + self.out(nn.functional.gelu(self.fc(self.ln2(x))))
+
+    class TinyGPT(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tokens = nn.Embedding(VOCAB, WIDTH)
+            self.positions = nn.Embedding(CONTEXT, WIDTH)
+            self.blocks = nn.ModuleList(Block() for _ in range(LAYERS))
+            self.ln_f = nn.LayerNorm(WIDTH)
+            self.head = nn.Linear(WIDTH, VOCAB, bias=False)
+            self.apply(self._init)
+
+        @staticmethod
+        def _init(m: nn.Module) -> None:
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+            t = input_ids.shape[1]
+            x = self.tokens(input_ids) + self.positions(torch.arange(t, device=input_ids.device))
+            for block in self.blocks:
+                x = block(x)
+            return self.head(self.ln_f(x))
+
+    return TinyGPT()
+
+
+def _train(max_seconds: float = TRAIN_SECONDS, max_steps: int = MAX_STEPS) -> tuple[Any, dict]:
+    import torch
+
+    common.seed_everything(SEED)
+    train, _ = corpus()
+    data = torch.from_numpy(train.astype(np.int64))
+    net = make_module()
+    decay = [p for n, p in net.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in net.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=LEARNING_RATE, betas=(0.9, 0.95))
+    gen = torch.Generator().manual_seed(SEED)
+    net.train()
+    losses: list[float] = []
+    step = 0
+    warmup = 50
+    # one thread: on 2 cores shared with other work (pytest-xdist, CI) two threads are several times slower
+    with common.Timer() as timer, common.torch_threads(1):
+        start = timer.start
+        import time
+
+        while step < max_steps:
+            elapsed = time.perf_counter() - start
+            if elapsed >= max_seconds:
+                break
+            # cosine decay driven by the share of the time budget used (the step count is not known ahead)
+            progress = max(step / max_steps, elapsed / max_seconds)
+            lr = LEARNING_RATE * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+            for group in opt.param_groups:
+                group["lr"] = lr
+            idx = torch.randint(0, len(data) - CONTEXT - 1, (BATCH,), generator=gen)
+            window = torch.stack([data[i : i + CONTEXT + 1] for i in idx.tolist()])
+            logits = net(window[:, :-1])
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), window[:, 1:].reshape(-1))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            opt.step()
+            losses.append(float(loss.detach()))
+            step += 1
+    net.eval()
+    info = {
+        "train_seconds": round(timer.seconds, 1),
+        "steps": step,
+        "tokens_seen": step * BATCH * CONTEXT,
+        "final_train_loss": float(np.mean(losses[-50:])),
+        "corpus_train_bytes": int(len(train)),
+    }
+    return net, info
+
+
+def module(cache_dir: str | os.PathLike | None = None):
+    """The trained torch module (trained once, then loaded from the cached checkpoint)."""
+    import torch
+
+    path = common.cache_dir(cache_dir) / f"{NAME}-v{VERSION}.pt"
+
+    def build(p: Path) -> None:
+        net, info = _train()
+        common.atomic_write(p, lambda tmp: torch.save({"state_dict": net.state_dict(), "info": info}, tmp))
+
+    common.cached(path, build)
+    net = make_module()
+    net.load_state_dict(torch.load(path, weights_only=True)["state_dict"])
+    return net.eval()
+
+
+def example_inputs(batch: int = 2, length: int = 16):
+    import torch
+
+    _, heldout = corpus()
+    ids = heldout[: batch * length].astype(np.int64).reshape(batch, length)
+    return (torch.from_numpy(ids.copy()),)
+
+
+def build(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The fp32 ONNX model (cached; trains first if no checkpoint is cached); ``<name>.json`` holds its figures."""
+    path = common.cache_dir(cache_dir) / f"{NAME}-v{VERSION}.onnx"
+
+    def build_onnx(p: Path) -> None:
+        import torch
+
+        from onnxpress.export import export
+
+        with common.Timer() as total:
+            net = module(cache_dir)
+            with common.Timer() as t_export:
+                model = export(net, example_inputs(), input_names=[INPUT], output_names=[OUTPUT], dynamic_axes_by_name={INPUT: {0: "batch", 1: "sequence"}})
+        info = {
+            "model": NAME,
+            "parameters": common.parameter_count(net),
+            "perplexity": _perplexity(_logits(model, evaluation_feeds()), evaluation_feeds()),
+            "uniform_perplexity": VOCAB,
+            "export_seconds": round(t_export.seconds, 2),
+            "build_seconds": round(total.seconds, 2),
+            **torch.load(p.with_suffix(".pt"), weights_only=True)["info"],
+            **common.versions(),
+        }
+        common.save_json(info, p.with_suffix(".json"))
+        common.save_onnx(model, p)
+
+    return common.cached(path, build_onnx)
+
+
+def _windows(data: np.ndarray, count: int, rng_seed: int) -> np.ndarray:
+    """``count`` windows of CONTEXT bytes at seeded, non-overlapping offsets."""
+    starts = np.arange(0, len(data) - CONTEXT, CONTEXT)
+    chosen = np.sort(np.random.default_rng(rng_seed).choice(starts, size=min(count, len(starts)), replace=False))
+    return np.stack([data[s : s + CONTEXT] for s in chosen]).astype(np.int64)
+
+
+def calibration_feeds(n: int = 32, batch_size: int = 8) -> list[dict[str, np.ndarray]]:
+    """``n`` windows of 128 bytes of training text (disjoint from the held-out text)."""
+    train, _ = corpus()
+    return common.batches({INPUT: _windows(train, n, SEED + 1)}, batch_size)
+
+
+def evaluation_feeds(batch_size: int = 16) -> list[dict[str, np.ndarray]]:
+    """64 held-out windows of 128 bytes in batches."""
+    _, heldout = corpus()
+    return common.batches({INPUT: _windows(heldout, EVAL_WINDOWS, SEED + 2)}, batch_size)
+
+
+def _logits(model_or_path: Any, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+    return common.run_feeds(model_or_path, feeds, OUTPUT)
+
+
+def next_token_nll(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Negative log-likelihood of each next byte: logits [b, t, V] predict ids[:, 1:]."""
+    z = logits[:, :-1].astype(np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    return -np.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+
+
+def _perplexity(logits: list[np.ndarray], feeds: list[dict[str, np.ndarray]]) -> float:
+    nll = np.concatenate([next_token_nll(z, f[INPUT]).ravel() for z, f in zip(logits, feeds)])
+    return float(np.exp(nll.mean()))
+
+
+def evaluate(model_or_path: Any, reference: Any = None) -> dict[str, float]:
+    """Held-out perplexity, its increase over ``reference`` (default: the fp32 build), top-1 agreement."""
+    feeds = evaluation_feeds()
+    logits = _logits(model_or_path, feeds)
+    ref_logits = _logits(build() if reference is None else reference, feeds)
+    ppl = _perplexity(logits, feeds)
+    ref_ppl = _perplexity(ref_logits, feeds)
+    agree = np.concatenate([(a.argmax(-1) == b.argmax(-1)).ravel() for a, b in zip(logits, ref_logits)])
+    return {
+        "perplexity": ppl,
+        "ppl_increase": ppl - ref_ppl,
+        "reference_perplexity": ref_ppl,
+        "top1_agreement": float(agree.mean()),
+        "tokens": int(sum(f[INPUT].shape[0] * (f[INPUT].shape[1] - 1) for f in feeds)),
+    }
+
+
+def generate(model_or_path: Any, prompt: str, length: int = 80) -> str:
+    """Greedy continuation of ``prompt`` (a quick look at what the model learned)."""
+    session = common.session_for(model_or_path)
+    ids = list(encode(prompt))
+    for _ in range(length):
+        window = np.array([ids[-CONTEXT:]], dtype=np.int64)
+        logits = session.run([OUTPUT], {INPUT: window})[0]
+        ids.append(int(logits[0, -1].argmax()))
+    return decode(ids)
+
+
+def main() -> None:  # pragma: no cover - a script entry point
+    path = build()
+    info = common.build_info(path)
+    print(f"{NAME}: {path} {path.stat().st_size / 1e6:.1f} MB, {info['parameters']:,} params, "
+          f"perplexity {info['perplexity']:.3f} (uniform {VOCAB}), {info['steps']} steps in {info['train_seconds']} s, "
+          f"export {info['export_seconds']} s")
+    print(repr(generate(path, "def __init__(self")))
+
