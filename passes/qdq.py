@@ -1,0 +1,781 @@
+"""The ``qdq`` pass: int8 / int4 quantization in QDQ form (QuantizeLinear/DequantizeLinear) for ONNX Runtime.
+
+The maths (scales, zero points, clip searches, SmoothQuant factors, GPTQ) lives in ``quant_math`` as pure
+numpy functions; this module picks what to quantize, calibrates, and rewrites the graph.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxpress.errors import UsageError
+from onnxpress.pass_infra import Pass, option
+from onnxpress.passes import quant_math as qm
+
+_FLOAT = ir.DataType.FLOAT
+_QUANT_OPS = {
+    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulNBits", "GatherBlockQuantized",
+    "QLinearMatMul", "QLinearConv", "MatMulInteger", "ConvInteger", "MatMulIntegerToFloat", "QGemm",
+}
+_MS = "com.microsoft"
+SMOOTH_ALPHAS = (0.0, 0.25, 0.4, 0.5, 0.6, 0.75)
+
+
+@dataclasses.dataclass(frozen=True)
+class QdqOptions:
+    mode: Literal["static", "weight", "int4"] = option(
+        "static", "static: int8 weights and activations (needs calibration data); weight: int8 weights only; int4: block-wise 4-bit weights"
+    )
+    per_channel: bool = option(True, "int8 weights: one scale per output channel (false: one per tensor)")
+    activation_type: Literal["uint8", "int8"] = option("uint8", "static: integer type of activations (asymmetric; uint8 is ORT's fast CPU path)")
+    calibrate: Literal["minmax", "percentile", "entropy", "mse"] = option("minmax", "static: how activation clip ranges are chosen")
+    percentile: float = option(99.999, "calibrate=percentile: percent of calibration values kept inside the range")
+    smooth: Literal["auto", "fixed", "off"] = option(
+        "auto", "static: SmoothQuant (move activation outlier channels into the weights); auto searches alpha per tensor"
+    )
+    smooth_alpha: float = option(0.5, "smooth=fixed: migration strength alpha in [0, 1]")
+    weight_method: Literal["rtn", "mse", "gptq"] = option(
+        "gptq", "weights: round-to-nearest, MSE clip search per channel/block, or GPTQ error compensation (needs calibration data; else mse)"
+    )
+    weight_type: Literal["int8", "uint8"] = option(
+        "uint8", "8-bit weight storage: int8, or uint8 with zero point 128 (ORT's u8u8 kernels: no int16 saturation on AVX2 CPUs without VNNI)"
+    )
+    reduce_range: bool = option(False, "int8 weights in 7 bits (the other way to avoid u8s8 saturation on AVX2 CPUs without VNNI)")
+    quantize_activations_of: tuple[str, ...] = option(
+        (), "static: op types whose float activation inputs are also quantized (MatMul: attention activation x activation matmuls; also Add, Softmax, ...)"
+    )
+    embeddings: Literal["auto", "int8", "int4", "float"] = option("auto", "Gather of embedding tables (auto: int4 in int4 mode, else int8 per row)")
+    block_size: int = option(32, "int4: block size along K (power of 2, >= 16)")
+    embedding_block_size: int = option(64, "int4 embeddings: block size along the embedding dimension (power of 2, >= 16)")
+    int4_format: Literal["matmulnbits", "qdq"] = option(
+        "matmulnbits", "int4: com.microsoft MatMulNBits/GatherBlockQuantized (ORT CPU/GPU kernels) or standard DequantizeLinear(block_size) (opset 21)"
+    )
+    int4_symmetric: bool = option(False, "int4: symmetric blocks (no zero points)")
+    accuracy_level: int = option(0, "int4 MatMulNBits accuracy_level (0: fp32 compute, 4: int8 compute, faster and less accurate)")
+    exclude: tuple[str, ...] = option((), "node names or op types left in float")
+    calibration_rows: int = option(4096, "rows (tokens / pixels) per activation sampled for clip searches and layer errors")
+    report_errors: bool = option(False, "measure in ORT the model-output cosine caused by each quantized layer alone (one run per layer)")
+
+    def validate(self) -> None:
+        if not 0.0 <= self.smooth_alpha <= 1.0:
+            raise ValueError("smooth_alpha must be in [0, 1]")
+        if not 0.0 < self.percentile <= 100.0:
+            raise ValueError("percentile must be in (0, 100]")
+        for key in ("block_size", "embedding_block_size"):
+            size = getattr(self, key)
+            if size < 16 or size & (size - 1):
+                raise ValueError(f"{key} must be a power of 2 and >= 16")
+        if self.calibration_rows < 16:
+            raise ValueError("calibration_rows must be >= 16")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise ValueError("accuracy_level must be 0..4")
+
+
+@dataclasses.dataclass
+class _Target:
+    """One node to quantize: a weight input (initializer) and/or activation inputs."""
+
+    index: int  # position in graph order (stable across copies of the model)
+    node: ir.Node
+    kind: str  # matmul, gemm, conv, gather, act
+    weight: ir.Value | None = None
+    weight_input: int = 1
+    axis: int = 1  # per-channel (output channel) axis of the weight
+    in_axis: int = 0  # input-channel axis of the weight (SmoothQuant)
+    acts: tuple[int, ...] = ()  # input indices of activations to quantize
+
+    @property
+    def label(self) -> str:
+        return self.node.name or f"{self.node.op_type}_{self.index}"
+
+
+@dataclasses.dataclass
+class _ActStats:
+    chan_min: np.ndarray | None = None
+    chan_max: np.ndarray | None = None
+    sample: np.ndarray | None = None
+    keys: np.ndarray | None = None
+    hessian: np.ndarray | None = None
+    rows: int = 0
+
+
+class Qdq(Pass):
+    """``qdq``: quantize MatMul, Gemm, Conv weights (and activations in static mode) and embedding Gathers.
+
+    Rewrites (ORT fuses each pattern into an integer kernel at load time):
+    - static: ``x -> QuantizeLinear -> DequantizeLinear -> MatMul <- DequantizeLinear <- int8 W`` (ORT CPU:
+      MatMulIntegerToFloat). Activations get calibrated per-tensor ranges (minmax/percentile/entropy/MSE);
+      SmoothQuant moves outlier channels of an activation into the weights, folded into a per-channel
+      QuantizeLinear scale (no extra node). Only the inputs of MatMul/Gemm/Conv are quantized by default:
+      Softmax, LayerNormalization, residual Add, GELU and attention's activation x activation MatMuls stay
+      float (``quantize_activations_of`` adds them).
+    - weight: int8 per-channel weights behind DequantizeLinear (ORT CPU fuses DQ+MatMul into MatMulNBits).
+    - int4: block-wise 4-bit weights (GPTQ with calibration data, else MSE clip search) as com.microsoft
+      MatMulNBits or standard DequantizeLinear with ``block_size`` (opset 21).
+    - embeddings (Gather of a constant table by indices): int8 per row (Gather + Cast + Mul, standard ops) or
+      int4 GatherBlockQuantized.
+    Applies to float32 initializer weights; a weight already behind DequantizeLinear is skipped (so a second
+    run changes nothing). Lossy: each layer reports its scale, clipped fraction and output error on the
+    calibration sample (``report_errors`` adds the model-output cosine of each layer quantized alone).
+    """
+
+    name = "qdq"
+    Options = QdqOptions
+    lossless = False
+
+    # -- entry ---------------------------------------------------------------------------------------
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        o = self.options
+        if o.mode == "static" and o.quantize_activations_of:
+            _infer_types(model)
+        targets, skipped = find_targets(model, o)
+        self.details.extend(skipped)
+        if not targets:
+            if not skipped:
+                self.details.append({"layer": "(model)", "skipped": "no float MatMul/Gemm/Conv/Gather weights to quantize"})
+            return ir.passes.PassResult(model, False)
+        feeds = self._feeds(model)
+        reference = ir.to_proto(model) if o.report_errors and feeds else None
+        plan = make_plan(model, targets, o, feeds)
+        apply_plan(model, plan, o)
+        self.details.extend(row for row in plan.rows)
+        if reference is not None:
+            self._report_errors(reference, plan, feeds)
+        return ir.passes.PassResult(model, True)
+
+    def _feeds(self, model: ir.Model) -> list[dict[str, np.ndarray]] | None:
+        feeds = self.context.calibration
+        o = self.options
+        needs = o.mode == "static" or o.report_errors
+        if not feeds:
+            if o.mode == "static":
+                raise UsageError("qdq(mode=static) needs calibration data: pass --calibration PATH (CLI) or calibration= (API), or use mode=weight")
+            if o.report_errors:
+                raise UsageError("qdq(report_errors=true) needs calibration data: pass --calibration PATH or calibration=")
+            return None
+        from onnxpress.data import check_feeds
+
+        for i, feed in enumerate(feeds):
+            check_feeds(feed, model, where=f"calibration batch {i}")
+        return feeds if (needs or o.weight_method == "gptq") else None
+
+    def _report_errors(self, reference, plan: _Plan, feeds) -> None:
+        from onnxpress import runtime
+
+        feeds = feeds[:4]
+        ref_session = runtime.make_session(reference)
+        names = [o.name for o in ref_session.get_outputs()]
+        expected = [runtime.run(ref_session, f, names) for f in feeds]
+        for row, target_index in zip(plan.rows, plan.row_targets):
+            if target_index is None:
+                continue
+            single = ir.from_proto(reference)
+            nodes = list(single.graph)
+            sub = plan.restrict(target_index, nodes)
+            apply_plan(single, sub, self.options)
+            session = runtime.make_session(single)
+            cos = min(
+                qm.cosine(runtime.run(session, f, names)[n], e[n]) for f, e in zip(feeds, expected) for n in names if e[n].dtype.kind == "f"
+            )
+            row["model_cosine_alone"] = round(cos, 6)
+
+
+# -- finding what to quantize -------------------------------------------------------------------------
+def _infer_types(model: ir.Model) -> None:
+    """Fill in value types (needed to know which inputs of arbitrary ops are float)."""
+    try:
+        from onnx_ir.passes.common import ShapeInferencePass
+
+        ShapeInferencePass()(model)
+    except Exception:  # noqa: BLE001 - best effort: values without a type are then left alone
+        pass
+
+
+def _is_float_initializer(value: ir.Value | None) -> bool:
+    return value is not None and value.is_initializer() and value.const_value is not None and value.dtype == _FLOAT and not value.is_graph_input()
+
+
+def _from_dq(value: ir.Value | None) -> bool:
+    producer = value.producer() if value is not None else None
+    return producer is not None and producer.op_type in _QUANT_OPS
+
+
+def find_targets(model: ir.Model, o: QdqOptions) -> tuple[list[_Target], list[dict[str, Any]]]:
+    targets: list[_Target] = []
+    skipped: list[dict[str, Any]] = []
+    excluded = set(o.exclude)
+    embeddings = o.embeddings if o.embeddings != "auto" else ("int4" if o.mode == "int4" else "int8")
+    extra_ops = set(o.quantize_activations_of) if o.mode == "static" else set()
+    for index, node in enumerate(model.graph):
+        label = node.name or f"{node.op_type}_{index}"
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        op = node.op_type
+        if op not in ("MatMul", "Gemm", "Conv", "Gather") and op not in extra_ops:
+            continue
+        if node.name in excluded or op in excluded:
+            skipped.append({"layer": label, "op": op, "skipped": "excluded by option"})
+            continue
+        t = _classify(index, node, o, embeddings, extra_ops)
+        if isinstance(t, str):
+            if t:
+                skipped.append({"layer": label, "op": op, "skipped": t})
+            continue
+        targets.append(t)
+    # A weight shared with a node we do not rewrite would have to stay float as well: skip those.
+    wanted: dict[str, list[_Target]] = {}
+    for t in targets:
+        if t.weight is not None:
+            wanted.setdefault(t.weight.name, []).append(t)
+    keep = []
+    for t in targets:
+        if t.weight is not None:
+            group = wanted[t.weight.name]
+            users = {id(u.node) for u in t.weight.uses()}
+            if users != {id(g.node) for g in group} or len({(g.kind, g.axis) for g in group}) != 1 or t.weight.is_graph_output():
+                skipped.append({"layer": t.label, "op": t.node.op_type, "skipped": f"weight '{t.weight.name}' is shared with other uses"})
+                continue
+        keep.append(t)
+    return keep, skipped
+
+
+def _classify(index: int, node: ir.Node, o: QdqOptions, embeddings: str, extra_ops: set[str]) -> _Target | str:
+    op = node.op_type
+    inputs = list(node.inputs)
+    if op == "Gather":
+        if embeddings == "float" or len(inputs) < 2:
+            return ""
+        data, idx = inputs[0], inputs[1]
+        if _from_dq(data):
+            return "already quantized (table behind DequantizeLinear)"
+        if not _is_float_initializer(data) or idx is None or idx.const_value is not None:
+            return ""
+        shape = data.const_value.shape
+        if len(shape) != 2 or shape[1] < 2 or node.attributes.get_int("axis", 0) != 0:
+            return ""
+        if embeddings == "int4" and shape[1] % 2:
+            return "int4 embeddings need an even row length"
+        return _Target(index, node, "gather", data, 0, axis=0, in_axis=1)
+    if op in ("MatMul", "Gemm", "Conv"):
+        w_index = 1
+        w = inputs[1] if len(inputs) > 1 else None
+        if _from_dq(w):
+            return "already quantized (weight behind DequantizeLinear)"
+        if _is_float_initializer(w):
+            if o.mode == "int4" and op != "MatMul":
+                return f"int4 covers MatMul only ({op} left float)"
+            shape = w.const_value.shape
+            act = inputs[0]
+            if act is None or act.const_value is not None or (act.dtype is not None and act.dtype != _FLOAT):
+                return "activation is not a float tensor"
+            acts = (0,) if o.mode == "static" and not _from_dq(act) else ()
+            if op == "MatMul":
+                if len(shape) != 2:
+                    return f"weight of rank {len(shape)} (MatMul weights of rank 2 only)"
+                return _Target(index, node, "matmul", w, w_index, axis=1, in_axis=0, acts=acts)
+            if op == "Gemm":
+                if node.attributes.get_int("transA", 0):
+                    return "Gemm with transA=1"
+                trans_b = node.attributes.get_int("transB", 0)
+                return _Target(index, node, "gemm", w, w_index, axis=0 if trans_b else 1, in_axis=1 if trans_b else 0, acts=acts)
+            if o.mode == "int4":
+                return ""
+            return _Target(index, node, "conv", w, w_index, axis=0, in_axis=1, acts=acts)
+        if op == "MatMul" and "MatMul" in extra_ops:
+            acts = tuple(i for i in (0, 1) if inputs[i] is not None and inputs[i].dtype == _FLOAT and not _from_dq(inputs[i]))
+            return _Target(index, node, "act", acts=acts) if acts else ""
+        if op == "MatMul" and o.mode == "static" and w is not None and w.const_value is None:
+            return ""  # activation x activation: float unless asked
+        return ""
+    # other op types listed in quantize_activations_of
+    acts = tuple(
+        i for i, v in enumerate(inputs) if v is not None and v.const_value is None and v.dtype == _FLOAT and not _from_dq(v)
+    )
+    return _Target(index, node, "act", acts=acts) if acts else ""
+
+
+# -- planning: calibration, SmoothQuant, scales ------------------------------------------------------
+@dataclasses.dataclass
+class _ActParams:
+    name: str
+    scale: float
+    zero_point: int
+    smooth: np.ndarray | None  # per last-axis channel divisor folded into the QuantizeLinear scale
+    consumers: list[tuple[int, int]]  # (target index, input index)
+
+
+@dataclasses.dataclass
+class _WeightParams:
+    target: int
+    kind: str  # int8, int4, gather8, gather4
+    arrays: dict[str, np.ndarray]
+
+
+@dataclasses.dataclass
+class _Plan:
+    acts: list[_ActParams]
+    weights: list[_WeightParams]
+    targets: dict[int, _Target]
+    rows: list[dict[str, Any]]
+    row_targets: list[int | None]
+
+    def restrict(self, index: int, nodes: Sequence[ir.Node]) -> _Plan:
+        """The same plan for one target only, rebound to the nodes of a copy of the model."""
+        t = self.targets[index]
+        node = nodes[index]
+        rebound = dataclasses.replace(t, node=node, weight=node.inputs[t.weight_input] if t.weight is not None else None)
+        acts = [dataclasses.replace(a, consumers=[c for c in a.consumers if c[0] == index]) for a in self.acts]
+        return _Plan([a for a in acts if a.consumers], [w for w in self.weights if w.target == index], {index: rebound}, [], [])
+
+
+def _channel_rows(array: np.ndarray, kind: str) -> np.ndarray:
+    a = np.asarray(array, dtype=np.float32)
+    if a.ndim == 0:
+        return a.reshape(1, 1)
+    if kind == "conv" and a.ndim > 2:
+        a = np.moveaxis(a, 1, -1)
+    return a.reshape(-1, a.shape[-1])
+
+
+def collect_stats(model: ir.Model, feeds, kinds: dict[str, str], rows: int, hessians: set[str], seed: int = 0) -> dict[str, _ActStats]:
+    """One ORT pass over the calibration feeds: per-channel min/max, a row sample and X^T X (for GPTQ)."""
+    from onnxpress import runtime
+
+    rng = np.random.default_rng(seed)
+    stats = {name: _ActStats() for name in kinds}
+    for out in runtime.capture(model, feeds, list(kinds)):
+        for name, st in stats.items():
+            x = _channel_rows(out[name], kinds[name])
+            lo, hi = x.min(axis=0), x.max(axis=0)
+            st.chan_min = lo if st.chan_min is None else np.minimum(st.chan_min, lo)
+            st.chan_max = hi if st.chan_max is None else np.maximum(st.chan_max, hi)
+            keys = rng.random(len(x))
+            sample = x if st.sample is None else np.concatenate([st.sample, x])
+            all_keys = keys if st.keys is None else np.concatenate([st.keys, keys])
+            if len(sample) > rows:
+                keep = np.argpartition(all_keys, rows)[:rows]
+                sample, all_keys = sample[keep], all_keys[keep]
+            st.sample, st.keys = sample, all_keys
+            st.rows += len(x)
+            if name in hessians:
+                h = (x.T @ x).astype(np.float64)
+                st.hessian = h if st.hessian is None else st.hessian + h
+    return stats
+
+
+def _weight_matrix(t: _Target) -> np.ndarray:
+    """The weight as [K_in, N_out] (MatMul layout) for MatMul/Gemm targets."""
+    w = t.weight.const_value.numpy()
+    return w.T if (t.kind == "gemm" and t.in_axis == 1) else w
+
+
+def make_plan(model: ir.Model, targets: list[_Target], o: QdqOptions, feeds) -> _Plan:
+    by_index = {t.index: t for t in targets}
+    qmax_w = 63 if o.reduce_range else 127
+    a_qmin, a_qmax = qm.QRANGES[o.activation_type]
+    # Activation tensors and their consumers
+    consumers: dict[str, list[tuple[int, int]]] = {}
+    act_values: dict[str, ir.Value] = {}
+    for t in targets:
+        for i in t.acts:
+            v = t.node.inputs[i]
+            consumers.setdefault(v.name, []).append((t.index, i))
+            act_values[v.name] = v
+    kinds = {name: ("conv" if any(by_index[c[0]].kind == "conv" for c in cs) else "rows") for name, cs in consumers.items()}
+    hessians: set[str] = set()
+    if o.weight_method == "gptq" and feeds:
+        for t in targets:
+            if t.kind == "matmul" or (t.kind == "gemm" and o.mode != "int4"):
+                a = t.node.inputs[0]
+                kinds.setdefault(a.name, "rows")
+                hessians.add(a.name)
+    stats = collect_stats(model, feeds, kinds, o.calibration_rows, hessians) if (feeds and kinds) else {}
+
+    weights = {t.index: _weight_matrix(t) if t.kind in ("matmul", "gemm") else t.weight.const_value.numpy() for t in targets if t.weight is not None}
+    rows: list[dict[str, Any]] = []
+    row_targets: list[int | None] = []
+    acts: list[_ActParams] = []
+    act_rows: dict[str, dict[str, Any]] = {}
+    smooth_of: dict[str, np.ndarray] = {}
+    hinv_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for name, cs in consumers.items():
+        st = stats[name]
+        smoothable = [by_index[c[0]] for c in cs]
+        smooth = None
+        if o.smooth != "off" and all(t.kind in ("matmul", "gemm") and c[1] == 0 for t, c in zip(smoothable, cs)):
+            alphas = SMOOTH_ALPHAS if o.smooth == "auto" else (o.smooth_alpha,)
+            smooth = _choose_smoothing(st, [weights[t.index] for t in smoothable], alphas, o.calibrate, o.percentile, (a_qmin, a_qmax), qmax_w)
+            if smooth is not None:
+                smooth_of[name] = smooth
+                for t in smoothable:
+                    weights[t.index] = weights[t.index] * smooth[:, None]
+        lo, hi, clipped = _act_range(st, smooth, o.calibrate, o.percentile, a_qmin, a_qmax)
+        scale, zp = qm.affine_params(lo, hi, a_qmin, a_qmax)
+        acts.append(_ActParams(name, float(scale), int(zp), smooth, cs))
+        act_rows[name] = {
+            "scale": float(scale), "zero_point": int(zp), "range": [round(lo, 6), round(hi, 6)], "clipped_fraction": clipped,
+            "smooth": None if smooth is None else {"max": float(smooth.max()), "min": float(smooth.min())},
+        }
+    plan_weights: list[_WeightParams] = []
+    embeddings = o.embeddings if o.embeddings != "auto" else ("int4" if o.mode == "int4" else "int8")
+    for t in targets:
+        row: dict[str, Any] = {"layer": t.label, "op": t.node.op_type}
+        if t.weight is not None:
+            w = weights[t.index]
+            orig = t.weight.const_value.numpy()
+            row.update({"weight": t.weight.name, "shape": list(orig.shape), "bytes_before": int(orig.nbytes)})
+            if t.kind == "gather":
+                wp = _quantize_table(t, w, embeddings, o)
+            else:
+                act_name = t.node.inputs[0].name
+                h = stats[act_name].hessian if act_name in hessians and t.kind in ("matmul", "gemm") else None
+                if h is not None:
+                    if act_name not in hinv_cache:
+                        if act_name in smooth_of:  # the layer sees x / s
+                            inv = 1.0 / smooth_of[act_name].astype(np.float64)
+                            h = h * np.outer(inv, inv)
+                        pad = (-h.shape[0]) % o.block_size if o.mode == "int4" else 0
+                        if pad:
+                            h = np.pad(h, ((0, pad), (0, pad)))
+                        hinv_cache[act_name] = qm.gptq_inverse(h)
+                    h = hinv_cache[act_name]
+                method = o.weight_method if (o.weight_method != "gptq" or h is not None) else "mse"
+                clip = "none" if method == "rtn" else "mse"
+                row["method"] = method
+                if o.mode == "int4":
+                    codes, scales, zps = qm.quantize_blockwise(w, o.block_size, 4, o.int4_symmetric, clip=clip, hessian=h if method == "gptq" else None)
+                    wp = _WeightParams(t.index, "int4", {"codes": codes, "scales": scales, "zero_points": zps})
+                    row["block_size"] = o.block_size
+                else:
+                    axis = t.axis if o.per_channel else None
+                    if method == "gptq":
+                        q, scale = qm.gptq_per_channel(w, h, qmax_w, per_channel=o.per_channel)
+                    else:
+                        q, scale = qm.quantize_weight(w, (t.axis if t.kind == "conv" else 1) if o.per_channel else None, qmax_w, clip)
+                    if t.kind == "gemm" and t.in_axis == 1:
+                        q = q.T.copy()  # back to the node's [N, K] layout
+                    wp = _WeightParams(t.index, "int8", {"q": q, "scale": scale, "axis": np.array(-1 if axis is None else axis)})
+            plan_weights.append(wp)
+            deq = _dequantized(wp, t, o)
+            row["bytes_after"] = int(sum(v.nbytes for k, v in wp.arrays.items() if k != "axis" and k != "codes") + _code_bytes(wp))
+            row["scale"] = _summary(wp.arrays.get("scale", wp.arrays.get("scales")))
+            if wp.kind == "int8" and t.kind == "gemm" and t.in_axis == 1:
+                deq = deq.T
+            row["weight_rel_error"] = round(qm.relative_error(deq, w), 6)
+        for i in t.acts:
+            name = t.node.inputs[i].name
+            row.setdefault("activations", {})[name] = act_rows[name]
+        if t.kind in ("matmul", "gemm") and t.node.inputs[0].name in stats:
+            row.update(_layer_error(t, stats, weights, plan_weights[-1], acts, o))
+        rows.append(row)
+        row_targets.append(t.index)
+    return _Plan(acts, plan_weights, by_index, rows, row_targets)
+
+
+def _code_bytes(wp: _WeightParams) -> int:
+    if wp.kind in ("int4", "gather4"):
+        return int(np.ceil(wp.arrays["codes"].size / 2))
+    return 0
+
+
+def _summary(scale: np.ndarray | None) -> dict[str, float] | None:
+    if scale is None:
+        return None
+    s = np.asarray(scale, dtype=np.float64)
+    return {"min": float(s.min()), "median": float(np.median(s)), "max": float(s.max()), "count": int(s.size)}
+
+
+def _act_range(st: _ActStats, smooth: np.ndarray | None, method: str, percentile: float, qmin: int, qmax: int) -> tuple[float, float, float]:
+    sample = st.sample if smooth is None else st.sample / smooth
+    cmin = st.chan_min if smooth is None else st.chan_min / smooth
+    cmax = st.chan_max if smooth is None else st.chan_max / smooth
+    gmin, gmax = float(cmin.min()), float(cmax.max())
+    if method == "minmax":
+        lo, hi = gmin, gmax
+    else:
+        lo, hi = qm.activation_range(sample, method, qmin, qmax, percentile)
+        lo, hi = max(lo, gmin), min(hi, gmax)
+    return lo, hi, round(qm.clipped_fraction(sample, lo, hi), 8)
+
+
+def _choose_smoothing(st: _ActStats, mats: list[np.ndarray], alphas, method, percentile, arange, qmax_w) -> np.ndarray | None:
+    """SmoothQuant factors for the alpha (from ``alphas``) with the lowest simulated output error; None if 0 wins.
+
+    Ranges and factors are fitted on half of the calibration sample and the error is measured on the other
+    half: smoothing brings every channel close to the clip range, so in-sample error would favour it unfairly.
+    """
+    w_absmax = np.max([np.abs(w).max(axis=1) for w in mats], axis=0)
+    x = st.sample[: min(len(st.sample), 2048)]
+    fit, held = (x[0::2], x[1::2]) if len(x) >= 64 else (x, x)
+    fit_stats = _ActStats(chan_min=fit.min(axis=0), chan_max=fit.max(axis=0), sample=fit)
+    fit_absmax = np.maximum(np.abs(fit_stats.chan_min), np.abs(fit_stats.chan_max))
+    refs = [held @ w for w in mats]
+    best_alpha, best_err = 0.0, np.inf
+    for alpha in alphas:
+        s = qm.smooth_factors(fit_absmax, w_absmax, alpha) if alpha > 0 else None
+        fake = _fake_quant_acts(fit_stats, s, held, method, percentile, *arange)
+        err = 0.0
+        for w, ref in zip(mats, refs):
+            ws = w if s is None else w * s[:, None]
+            q, scale = qm.quantize_weight(ws, 1, qmax_w)
+            err += qm.relative_error(fake @ qm.dequantize(q, scale[None, :]), ref) ** 2
+        if err < best_err:
+            best_alpha, best_err = alpha, err
+    if best_alpha == 0:
+        return None
+    return qm.smooth_factors(np.maximum(np.abs(st.chan_min), np.abs(st.chan_max)), w_absmax, best_alpha)
+
+
+def _fake_quant_acts(st: _ActStats, smooth, x, method, percentile, qmin, qmax) -> np.ndarray:
+    lo, hi, _ = _act_range(st, smooth, method, percentile, qmin, qmax)
+    scale, zp = qm.affine_params(lo, hi, qmin, qmax)
+    xs = x if smooth is None else x / smooth
+    return qm.fake_quant(xs, scale, zp, qmin, qmax)
+
+
+def _layer_error(t: _Target, stats, weights, wp: _WeightParams, acts: list[_ActParams], o: QdqOptions) -> dict[str, float]:
+    """Output error of this layer alone on the calibration sample: quantized vs float product."""
+    st = stats[t.node.inputs[0].name]
+    x = st.sample[: min(len(st.sample), 1024)]
+    w_orig = _weight_matrix(t)
+    ref = x @ w_orig
+    act = next((a for a in acts if (t.index, 0) in a.consumers), None)
+    if act is not None:
+        qmin, qmax = qm.QRANGES[o.activation_type]
+        xs = x if act.smooth is None else x / act.smooth
+        xq = qm.fake_quant(xs, act.scale, act.zero_point, qmin, qmax)
+    else:
+        xq = x
+    wq = _dequantized(wp, t, o)
+    if t.kind == "gemm" and t.in_axis == 1 and wp.kind == "int8":
+        wq = wq.T
+    out = xq @ wq
+    return {"output_rel_error": round(qm.relative_error(out, ref), 6), "output_cosine": round(qm.cosine(out, ref), 6)}
+
+
+def _dequantized(wp: _WeightParams, t: _Target, o: QdqOptions) -> np.ndarray:
+    a = wp.arrays
+    if wp.kind == "int8":
+        axis = int(a["axis"])
+        return qm.dequantize(a["q"], qm.per_axis_shape(a["scale"], a["q"].ndim, None if axis < 0 else axis))
+    if wp.kind == "gather8":
+        return qm.dequantize(a["q"], a["scale"])
+    if wp.kind in ("int4", "gather4"):
+        codes, scales, zps = a["codes"], a["scales"], a["zero_points"]
+        if wp.kind == "gather4":  # [V, D] blocks along D
+            rep = np.repeat(scales, o.embedding_block_size, axis=1)[:, : codes.shape[1]]
+            zrep = np.repeat(zps.astype(np.int64), o.embedding_block_size, axis=1)[:, : codes.shape[1]]
+            return qm.dequantize(codes.astype(np.int64), rep, zrep)
+        rep = np.repeat(scales, o.block_size, axis=0)[: codes.shape[0]]
+        zrep = np.repeat(zps.astype(np.int64), o.block_size, axis=0)[: codes.shape[0]]
+        return qm.dequantize(codes.astype(np.int64), rep, zrep)
+    raise AssertionError(wp.kind)
+
+
+def _quantize_table(t: _Target, w: np.ndarray, embeddings: str, o: QdqOptions) -> _WeightParams:
+    if embeddings == "int4":
+        codes, scales, zps = qm.quantize_blockwise(w.T, o.embedding_block_size, 4, o.int4_symmetric, clip="none" if o.weight_method == "rtn" else "mse")
+        return _WeightParams(t.index, "gather4", {"codes": codes.T.copy(), "scales": scales.T.copy(), "zero_points": zps.T.copy()})
+    q, scale = qm.quantize_weight(w, 0, 127, "none" if o.weight_method == "rtn" else "mse")
+    return _WeightParams(t.index, "gather8", {"q": q, "scale": scale.reshape(-1, 1)})
+
+
+# -- graph surgery ---------------------------------------------------------------------------------
+def _const(graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataType | None = None) -> ir.Value:
+    name = _unique(graph, name)
+    value = ir.Value(name=name, const_value=ir.tensor(array, dtype=dtype, name=name))
+    graph.register_initializer(value)
+    return value
+
+
+def _unique(graph: ir.Graph, name: str) -> str:
+    taken = graph.initializers
+    if name not in taken:
+        return name
+    i = 1
+    while f"{name}_{i}" in taken:
+        i += 1
+    return f"{name}_{i}"
+
+
+def _ensure_opset(model: ir.Model, version: int) -> None:
+    current = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
+    if current >= version:
+        return
+    from onnxscript import version_converter
+
+    version_converter.convert_version(model, version)
+
+
+def apply_plan(model: ir.Model, plan: _Plan, o: QdqOptions) -> None:
+    graph = model.graph
+    needs = 21 if (o.mode == "int4" and o.int4_format == "qdq") else 13
+    if plan.acts or plan.weights:
+        _ensure_opset(model, needs)
+    a_dtype = ir.DataType.UINT8 if o.activation_type == "uint8" else ir.DataType.INT8
+    a_np = np.uint8 if o.activation_type == "uint8" else np.int8
+    for act in plan.acts:
+        cons = [(plan.targets[ti], ii) for ti, ii in act.consumers]
+        x = cons[0][0].node.inputs[cons[0][1]]
+        base = x.name
+        scale = _const(graph, f"{base}_scale", np.array(act.scale, np.float32))
+        zp = _const(graph, f"{base}_zero_point", np.array(act.zero_point, a_np))
+        first = min((t.node for t, _ in cons), key=lambda n: _position(graph, n))
+        q_in = x
+        if act.smooth is not None:
+            # SmoothQuant: x / s (per last-axis channel) is what gets quantized; the weights carry s.
+            inv = _const(graph, f"{base}_smooth_inv", (1.0 / act.smooth).astype(np.float32))
+            q_in = ir.Value(name=f"{base}_smoothed", type=ir.TensorType(_FLOAT), shape=_shape(x))
+            graph.insert_before(first, ir.node("Mul", [x, inv], outputs=[q_in], name=f"{base}_Smooth"))
+        q_out = ir.Value(name=f"{base}_quantized", type=ir.TensorType(a_dtype), shape=_shape(x))
+        graph.insert_before(first, ir.node("QuantizeLinear", [q_in, scale, zp], outputs=[q_out], name=f"{base}_QuantizeLinear"))
+        for k, (t, ii) in enumerate(cons):
+            dq_out = ir.Value(name=f"{base}_dequantized_{k}", type=ir.TensorType(_FLOAT), shape=_shape(x))
+            graph.insert_before(t.node, ir.node("DequantizeLinear", [q_out, scale, zp], outputs=[dq_out], name=f"{base}_DequantizeLinear_{k}"))
+            t.node.replace_input_with(ii, dq_out)
+    for wp in plan.weights:
+        t = plan.targets[wp.target]
+        old = t.weight
+        if wp.kind == "int8":
+            _apply_int8(graph, t, wp, o.weight_type)
+        elif wp.kind == "int4":
+            _apply_int4(model, t, wp, o)
+        elif wp.kind == "gather8":
+            _apply_gather8(graph, t, wp)
+        elif wp.kind == "gather4":
+            _apply_gather4(model, t, wp, o)
+        if old is not None and not old.uses() and old.name in graph.initializers:
+            graph.initializers.pop(old.name)
+
+
+def _shape(value: ir.Value) -> ir.Shape | None:
+    return None if value.shape is None else ir.Shape(value.shape)
+
+
+def _position(graph: ir.Graph, node: ir.Node) -> int:
+    for i, n in enumerate(graph):
+        if n is node:
+            return i
+    raise KeyError(node.name)
+
+
+def _apply_int8(graph: ir.Graph, t: _Target, wp: _WeightParams, weight_type: str) -> None:
+    w = t.weight
+    axis = int(wp.arrays["axis"])
+    codes, zero = (wp.arrays["q"], np.int8(0)) if weight_type == "int8" else ((wp.arrays["q"].astype(np.int16) + 128).astype(np.uint8), np.uint8(128))
+    q = _const(graph, f"{w.name}_quantized", codes)
+    scale = _const(graph, f"{w.name}_scale", wp.arrays["scale"] if axis >= 0 else wp.arrays["scale"].reshape(()))
+    zp = _const(graph, f"{w.name}_zero_point", np.full(wp.arrays["scale"].shape if axis >= 0 else (), zero))
+    out = ir.Value(name=f"{w.name}_dequantized", type=ir.TensorType(_FLOAT), shape=_shape(w))
+    attrs = {"axis": axis} if axis >= 0 else {}
+    graph.insert_before(t.node, ir.node("DequantizeLinear", [q, scale, zp], attrs, outputs=[out], name=f"{w.name}_DequantizeLinear"))
+    t.node.replace_input_with(t.weight_input, out)
+
+
+def _replace_node(graph: ir.Graph, old: ir.Node, new_nodes: list[ir.Node], new_out: ir.Value) -> None:
+    graph.insert_after(old, new_nodes)
+    old_out = old.outputs[0]
+    name = old_out.name
+    was_output = old_out.is_graph_output()
+    ir.convenience.replace_all_uses_with(old_out, new_out, replace_graph_outputs=True)
+    graph.remove(old, safe=True)
+    if was_output:
+        old_out.name = f"{name}_replaced"
+        new_out.name = name
+
+
+def _apply_int4(model: ir.Model, t: _Target, wp: _WeightParams, o: QdqOptions) -> None:
+    graph = model.graph
+    w = t.weight
+    codes, scales, zps = wp.arrays["codes"], wp.arrays["scales"], wp.arrays["zero_points"]
+    k, n = codes.shape
+    kb = scales.shape[0]
+    if o.int4_format == "qdq":
+        dtype = ir.DataType.UINT4
+        q = _const(graph, f"{w.name}_quantized", codes, dtype)
+        scale = _const(graph, f"{w.name}_scale", scales)
+        inputs = [q, scale]
+        if not o.int4_symmetric:
+            inputs.append(_const(graph, f"{w.name}_zero_point", zps, dtype))
+        else:
+            inputs.append(_const(graph, f"{w.name}_zero_point", np.full(scales.shape, 8, np.uint8), dtype))
+        out = ir.Value(name=f"{w.name}_dequantized", type=ir.TensorType(_FLOAT), shape=_shape(w))
+        graph.insert_before(t.node, ir.node("DequantizeLinear", inputs, {"axis": 0, "block_size": o.block_size}, outputs=[out], name=f"{w.name}_DequantizeLinear"))
+        t.node.replace_input_with(t.weight_input, out)
+        return
+    model.opset_imports.setdefault(_MS, 1)
+    padded = np.zeros((kb * o.block_size, n), np.uint8)
+    padded[:k] = codes
+    if not o.int4_symmetric:
+        padded[k:] = zps[-1]  # padded rows dequantize to 0
+    else:
+        padded[k:] = 8
+    blob = qm.pack_uint4(padded.T.reshape(n, kb, o.block_size))  # [N, kb, block/2]
+    b = _const(graph, f"{w.name}_q4", blob)
+    s = _const(graph, f"{w.name}_scales", scales.T.reshape(-1).copy())
+    inputs = [t.node.inputs[0], b, s]
+    if not o.int4_symmetric:
+        inputs.append(_const(graph, f"{w.name}_zero_points", qm.pack_uint4(zps.T).reshape(-1)))
+    out = ir.Value(name=f"{t.node.outputs[0].name}_q4", type=ir.TensorType(_FLOAT), shape=_shape(t.node.outputs[0]))
+    node = ir.node(
+        "MatMulNBits", inputs, {"K": k, "N": n, "bits": 4, "block_size": o.block_size, "accuracy_level": o.accuracy_level},
+        domain=_MS, outputs=[out], name=(t.node.name or w.name) + "_MatMulNBits",
+    )
+    _replace_node(graph, t.node, [node], out)
+
+
+def _apply_gather8(graph: ir.Graph, t: _Target, wp: _WeightParams) -> None:
+    w = t.weight
+    idx = t.node.inputs[1]
+    q = _const(graph, f"{w.name}_quantized", wp.arrays["q"])
+    scale = _const(graph, f"{w.name}_scale", wp.arrays["scale"])
+    base = t.node.outputs[0].name
+    gq = ir.Value(name=f"{base}_q", type=ir.TensorType(ir.DataType.INT8))
+    gs = ir.Value(name=f"{base}_row_scale", type=ir.TensorType(_FLOAT))
+    gf = ir.Value(name=f"{base}_cast", type=ir.TensorType(_FLOAT))
+    out = ir.Value(name=f"{base}_dequantized", type=ir.TensorType(_FLOAT), shape=_shape(t.node.outputs[0]))
+    nodes = [
+        ir.node("Gather", [q, idx], {"axis": 0}, outputs=[gq], name=f"{base}_GatherQ"),
+        ir.node("Gather", [scale, idx], {"axis": 0}, outputs=[gs], name=f"{base}_GatherScale"),
+        ir.node("Cast", [gq], {"to": _FLOAT}, outputs=[gf], name=f"{base}_Cast"),
+        ir.node("Mul", [gf, gs], outputs=[out], name=f"{base}_Dequantize"),
+    ]
+    _replace_node(graph, t.node, nodes, out)
+
+
+def _apply_gather4(model: ir.Model, t: _Target, wp: _WeightParams, o: QdqOptions) -> None:
+    graph = model.graph
+    w = t.weight
+    idx = t.node.inputs[1]
+    codes, scales, zps = wp.arrays["codes"], wp.arrays["scales"], wp.arrays["zero_points"]  # [V,D], [V,D/b], [V,D/b]
+    base = t.node.outputs[0].name
+    out = ir.Value(name=f"{base}_dequantized", type=ir.TensorType(_FLOAT), shape=_shape(t.node.outputs[0]))
+    if o.int4_format == "qdq":
+        dtype = ir.DataType.UINT4
+        q = _const(graph, f"{w.name}_quantized", codes, dtype)
+        s = _const(graph, f"{w.name}_scale", scales)
+        z = _const(graph, f"{w.name}_zero_point", zps, dtype)
+        table = ir.Value(name=f"{w.name}_dequantized", type=ir.TensorType(_FLOAT), shape=_shape(w))
+        nodes = [
+            ir.node("DequantizeLinear", [q, s, z], {"axis": 1, "block_size": o.embedding_block_size}, outputs=[table], name=f"{w.name}_DequantizeLinear"),
+            ir.node("Gather", [table, idx], {"axis": 0}, outputs=[out], name=f"{base}_Gather"),
+        ]
+    else:
+        model.opset_imports.setdefault(_MS, 1)
+        q = _const(graph, f"{w.name}_q4", qm.pack_uint4(codes))
+        s = _const(graph, f"{w.name}_scales", scales)
+        inputs = [q, idx, s]
+        if not o.int4_symmetric:
+            inputs.append(_const(graph, f"{w.name}_zero_points", qm.pack_uint4(zps)))
+        nodes = [
+            ir.node(
+                "GatherBlockQuantized", inputs, {"gather_axis": 0, "quantize_axis": 1, "block_size": o.embedding_block_size, "bits": 4},
+                domain=_MS, outputs=[out], name=f"{base}_GatherBlockQuantized",
+            )
+        ]
+    _replace_node(graph, t.node, nodes, out)

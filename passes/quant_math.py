@@ -1,0 +1,331 @@
+"""Quantization maths for the ``qdq`` pass: pure numpy, no graphs.
+
+Conventions: ``dequantize(q) = (q - zero_point) * scale``; weights are symmetric (zero point 0, integer range
+``[-qmax, qmax]``); activations are affine (asymmetric) with the real zero exactly representable.
+A MatMul weight ``W[K, N]`` is quantized per output channel (one scale per column) and, block-wise, in blocks
+of ``block_size`` consecutive rows of K (the layout of ``MatMulNBits`` and of ``DequantizeLinear(block_size)``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Callable
+
+import numpy as np
+
+QRANGES = {"int8": (-128, 127), "uint8": (0, 255), "int4": (-8, 7), "uint4": (0, 15)}
+_TINY = 1e-12
+
+
+# -- scale and zero point ------------------------------------------------------------------------
+def affine_params(lo, hi, qmin: int, qmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and integer zero point mapping ``[lo, hi]`` (widened to contain 0) onto ``[qmin, qmax]``.
+
+    0.0 maps exactly to the zero point (so padding and ReLU zeros stay exact).
+    """
+    lo = np.minimum(np.asarray(lo, dtype=np.float64), 0.0)
+    hi = np.maximum(np.asarray(hi, dtype=np.float64), 0.0)
+    scale = np.maximum((hi - lo) / (qmax - qmin), _TINY)
+    zero_point = np.clip(np.round(qmin - lo / scale), qmin, qmax)
+    return scale.astype(np.float32), zero_point.astype(np.int64)
+
+
+def symmetric_scale(absmax, qmax: int) -> np.ndarray:
+    """Scale of a symmetric quantizer (zero point 0) whose largest code ``qmax`` represents ``absmax``."""
+    return np.maximum(np.asarray(absmax, dtype=np.float64) / qmax, _TINY).astype(np.float32)
+
+
+def quantize(x: np.ndarray, scale, zero_point, qmin: int, qmax: int) -> np.ndarray:
+    """Round-to-nearest-even like ONNX QuantizeLinear (float32 division); returns int64 codes."""
+    codes = np.rint(np.asarray(x, dtype=np.float32) / np.asarray(scale, dtype=np.float32))
+    codes += np.asarray(zero_point, dtype=np.float32)
+    return np.clip(codes, qmin, qmax, out=codes).astype(np.int64)
+
+
+def dequantize(q: np.ndarray, scale, zero_point=0) -> np.ndarray:
+    return (np.asarray(q, dtype=np.float32) - np.asarray(zero_point, dtype=np.float32)) * np.asarray(scale, dtype=np.float32)
+
+
+def fake_quant(x: np.ndarray, scale, zero_point, qmin: int, qmax: int) -> np.ndarray:
+    """Quantize then dequantize (float32)."""
+    codes = np.rint(np.asarray(x, dtype=np.float32) / np.asarray(scale, dtype=np.float32))
+    zp = np.asarray(zero_point, dtype=np.float32)
+    codes += zp
+    np.clip(codes, qmin, qmax, out=codes)
+    codes -= zp
+    return codes * np.asarray(scale, dtype=np.float32)
+
+
+# -- weights -------------------------------------------------------------------------------------
+def weight_scales(w: np.ndarray, axis: int | None, qmax: int = 127, clip: str = "none", grid: int = 20) -> np.ndarray:
+    """Symmetric scales: one per slice along ``axis`` (None: per tensor).
+
+    ``clip="mse"`` searches a clip ratio in [0.5, 1] per channel that minimises the squared weight error.
+    """
+    w = np.asarray(w, dtype=np.float32)
+    rows = w.reshape(1, -1) if axis is None else np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+    absmax = np.abs(rows).max(axis=1)
+    if clip == "none":
+        return symmetric_scale(absmax, qmax)
+    if clip != "mse":
+        raise ValueError(f"unknown weight clip method '{clip}'")
+    best_err = np.full(rows.shape[0], np.inf)
+    best = symmetric_scale(absmax, qmax)
+    for ratio in np.linspace(1.0, 0.5, grid):
+        scale = symmetric_scale(absmax * ratio, qmax)[:, None]
+        err = ((fake_quant(rows, scale, 0, -qmax, qmax) - rows) ** 2).sum(axis=1)
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best = np.where(better, scale[:, 0], best)
+    return best.astype(np.float32)
+
+
+def per_axis_shape(scale: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
+    """Reshape a 1-D per-axis parameter so it broadcasts against a tensor of rank ``ndim``."""
+    if axis is None:
+        return np.asarray(scale).reshape(())
+    shape = [1] * ndim
+    shape[axis] = -1
+    return np.asarray(scale).reshape(shape)
+
+
+def quantize_weight(w: np.ndarray, axis: int | None, qmax: int = 127, clip: str = "none") -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-channel (or per-tensor) int8 weight: (int8 codes, float32 scales)."""
+    scale = weight_scales(w, axis, qmax, clip)
+    q = quantize(w, per_axis_shape(scale, w.ndim, axis), 0, -qmax, qmax).astype(np.int8)
+    return q, scale
+
+
+def block_params(block: np.ndarray, qmin: int, qmax: int, symmetric: bool, clip: str = "mse", grid: int = 24) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and zero point per column of ``block`` (rows: the values of one block); MSE clip search optional."""
+    lo0, hi0 = block.min(axis=0), block.max(axis=0)
+    ratios = np.linspace(1.0, 0.6, grid) if clip == "mse" else np.array([1.0])
+    best_err = np.full(block.shape[1], np.inf)
+    best_s = np.zeros(block.shape[1], np.float32)
+    best_z = np.zeros(block.shape[1], np.int64)
+    for r in ratios:
+        if symmetric:
+            # Zero at the middle code (0 for signed codes, 2^(bits-1) for unsigned ones).
+            mid = 0 if qmin < 0 else (qmin + qmax + 1) // 2
+            s = symmetric_scale(np.maximum(np.abs(lo0), np.abs(hi0)) * r, qmax - mid)
+            z = np.full(block.shape[1], mid, np.int64)
+        else:
+            s, z = affine_params(lo0 * r, hi0 * r, qmin, qmax)
+        err = ((fake_quant(block, s, z, qmin, qmax) - block) ** 2).sum(axis=0)
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best_s = np.where(better, s, best_s)
+        best_z = np.where(better, z, best_z)
+    return best_s.astype(np.float32), best_z
+
+
+def quantize_blockwise(
+    w: np.ndarray, block_size: int, bits: int = 4, symmetric: bool = False, clip: str = "mse", hessian: np.ndarray | None = None, damp: float = 0.01
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Block-wise quantization of ``w[K, N]`` along K (unsigned codes, ``0..2^bits-1``).
+
+    Returns (codes uint8 [K, N], scales float32 [K/block, N], zero points uint8 [K/block, N]); K is padded
+    with zeros to a multiple of ``block_size`` internally (the extra rows are dropped from ``codes``).
+    With ``hessian`` (``X^T X`` of the layer's input, [K, K]) the rows are quantized GPTQ-style: each row's
+    rounding error is compensated on the rows not yet quantized.
+    """
+    k, n = w.shape
+    qmin, qmax = 0, 2**bits - 1
+    kb = -(-k // block_size)
+    pad = kb * block_size - k
+    work = np.concatenate([w.astype(np.float64), np.zeros((pad, n))]) if pad else w.astype(np.float64).copy()
+
+    def params(block):
+        s, z = block_params(block, qmin, qmax, symmetric, clip)
+        return s, z
+
+    if hessian is None:
+        blocks = work.reshape(kb, block_size, n)
+        scales = np.zeros((kb, n), np.float32)
+        zps = np.zeros((kb, n), np.int64)
+        codes = np.zeros_like(blocks, dtype=np.int64)
+        for b in range(kb):
+            scales[b], zps[b] = params(blocks[b])
+            codes[b] = quantize(blocks[b], scales[b], zps[b], qmin, qmax)
+        codes = codes.reshape(-1, n)
+    else:
+        if isinstance(hessian, tuple) or not pad:
+            h = hessian
+        else:
+            h = np.zeros((kb * block_size, kb * block_size))
+            h[:k, :k] = hessian
+        codes, scales, zps = gptq(work, h, block_size, lambda blk: params(blk), qmin, qmax, damp)
+    return codes[:k].astype(np.uint8), scales, zps.astype(np.uint8)
+
+
+def gptq_inverse(hessian: np.ndarray, damp: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
+    """GPTQ's upper Cholesky factor U of inv(H + damp) (inv(H) = U^T U) and the mask of dead inputs."""
+    h = hessian.astype(np.float64).copy()
+    k = h.shape[0]
+    dead = np.diag(h) <= 0
+    h[dead, dead] = 1.0
+    h[np.diag_indices(k)] += damp * max(float(np.mean(np.diag(h))), _TINY)
+    try:
+        return np.linalg.cholesky(np.linalg.inv(h)).T, dead
+    except np.linalg.LinAlgError:
+        h[np.diag_indices(k)] += 0.1 * float(np.mean(np.diag(h)))
+        return np.linalg.cholesky(np.linalg.inv(h)).T, dead
+
+
+def gptq(
+    w: np.ndarray, hessian: np.ndarray | tuple[np.ndarray, np.ndarray], group: int, params: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], qmin: int, qmax: int, damp: float = 0.01
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """GPTQ (Frantar et al. 2022) on ``w[K, N]`` (MatMul layout, rows = input features) with group scales.
+
+    ``hessian`` is ``X^T X`` of the layer input (or ``gptq_inverse`` of it, to share across layers); each group's scale/zero point comes from ``params`` applied
+    to the (already error-compensated) rows of the group. Returns (codes [K,N], scales [K/g,N], zps [K/g,N]).
+    """
+    k, n = w.shape
+    w = w.astype(np.float64).copy()
+    hinv, dead = hessian if isinstance(hessian, tuple) else gptq_inverse(hessian, damp)
+    w[dead, :] = 0.0
+    codes = np.zeros((k, n), np.int64)
+    groups = k // group
+    scales = np.zeros((groups, n), np.float32)
+    zps = np.zeros((groups, n), np.int64)
+    lazy = 128 if group >= 128 else 128 // group * group
+    for start in range(0, k, lazy):
+        end = min(start + lazy, k)
+        err_block = np.zeros((end - start, n))
+        for i in range(start, end):
+            if i % group == 0:
+                g = i // group
+                scales[g], zps[g] = params(w[i : i + group])
+            g = i // group
+            q = quantize(w[i], scales[g], zps[g], qmin, qmax)
+            codes[i] = q
+            deq = (q - zps[g]) * scales[g].astype(np.float64)
+            err = (w[i] - deq) / hinv[i, i]
+            w[i + 1 : end] -= np.outer(hinv[i, i + 1 : end], err)
+            err_block[i - start] = err
+        w[end:] -= hinv[start:end, end:].T @ err_block
+    return codes, scales, zps
+
+
+def gptq_per_channel(w: np.ndarray, hessian: np.ndarray, qmax: int = 127, per_channel: bool = True, damp: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 ``w[K, N]`` with one scale per column (or per tensor), rounded by GPTQ. Returns (int8, scales)."""
+    k = w.shape[0]
+
+    def params(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        scale = weight_scales(rows, 1 if per_channel else None, qmax, "mse")
+        scale = np.broadcast_to(scale, (rows.shape[1],)).astype(np.float32)
+        return scale, np.zeros(rows.shape[1], np.int64)
+
+    codes, scales, _ = gptq(w, hessian, k, params, -qmax, qmax, damp)
+    return codes.astype(np.int8), (scales[0] if per_channel else scales[0, :1].reshape(()))
+
+
+def pack_uint4(codes: np.ndarray) -> np.ndarray:
+    """Pack 4-bit codes along the last axis, two per byte, low nibble first (padded with 0 to even length)."""
+    codes = np.asarray(codes, dtype=np.uint8)
+    if codes.shape[-1] % 2:
+        codes = np.concatenate([codes, np.zeros((*codes.shape[:-1], 1), np.uint8)], axis=-1)
+    return (codes[..., 0::2] & 0x0F) | ((codes[..., 1::2] & 0x0F) << 4)
+
+
+def unpack_uint4(packed: np.ndarray, count: int) -> np.ndarray:
+    packed = np.asarray(packed, dtype=np.uint8)
+    out = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1)
+    return out[..., :count]
+
+
+# -- activations ---------------------------------------------------------------------------------
+def clipped_fraction(x: np.ndarray, lo: float, hi: float) -> float:
+    x = np.asarray(x)
+    return float(np.mean((x < lo) | (x > hi))) if x.size else 0.0
+
+
+def percentile_range(x: np.ndarray, percentile: float) -> tuple[float, float]:
+    """Clip range keeping ``percentile`` % of the values, cutting half of the rest from each tail."""
+    cut = (100.0 - percentile) / 2.0
+    lo, hi = np.percentile(np.asarray(x, dtype=np.float64).ravel(), [cut, 100.0 - cut])
+    return float(lo), float(hi)
+
+
+def mse_range(x: np.ndarray, qmin: int, qmax: int, bins: int = 2048, grid: int = 40) -> tuple[float, float]:
+    """Clip range ``[a*lo, b*hi]`` minimising the expected squared quantization error of ``x``.
+
+    The error of a value inside the range is the uniform rounding error ``step^2/12``; outside, the squared
+    distance to the clip bound. Searched on a histogram over a grid of (a, b) in (0, 1].
+    """
+    x = np.asarray(x, dtype=np.float64).ravel()
+    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    if hi - lo <= _TINY:
+        return lo, hi
+    counts, edges = np.histogram(x, bins=bins, range=(lo, hi))
+    centers = (edges[:-1] + edges[1:]) / 2
+    ratios = np.linspace(1.0, 0.05, grid)
+    los = lo * ratios if lo < 0 else np.array([0.0])
+    his = hi * ratios if hi > 0 else np.array([0.0])
+    a = los[:, None, None]
+    b = his[None, :, None]
+    step = np.maximum((b - a) / (qmax - qmin), _TINY)
+    clipped = np.clip(centers, a, b)
+    inside = (centers >= a) & (centers <= b)
+    err = ((centers - clipped) ** 2 + inside * step**2 / 12.0) * counts
+    total = err.sum(axis=2)
+    i, j = np.unravel_index(np.argmin(total), total.shape)
+    return float(los[i]), float(his[j])
+
+
+def entropy_range(x: np.ndarray, bins: int = 2048, quantized_bins: int = 128) -> tuple[float, float]:
+    """KL-divergence (TensorRT "entropy") threshold, computed by onnxruntime.quantization's collector."""
+    from onnxruntime.quantization.calibrate import HistogramCollector
+
+    x = np.asarray(x, dtype=np.float32).ravel()
+    collector = HistogramCollector("entropy", symmetric=False, num_bins=bins, num_quantized_bins=quantized_bins, percentile=99.999, scenario="same")
+    with contextlib.redirect_stdout(io.StringIO()):
+        collector.collect({"x": [x]})
+        lo, hi = collector.compute_collection_result()["x"][:2]
+    return max(float(lo), float(x.min())), min(float(hi), float(x.max()))
+
+
+def activation_range(x: np.ndarray, method: str, qmin: int, qmax: int, percentile: float = 99.999) -> tuple[float, float]:
+    """Clip range of an activation sample by ``method``: minmax, percentile, entropy or mse."""
+    x = np.asarray(x)
+    if x.size == 0:
+        return 0.0, 0.0
+    if method == "minmax":
+        return float(x.min()), float(x.max())
+    if method == "percentile":
+        return percentile_range(x, percentile)
+    if method == "entropy":
+        return entropy_range(x)
+    if method == "mse":
+        return mse_range(x, qmin, qmax)
+    raise ValueError(f"unknown calibration method '{method}'")
+
+
+# -- SmoothQuant -----------------------------------------------------------------------------------
+def smooth_factors(act_absmax: np.ndarray, weight_absmax: np.ndarray, alpha: float) -> np.ndarray:
+    """Per input-channel factors ``s = max|X_c|^alpha / max|W_c|^(1-alpha)`` (Xiao et al. 2022).
+
+    ``X / s`` and ``diag(s) W`` give the same product; the activation's outlier channels shrink and the
+    weights absorb them. Channels without signal keep factor 1.
+    """
+    a = np.maximum(np.asarray(act_absmax, dtype=np.float64), 1e-5)
+    w = np.maximum(np.asarray(weight_absmax, dtype=np.float64), 1e-5)
+    s = a**alpha / w ** (1.0 - alpha)
+    s = np.where(np.isfinite(s) & (s > 0), s, 1.0)
+    return s.astype(np.float32)
+
+
+# -- error measures --------------------------------------------------------------------------------
+def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
+    denom = float(np.linalg.norm(expected))
+    return float(np.linalg.norm(np.asarray(actual, np.float64) - expected)) / denom if denom else 0.0
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a = np.asarray(a, np.float64).ravel()
+    b = np.asarray(b, np.float64).ravel()
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    if na == 0 or nb == 0:
+        return 1.0 if na == nb else 0.0
+    return float(a @ b / (na * nb))

@@ -1,0 +1,324 @@
+"""The qdq pass on small graphs: op types after the rewrite, ORT numerics within stated tolerances,
+idempotence, the full checker, option text round trip and bad input."""
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from graphs import apply_and_check, check_full, copy_model, init, mlp_model, op_types, text_model
+
+from onnxpress import runtime
+from onnxpress.errors import UsageError
+from onnxpress.pass_infra import PassContext
+from onnxpress.passes.qdq import Qdq
+from onnxpress.pipeline import PassFailedError, Pipeline
+from onnxpress.validate import Tolerance, validate
+
+
+def feeds_for(name: str, shape: tuple[int, ...], batches: int = 4, seed: int = 0, scale: np.ndarray | float = 1.0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    return [{name: (rng.standard_normal(shape) * scale).astype(np.float32)} for _ in range(batches)]
+
+
+def run_pass(p: Qdq, model: ir.Model, calibration=None) -> tuple[ir.Model, bool]:
+    work = copy_model(model)
+    p.context = PassContext(calibration=calibration)
+    result = p(work)
+    return result.model, result.modified
+
+
+def mlp(k=32, h=64, n=16, seed=0):
+    return mlp_model(k, h, n, seed)
+
+
+def test_static_mlp_quantizes_weights_and_matmul_inputs():
+    model = mlp()
+    cal = feeds_for("x", (16, 32))
+    val = feeds_for("x", (16, 32), batches=1, seed=9)[0]
+    out, modified = apply_and_check(Qdq(mode="static"), model, min_cosine=0.999, calibration=cal, inputs=val)
+    assert modified
+    ops = op_types(out)
+    assert ops.count("QuantizeLinear") == 2  # x and the ReLU output; the bias Add stays float
+    assert ops.count("DequantizeLinear") == 4  # 2 activations + 2 weights
+    assert ops.count("MatMul") == 2 and "Add" in ops
+    weights = [v for name, v in out.graph.initializers.items() if name.endswith("_quantized")]
+    assert len(weights) == 2 and all(v.const_value.dtype == ir.DataType.UINT8 for v in weights)  # both weight matrices are 8-bit now, float copies removed
+    assert "w1" not in out.graph.initializers and "w2" not in out.graph.initializers
+    dq_w = [n for n in out.graph if n.op_type == "DequantizeLinear" and n.inputs[0].name.startswith("w")]
+    assert all(n.attributes.get_int("axis") == 1 for n in dq_w)  # MatMul [K, N]: per output column
+
+
+def test_static_output_error_per_layer_is_reported():
+    p = Qdq(mode="static")
+    out, _ = run_pass(p, mlp(), feeds_for("x", (16, 32)))
+    rows = [r for r in p.details if "skipped" not in r]
+    assert len(rows) == 2
+    for row in rows:
+        assert 0 < row["weight_rel_error"] < 0.02
+        assert row["output_cosine"] > 0.999
+        assert row["bytes_after"] < row["bytes_before"] / 3.5
+        (act,) = row["activations"].values()
+        assert act["clipped_fraction"] == 0.0  # minmax: nothing clipped on the calibration data
+        assert act["scale"] > 0
+
+
+def test_static_without_calibration_is_a_usage_error():
+    with pytest.raises(UsageError, match="calibration"):
+        run_pass(Qdq(mode="static"), mlp())
+
+
+def test_calibration_that_does_not_match_the_model_is_a_usage_error():
+    with pytest.raises(UsageError, match="missing x"):
+        run_pass(Qdq(mode="static"), mlp(), [{"y": np.zeros((2, 32), np.float32)}])
+    with pytest.raises(UsageError, match="rank"):
+        run_pass(Qdq(mode="static"), mlp(), [{"x": np.zeros((2, 3, 32), np.float32)}])
+
+
+def test_weight_mode_needs_no_calibration_and_fuses_in_ort():
+    model = mlp()
+    val = feeds_for("x", (8, 32), batches=1, seed=3)[0]
+    out, modified = apply_and_check(Qdq(mode="weight"), model, min_cosine=0.9999, inputs=val)
+    assert modified
+    ops = op_types(out)
+    assert ops.count("DequantizeLinear") == 2 and "QuantizeLinear" not in ops
+
+
+def gemm_model(trans_b: int) -> ir.Model:
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((16, 32) if trans_b else (32, 16)).astype(np.float32)
+    w[:, 0 if trans_b else 0] *= 1.0
+    return text_model(
+        f"""
+        <ir_version: 10, opset_import: ["" : 17]>
+        g (float[N,32] x) => (float[N,16] y)
+        <{init("w", w)}, {init("b", rng.standard_normal(16))}>
+        {{
+            y = Gemm<transB={trans_b}>(x, w, b)
+        }}
+        """
+    )
+
+
+@pytest.mark.parametrize("trans_b,axis", [(1, 0), (0, 1)])
+def test_gemm_per_channel_axis_follows_trans_b(trans_b, axis):
+    model = gemm_model(trans_b)
+    cal = feeds_for("x", (16, 32))
+    out, _ = apply_and_check(Qdq(mode="static"), model, min_cosine=0.9995, calibration=cal, inputs=cal[0])
+    (dq_w,) = [n for n in out.graph if n.op_type == "DequantizeLinear" and n.inputs[0].const_value is not None and n.inputs[0].const_value.size > 1]
+    assert dq_w.attributes.get_int("axis") == axis
+    assert dq_w.inputs[1].const_value.shape == (16,)  # one scale per output channel
+
+
+def conv_model() -> ir.Model:
+    rng = np.random.default_rng(2)
+    return text_model(
+        f"""
+        <ir_version: 10, opset_import: ["" : 17]>
+        g (float[N,3,8,8] x) => (float[N,4,6,6] y)
+        <{init("w", rng.standard_normal((4, 3, 3, 3)))}, {init("b", rng.standard_normal(4))}>
+        {{
+            c = Conv(x, w, b)
+            y = Relu(c)
+        }}
+        """
+    )
+
+
+@pytest.mark.parametrize("mode", ["static", "weight"])
+def test_conv_weight_per_output_channel(mode):
+    cal = feeds_for("x", (4, 3, 8, 8))
+    out, modified = apply_and_check(Qdq(mode=mode), conv_model(), min_cosine=0.9995, calibration=cal, inputs=cal[0])
+    assert modified
+    dq = [n for n in out.graph if n.op_type == "DequantizeLinear" and n.inputs[0].name.startswith("w")]
+    assert len(dq) == 1 and dq[0].attributes.get_int("axis") == 0 and dq[0].inputs[1].const_value.shape == (4,)
+    assert op_types(out).count("QuantizeLinear") == (1 if mode == "static" else 0)
+
+
+def embedding_model(vocab=64, dim=64, n=32) -> ir.Model:
+    rng = np.random.default_rng(3)
+    return text_model(
+        f"""
+        <ir_version: 10, opset_import: ["" : 21]>
+        g (int64[B,S] ids) => (float[B,S,{n}] y)
+        <{init("table", rng.standard_normal((vocab, dim)))}, {init("w", rng.standard_normal((dim, n)) * 0.1)}>
+        {{
+            e = Gather<axis=0>(table, ids)
+            y = MatMul(e, w)
+        }}
+        """
+    )
+
+
+def id_feeds(batches=8, seed=0):
+    """Token ids; 8 batches of 64 cover every row of the 64-row table (calibration must see the rows used later)."""
+    rng = np.random.default_rng(seed)
+    return [{"ids": rng.integers(0, 64, (4, 16)).astype(np.int64)} for _ in range(batches)]
+
+
+def test_embedding_gather_int8_per_row():
+    cal = id_feeds()
+    out, _ = apply_and_check(Qdq(mode="static"), embedding_model(), min_cosine=0.999, calibration=cal, inputs=id_feeds(1, seed=5)[0])
+    ops = op_types(out)
+    assert ops.count("Gather") == 2 and "Cast" in ops and "Mul" in ops  # codes and row scales are gathered
+    assert out.graph.initializers["table_quantized"].const_value.dtype == ir.DataType.INT8
+    assert out.graph.initializers["table_scale"].const_value.shape == (64, 1)
+    p = Qdq(mode="static")
+    run_pass(p, embedding_model(), cal)
+    (row,) = [r for r in p.details if r.get("op") == "Gather"]
+    assert row["weight_rel_error"] < 0.01
+
+
+@pytest.mark.parametrize("fmt", ["matmulnbits", "qdq"])
+def test_int4_formats(fmt):
+    cal = id_feeds()
+    p = Qdq(mode="int4", int4_format=fmt, embedding_block_size=32)
+    out, modified = apply_and_check(p, embedding_model(), min_cosine=0.99, calibration=cal, inputs=id_feeds(1, seed=5)[0])
+    assert modified
+    ops = op_types(out)
+    if fmt == "matmulnbits":
+        assert ops == ["GatherBlockQuantized", "MatMulNBits"]
+        node = next(n for n in out.graph if n.op_type == "MatMulNBits")
+        assert (node.attributes.get_int("K"), node.attributes.get_int("N"), node.attributes.get_int("block_size")) == (64, 32, 32)
+    else:
+        assert ops.count("DequantizeLinear") == 2 and "MatMulNBits" not in ops
+        dq = [n for n in out.graph if n.op_type == "DequantizeLinear"]
+        assert {n.attributes.get_int("block_size") for n in dq} == {32}
+        assert all(n.inputs[0].const_value.dtype == ir.DataType.UINT4 for n in dq)
+    run_pass(p, embedding_model(), cal)
+    rows = [r for r in p.details if r.get("op") == "MatMul"]
+    assert rows[0]["method"] == "gptq" and rows[0]["output_cosine"] > 0.99
+    assert rows[0]["bytes_after"] < rows[0]["bytes_before"] / 6  # 4-bit codes + one scale and zero point per 32
+
+
+def test_int4_matmulnbits_pads_k_to_the_block():
+    model = mlp(k=40, h=24, n=8)  # K=40 and K=24: not multiples of 32
+    val = feeds_for("x", (8, 40), batches=1)[0]
+    out, _ = apply_and_check(Qdq(mode="int4", weight_method="mse"), model, min_cosine=0.98, inputs=val)
+    assert op_types(out).count("MatMulNBits") == 2
+
+
+def test_smoothquant_helps_an_activation_with_outlier_channels():
+    scale = np.ones(32, np.float32)
+    scale[[3, 17]] = 60.0  # two outlier channels, as in transformer LayerNorm outputs
+    cal = feeds_for("x", (128, 32), batches=8, scale=scale)
+    val = feeds_for("x", (256, 32), batches=1, seed=7, scale=scale)[0]  # held-out data
+    errs, layer = {}, {}
+    for smooth in ("off", "auto"):
+        p = Qdq(mode="static", smooth=smooth, weight_method="rtn")
+        out, _ = run_pass(p, mlp(), cal)
+        layer[smooth] = p.details[0]["output_rel_error"]
+        errs[smooth] = validate(ir.to_proto(mlp()), out, inputs=val, tolerance=Tolerance(min_cosine=0.99)).outputs[0].rel_l2
+    assert layer["auto"] < 0.5 * layer["off"]  # first layer on the calibration sample
+    assert errs["auto"] < 0.8 * errs["off"]  # whole model on held-out data
+    assert "Mul" in op_types(out)  # x / s before QuantizeLinear
+
+
+def test_exclude_by_name_and_op_type_and_extra_activation_ops():
+    model = mlp()
+    names = [n.name for n in model.graph if n.op_type == "MatMul"]
+    if not names[0]:
+        for i, n in enumerate(model.graph):
+            n.name = f"n{i}"
+        names = [n.name for n in model.graph if n.op_type == "MatMul"]
+    cal = feeds_for("x", (16, 32))
+    p = Qdq(mode="static", exclude=(names[0],))
+    out, _ = run_pass(p, model, cal)
+    assert op_types(out).count("QuantizeLinear") == 1
+    assert any(r.get("skipped") == "excluded by option" for r in p.details)
+    out, modified = run_pass(Qdq(mode="static", exclude=("MatMul",)), model, cal)
+    assert not modified and "QuantizeLinear" not in op_types(out)
+    out, _ = apply_and_check(Qdq(mode="static", quantize_activations_of=("Add",)), model, min_cosine=0.999, calibration=cal, inputs=cal[0])
+    add = next(n for n in out.graph if n.op_type == "Add")
+    assert add.inputs[0].producer().op_type == "DequantizeLinear"
+
+
+def test_already_quantized_model_is_skipped_with_a_reason():
+    cal = feeds_for("x", (16, 32))
+    out, _ = run_pass(Qdq(mode="static"), mlp(), cal)
+    for mode in ("static", "weight", "int4"):
+        p = Qdq(mode=mode)
+        again, modified = run_pass(p, out, cal)
+        assert not modified
+        assert op_types(again) == op_types(out)
+        assert any("already quantized" in r.get("skipped", "") for r in p.details)
+    check_full(out)
+
+
+def test_report_errors_measures_each_layer_alone_in_ort():
+    cal = feeds_for("x", (16, 32))
+    p = Qdq(mode="static", report_errors=True)
+    run_pass(p, mlp(), cal)
+    rows = [r for r in p.details if "skipped" not in r]
+    assert len(rows) == 2 and all(0.999 < r["model_cosine_alone"] <= 1.0 for r in rows)
+
+
+def test_pipeline_text_round_trip_and_option_validation():
+    text = "qdq(mode=int4,block_size=64,int4_format=qdq,exclude=[Conv,lm_head])"
+    pipe = Pipeline.parse(text)
+    assert str(pipe) == text
+    assert pipe.passes[0].options.exclude == ("Conv", "lm_head")
+    assert Pipeline.parse(str(pipe)) == pipe
+    with pytest.raises(UsageError, match="block_size"):
+        Pipeline.parse("qdq(block_size=48)")
+    with pytest.raises(UsageError, match="not one of"):
+        Pipeline.parse("qdq(mode=int3)")
+
+
+def test_api_optimize_with_calibration_feeds():
+    import onnxpress
+
+    model = mlp()
+    cal = feeds_for("x", (16, 32))
+    out, report = onnxpress.optimize(model, "qdq", calibration=cal, inputs=cal[0])
+    assert report.passed and report.validation.min_cosine > 0.999
+    assert report.bytes_after < report.bytes_before
+    with pytest.raises(PassFailedError, match="calibration"):
+        onnxpress.optimize(model, "qdq")
+
+
+def test_ort_runs_the_quantized_model_with_integer_kernels():
+    """ORT fuses the static pattern into MatMulIntegerToFloat (the CPU speedup relies on it)."""
+    import os
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    cal = feeds_for("x", (16, 32))
+    out, _ = run_pass(Qdq(mode="static"), mlp(), cal)
+    so = runtime.session_options()
+    with tempfile.TemporaryDirectory() as tmp:
+        so.optimized_model_filepath = os.path.join(tmp, "opt.onnx")
+        ort.InferenceSession(ir.to_proto(out).SerializeToString(), so, providers=["CPUExecutionProvider"])
+        fused = [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
+    # MatMul -> MatMulIntegerToFloat; MatMul+Add+ReLU before a QuantizeLinear -> QGemm
+    assert fused.count("MatMulIntegerToFloat") + fused.count("QGemm") == 2
+    assert "MatMul" not in fused and "Gemm" not in fused
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("mode", ["static", "weight"])
+def test_digits_accuracy_drop_at_most_half_a_point(kind, mode):
+    """On the trained digits classifiers: int8 keeps top-1 accuracy within 0.5 points of fp32."""
+    digits = pytest.importorskip("onnxpress.models.digits")
+    model = ir.load(digits.build(kind))
+    p = Qdq(mode=mode)
+    out, modified = run_pass(p, model, digits.calibration_feeds(kind))
+    assert modified
+    ops = op_types(out)
+    assert "Gemm" in ops and ops.count("DequantizeLinear") >= (5 if kind == "cnn" else 3)
+    assert ("QuantizeLinear" in ops) == (mode == "static")
+    metrics = digits.evaluate(ir.to_proto(out), kind)
+    assert metrics["accuracy_drop"] <= 0.005, metrics
+    assert metrics["agreement"] >= 0.98, metrics
+    check_full(out)
+    again, modified = run_pass(Qdq(mode=mode), out, digits.calibration_feeds(kind))
+    assert not modified
+
+
+def test_digits_mlp_int4_stays_close():
+    """Gemm is left float by int4 (MatMulNBits covers MatMul); reported as skipped, model unchanged and valid."""
+    digits = pytest.importorskip("onnxpress.models.digits")
+    model = ir.load(digits.build("mlp"))
+    p = Qdq(mode="int4")
+    out, modified = run_pass(p, model, digits.calibration_feeds("mlp"))
+    assert not modified and all("int4 covers MatMul only" in r["skipped"] for r in p.details)

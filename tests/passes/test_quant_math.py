@@ -1,0 +1,144 @@
+"""The quantization maths of the qdq pass, checked with numpy (and once against onnxruntime's QuantizeLinear)."""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxpress.passes import quant_math as qm
+
+
+def test_affine_params_map_range_and_keep_zero_exact():
+    scale, zp = qm.affine_params(-1.0, 3.0, 0, 255)
+    assert scale == pytest.approx(4.0 / 255, rel=1e-6)
+    assert zp == 64  # round(255 / 4)
+    assert qm.quantize(np.array([0.0]), scale, zp, 0, 255)[0] == zp
+    assert qm.fake_quant(np.array([0.0]), scale, zp, 0, 255)[0] == 0.0
+    # lo/hi widen to include 0, int8 asymmetric range
+    scale, zp = qm.affine_params(1.0, 2.0, -128, 127)
+    assert scale == pytest.approx(2.0 / 255, rel=1e-6) and zp == -128
+    scale, zp = qm.affine_params(-2.0, -1.0, 0, 255)
+    assert scale == pytest.approx(2.0 / 255, rel=1e-6) and zp == 255
+
+
+def test_fake_quant_error_is_half_a_step_inside_the_range():
+    x = np.random.default_rng(0).uniform(-1, 3, 10_000).astype(np.float32)
+    scale, zp = qm.affine_params(-1.0, 3.0, 0, 255)
+    err = np.abs(qm.fake_quant(x, scale, zp, 0, 255) - x)
+    assert err.max() <= scale / 2 + 1e-6
+    # values outside the range clip to its ends
+    assert qm.fake_quant(np.array([10.0]), scale, zp, 0, 255)[0] == pytest.approx(3.0, abs=float(scale))
+
+
+def test_quantize_matches_onnxruntime_quantize_linear():
+    import onnxruntime as ort
+
+    x = np.random.default_rng(1).standard_normal((64, 8)).astype(np.float32) * 3
+    scale, zp = qm.affine_params(float(x.min()), float(x.max()), 0, 255)
+    g = helper.make_graph(
+        [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, 8])], [helper.make_tensor_value_info("y", TensorProto.UINT8, [64, 8])],
+        [numpy_helper.from_array(np.array(scale, np.float32), "s"), numpy_helper.from_array(np.array(zp, np.uint8), "z")],
+    )
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)])
+    model.ir_version = 9
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(got.astype(np.int64), qm.quantize(x, scale, zp, 0, 255))
+    onnx.checker.check_model(model)
+
+
+def test_per_channel_weight_scales_follow_each_column():
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((32, 4)).astype(np.float32) * np.array([0.1, 1.0, 10.0, 100.0], np.float32)
+    q, scale = qm.quantize_weight(w, 1, 127)
+    assert q.dtype == np.int8 and q.shape == w.shape and scale.shape == (4,)
+    np.testing.assert_allclose(scale, np.abs(w).max(axis=0) / 127, rtol=1e-6)
+    assert np.abs(q).max() == 127
+    err = np.abs(qm.dequantize(q, scale[None, :]) - w)
+    assert np.all(err <= scale[None, :] / 2 + 1e-6)
+    # per tensor: one scale, the small column loses its precision
+    q_t, s_t = qm.quantize_weight(w, None, 127)
+    assert s_t.shape == (1,)
+    assert qm.relative_error(qm.dequantize(q_t, s_t), w[:, :1] * 0 + w) > qm.relative_error(qm.dequantize(q, scale[None, :]), w)
+
+
+def test_mse_weight_clip_is_never_worse_than_absmax():
+    rng = np.random.default_rng(3)
+    w = rng.standard_t(3, size=(256, 16)).astype(np.float32)  # heavy tails: clipping pays off
+    for qmax in (127, 7):
+        plain = qm.weight_scales(w, 1, qmax, "none")
+        clipped = qm.weight_scales(w, 1, qmax, "mse")
+        e_plain = ((qm.fake_quant(w, plain, 0, -qmax, qmax) - w) ** 2).sum(axis=0)
+        e_clip = ((qm.fake_quant(w, clipped, 0, -qmax, qmax) - w) ** 2).sum(axis=0)
+        assert np.all(e_clip <= e_plain + 1e-9)
+        assert np.all(clipped <= plain + 1e-9)
+    assert e_clip.sum() < 0.9 * e_plain.sum()  # 4-bit: a real gain
+
+
+def test_blockwise_shapes_padding_and_error_bound():
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((40, 6)).astype(np.float32)  # K=40 is not a multiple of the block
+    codes, scales, zps = qm.quantize_blockwise(w, 32, 4, symmetric=False, clip="none")
+    assert codes.shape == (40, 6) and scales.shape == (2, 6) and zps.shape == (2, 6)
+    assert codes.max() <= 15 and zps.max() <= 15
+    deq = qm.dequantize(codes.astype(np.int64), np.repeat(scales, 32, axis=0)[:40], np.repeat(zps.astype(np.int64), 32, axis=0)[:40])
+    assert np.all(np.abs(deq - w) <= np.repeat(scales, 32, axis=0)[:40] / 2 + 1e-5)
+    # symmetric: zero point is the middle code
+    _, _, zps_sym = qm.quantize_blockwise(w, 32, 4, symmetric=True, clip="none")
+    assert np.all(zps_sym == 8)
+
+
+def test_gptq_lowers_output_error_over_round_to_nearest():
+    rng = np.random.default_rng(5)
+    k, n = 64, 16
+    mix = rng.standard_normal((k, k)) * 0.3 + np.eye(k)
+    x = (rng.standard_normal((2048, k)) @ mix).astype(np.float32)  # correlated inputs
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    h = x.T.astype(np.float64) @ x
+    ref = x @ w
+
+    def out_err(codes, scales, zps):
+        deq = qm.dequantize(codes.astype(np.int64), np.repeat(scales, 32, axis=0), np.repeat(zps.astype(np.int64), 32, axis=0))
+        return qm.relative_error(x @ deq, ref)
+
+    rtn = out_err(*qm.quantize_blockwise(w, 32, 4, clip="none"))
+    gptq = out_err(*qm.quantize_blockwise(w, 32, 4, clip="none", hessian=h))
+    assert gptq < 0.8 * rtn
+    q8, s8 = qm.quantize_weight(w, 1, 127)
+    g8, gs8 = qm.gptq_per_channel(w, h, 127)
+    assert g8.dtype == np.int8 and gs8.shape == (n,)
+    assert qm.relative_error(x @ qm.dequantize(g8, gs8[None, :]), ref) < qm.relative_error(x @ qm.dequantize(q8, s8[None, :]), ref)
+
+
+def test_pack_uint4_low_nibble_first_and_round_trip():
+    assert qm.pack_uint4(np.array([1, 2], np.uint8)).tolist() == [0x21]
+    assert qm.pack_uint4(np.array([15, 0, 7], np.uint8)).tolist() == [0x0F, 0x07]  # odd length padded
+    codes = np.random.default_rng(6).integers(0, 16, (5, 33)).astype(np.uint8)
+    np.testing.assert_array_equal(qm.unpack_uint4(qm.pack_uint4(codes), 33), codes)
+
+
+def test_activation_ranges_by_method():
+    rng = np.random.default_rng(7)
+    x = np.concatenate([rng.standard_normal(100_000), [40.0, -35.0]]).astype(np.float32)  # two outliers
+    lo, hi = qm.activation_range(x, "minmax", 0, 255)
+    assert (lo, hi) == (-35.0, 40.0)
+    lo_p, hi_p = qm.activation_range(x, "percentile", 0, 255, percentile=99.9)
+    assert -4.5 < lo_p < -3 and 3 < hi_p < 4.5
+    lo_m, hi_m = qm.activation_range(x, "mse", 0, 255)
+    assert hi_m < 40.0 and lo_m > -35.0  # the outliers are clipped
+    for lo_x, hi_x in (qm.activation_range(x, "entropy", 0, 255),):
+        assert -35.0 <= lo_x < 0 < hi_x <= 40.0
+    assert qm.clipped_fraction(x, lo_p, hi_p) == pytest.approx(0.001, abs=2e-4)
+
+
+def test_smooth_factors_keep_the_product_and_flatten_outlier_channels():
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((256, 8)).astype(np.float32)
+    x[:, 3] *= 50.0  # one outlier channel
+    w = rng.standard_normal((8, 4)).astype(np.float32)
+    s = qm.smooth_factors(np.abs(x).max(axis=0), np.abs(w).max(axis=1), 0.5)
+    np.testing.assert_allclose((x / s) @ (w * s[:, None]), x @ w, rtol=1e-4, atol=1e-3)
+    ratio_before = np.abs(x).max(axis=0).max() / np.abs(x).max(axis=0).min()
+    xs = x / s
+    assert np.abs(xs).max(axis=0).max() / np.abs(xs).max(axis=0).min() < ratio_before / 4
+    np.testing.assert_allclose(qm.smooth_factors(np.ones(3), np.array([1.0, 2.0, 4.0]), 0.0), [1.0, 0.5, 0.25], rtol=1e-6)
