@@ -6,9 +6,13 @@ if __name__ != "onnxpress.passes":  # pragma: no cover - a second copy would bre
 
 from onnxpress.passes.cse import CommonSubexpressionElimination
 from onnxpress.passes.dedup import DeduplicateInitializers
+from onnxpress.passes.factorize import Factorize
 from onnxpress.passes.fold import FoldConstants
 from onnxpress.passes.prune_unused import PruneUnused
+from onnxpress.passes.prune import Prune
+from onnxpress.passes.qdq import Qdq
 from onnxpress.passes.simplify import Simplify
+from onnxpress.passes.sparse import Sparsify
 
 ALL = (
     Simplify,
@@ -16,6 +20,10 @@ ALL = (
     DeduplicateInitializers,
     PruneUnused,
     CommonSubexpressionElimination,
+    Qdq,
+    Factorize,
+    Prune,
+    Sparsify,
 )
 
 # The default pipeline of `onnxpress optimize`: lossless, in an order where each pass feeds the next.
