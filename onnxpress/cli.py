@@ -148,18 +148,25 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--validate/--no-validate", "do_validate", default=True, show_default=True, help="Compare the result with the input in onnxruntime.")
 @validation_options
 @click.option("--calibration", type=click.Path(exists=True, path_type=Path), help="Calibration data for data-aware passes (.npz with a leading sample axis, or a folder).")
+@click.option("--target", "target_name", type=click.Choice(["cpu", "cuda", "mobile"]), default="cpu", show_default=True, help="Where the model will run: sets pass defaults and the validating runtime (mobile also writes OUT.ort, OUT.required_operators.config, OUT.mobile.json).")
 @click.option("--bisect", is_flag=True, help="Validate after every pass and name the first pass that breaks the tolerance.")
 @click.option("--verify-each", is_flag=True, help="Run the onnx checker and strict shape inference after every pass that changed the model.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the full report as JSON.")
 @click.option("--force", is_flag=True, help="Allow the output to overwrite the input file.")
 @click.option("--keep-failed", is_flag=True, help="Write the output even when validation fails.")
 @click.option("--external-data/--no-external-data", default=None, help="Store tensors in OUTPUT.data (default: when the model is large or had external data).")
-def optimize(model, output, pipeline, do_validate, inputs, calibration, dims, provider, atol, rtol, min_cosine, bisect, verify_each, report_path, force, keep_failed, external_data):
+def optimize(model, output, pipeline, do_validate, inputs, calibration, dims, provider, atol, rtol, min_cosine, target_name, bisect, verify_each, report_path, force, keep_failed, external_data):
     """Rewrite MODEL with a pipeline of passes, validate it, and write OUTPUT."""
     from onnxpress import api, io
     from onnxpress.pipeline import Pipeline
 
-    pipe = Pipeline.coerce(pipeline, api.default_pipeline())
+    from onnxpress import targets
+
+    target = targets.get_target(target_name)
+    pipe = targets.apply_target(Pipeline.coerce(pipeline, api.default_pipeline()), target)
+    if target.name == "cuda":
+        targets.check_cuda()
+        provider = "cuda"
     io.check_writable_output(output, (model,), force=force)
     if report_path:
         io.check_writable_output(report_path, (model,), force=False)
@@ -203,14 +210,36 @@ def optimize(model, output, pipeline, do_validate, inputs, calibration, dims, pr
     summary.add_row("size", f"{_mb(report.bytes_before)} -> {_mb(report.bytes_after)} ({report.ratio:.2f}x smaller)")
     verdict = "not run" if report.validation is None else ("[green]passed[/]" if report.passed else "[red]FAILED[/]")
     summary.add_row("validation", verdict)
-    if report_path:
-        io.write_bytes_atomic(json.dumps(report.to_dict(), indent=2, default=str).encode(), report_path)
-    if report.passed or keep_failed:
+    mobile = None
+    if target.name == "mobile" and (report.passed or keep_failed):
+        with err_console.status("converting to ORT format and checking the mobile execution providers"):
+            mobile = targets.export_mobile(
+                out_model, output, reference=str(model), inputs=inputs, dims=_parse_dims(dims),
+                tolerance=report.validation.tolerance if report.validation else None, keep_failed=keep_failed, force=force,
+            )
+        console.print(render_validation(mobile.validation))
+        ep_table = Table(title="Mobile execution providers")
+        for col in mobile.COLUMNS:
+            ep_table.add_column(col)
+        for row in mobile.rows():
+            ep_table.add_row(*row)
+        console.print(ep_table)
+        for note in mobile.notes:
+            console.print(f"note: {note}")
+    mobile_ok = mobile is None or mobile.passed
+    if (report.passed and mobile_ok) or keep_failed:
         io.save(out_model, output, external_data=external_data)
-        summary.add_row("written", str(output))
+        summary.add_row("written", ", ".join([str(output), *(mobile.files.values() if mobile else [])]))
     else:
         summary.add_row("written", "nothing (validation failed; --keep-failed writes anyway)")
     console.print(summary)
+    if report_path:
+        data = report.to_dict()
+        if mobile is not None:
+            data["mobile"] = mobile.to_dict()
+        io.write_bytes_atomic(json.dumps(data, indent=2, default=str).encode(), report_path)
+    if mobile is not None and not mobile.passed:
+        raise OnnxpressError("mobile validation failed: the .ort file does not match the original within tolerance")
     if report.first_failing_pass:
         raise OnnxpressError(f"bisect: pass '{report.first_failing_pass}' is the first to break the tolerance ({report.validation.tolerance.describe()}); later passes were not run")
     if not report.passed:

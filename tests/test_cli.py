@@ -114,3 +114,29 @@ def test_console_script_entry_point(tmp_path, model_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("onnxpress: error: pipeline text")
     assert "Traceback" not in proc.stderr
+
+
+def test_target_mobile_writes_ort_config_and_report(tmp_path, capsys):
+    src = tmp_path / "in.onnx"
+    onnxpress.save(mlp_model(), src)
+    out = tmp_path / "out.onnx"
+    assert run(["optimize", str(src), "-o", str(out), "--target", "mobile", "--dim", "N=1", "--report", str(tmp_path / "r.json")]) == 0
+    for suffix in (".onnx", ".ort", ".required_operators.config", ".mobile.json"):
+        assert (tmp_path / f"out{suffix}").exists(), suffix
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["mobile"]["passed"] is True
+    nnapi = next(c for c in report["mobile"]["ep_coverage"] if c["ep"] == "NNAPI")
+    assert nnapi["supported"] == nnapi["nodes"] == 3
+    assert "MatMul" in (tmp_path / "out.required_operators.config").read_text()
+
+
+def test_target_cuda_without_gpu_is_one_clear_line(tmp_path, capsys, monkeypatch):
+    import onnxruntime as ort
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    src = tmp_path / "in.onnx"
+    onnxpress.save(mlp_model(), src)
+    assert run(["optimize", str(src), "-o", str(tmp_path / "out.onnx"), "--target", "cuda"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("onnxpress: error:") and "CUDA" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out.onnx").exists()
