@@ -343,6 +343,10 @@ def run(argv: list[str] | None = None) -> int:
     """Entry point with the error policy: one line, exit 2 for usage, 1 for failures, no traceback."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("ONNXPRESS_DEBUG") == "1"
+    if not debug:  # onnx-ir / onnxscript log warnings to stderr; the CLI reports in tables and one error line
+        import logging
+
+        logging.lastResort = None  # unhandled library records are dropped; onnxpress's own captures still work
     try:
         main.main(args=args, prog_name="onnxpress", standalone_mode=False)
         return 0

@@ -42,7 +42,10 @@ def input_specs(model: ir.Model) -> list[InputSpec]:
         dtype = value.dtype
         if dtype is None or value.type is None or not isinstance(value.type, ir.TensorType):
             raise ValidationError(f"input '{value.name}' is not a tensor; supply inputs with --inputs")
-        np_dtype = dtype.numpy()
+        try:
+            np_dtype = dtype.numpy()
+        except TypeError:  # UNDEFINED, or a type numpy cannot hold
+            raise ValidationError(f"input '{value.name}' has data type {dtype.name}, which has no array type; supply inputs with --inputs") from None
         shape = None
         if value.shape is not None:
             shape = tuple(d if isinstance(d, int) else (d.value if isinstance(d, ir.SymbolicDim) else None) for d in value.shape)
@@ -90,7 +93,8 @@ def generate_inputs(model: ir.Model, dims: dict[str, int] | None = None, seed: i
                 f"input '{spec.name}' would have shape {tuple(shape)} ({count} elements, cap {MAX_GENERATED_ELEMENTS}); "
                 "set smaller dims with --dim NAME=VALUE or supply --inputs"
             )
-        feeds[spec.name] = _random_array(spec, tuple(shape), rng, bounds.get(spec.name))
+        # np.asarray: for a scalar input numpy returns a numpy scalar, which onnxruntime refuses
+        feeds[spec.name] = np.asarray(_random_array(spec, tuple(shape), rng, bounds.get(spec.name)), dtype=spec.dtype if spec.dtype.kind not in "USO" else object)
     return feeds
 
 

@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_ir as ir
-from onnx import external_data_helper
 
 from onnxpress.errors import ModelLoadError, UsageError
 
@@ -31,7 +30,38 @@ EXTERNAL_DATA_THRESHOLD_BYTES = 1024
 
 
 def _all_tensor_protos(proto: onnx.ModelProto):
-    return external_data_helper._get_all_tensors(proto)  # walks initializers, attributes and subgraphs
+    """Every TensorProto of the model: initializers, sparse tensors (values and indices), attribute tensors,
+    in the main graph, every subgraph and every function. Subgraphs are found by presence, not by the
+    attribute's declared type, so a type that lies cannot hide one."""
+
+    def sparse(s: onnx.SparseTensorProto):
+        yield s.values
+        yield s.indices
+
+    def nodes(node_list):
+        for node in node_list:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+                yield from attr.tensors
+                if attr.HasField("sparse_tensor"):
+                    yield from sparse(attr.sparse_tensor)
+                for s in attr.sparse_tensors:
+                    yield from sparse(s)
+                if attr.HasField("g"):
+                    yield from graph(attr.g)
+                for g in attr.graphs:
+                    yield from graph(g)
+
+    def graph(g: onnx.GraphProto):
+        yield from g.initializer
+        for s in g.sparse_initializer:
+            yield from sparse(s)
+        yield from nodes(g.node)
+
+    yield from graph(proto.graph)
+    for function in proto.functions:
+        yield from nodes(function.node)
 
 
 def _external_info(tensor: onnx.TensorProto) -> dict[str, str]:
@@ -54,8 +84,10 @@ def check_external_data(proto: onnx.ModelProto, model_dir: str | os.PathLike) ->
         target = os.path.realpath(os.path.join(root, location))
         if os.path.commonpath([root, target]) != root:
             raise ModelLoadError(f"{where}: external data location '{location}' escapes the model's folder")
-        if not os.path.isfile(target):
+        if not os.path.exists(target):
             raise ModelLoadError(f"{where}: external data file '{location}' is missing")
+        if not os.path.isfile(target):  # a folder, FIFO or device: reading it could block or never end
+            raise ModelLoadError(f"{where}: external data location '{location}' is not a regular file")
         try:
             offset = int(info.get("offset", 0) or 0)
             length = int(info["length"]) if "length" in info else None
@@ -69,15 +101,47 @@ def check_external_data(proto: onnx.ModelProto, model_dir: str | os.PathLike) ->
             raise ModelLoadError(f"{where}: external data runs past the end of '{location}' ({end} > {size} bytes)")
 
 
-def densify_sparse_initializers(proto: onnx.ModelProto) -> int:
-    """Turn ``graph.sparse_initializer`` entries into dense initializers in place; returns how many."""
+def check_tensors(proto: onnx.ModelProto) -> None:
+    """Refuse tensors whose stored data does not match their type and shape (before anything reads them).
+
+    A tensor claiming shape [2^40] with 16 bytes of data, a negative dimension, an undefined data type, or
+    raw data shorter or longer than its shape needs is one clear error here instead of a failure deep
+    inside a pass or onnxruntime. Only lengths are compared; no data is decoded.
+    """
+    for tensor in _all_tensor_protos(proto):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            continue  # checked against its file by check_external_data
+        where = f"tensor '{tensor.name}'" if tensor.name else "an unnamed tensor"
+        if tensor.data_type not in onnx.TensorProto.DataType.values():
+            raise ModelLoadError(f"{where} has an unknown data type ({tensor.data_type})")
+        if any(d < 0 for d in tensor.dims):
+            raise ModelLoadError(f"{where} has a negative dimension {list(tensor.dims)}")
+        if tensor.HasField("raw_data") and tensor.data_type not in (onnx.TensorProto.UNDEFINED, onnx.TensorProto.STRING):
+            count = 1
+            for d in tensor.dims:
+                count *= d
+            need = (count * ir.DataType(tensor.data_type).bitwidth + 7) // 8
+            if len(tensor.raw_data) != need:
+                raise ModelLoadError(f"{where}: raw data holds {len(tensor.raw_data)} bytes, its shape {list(tensor.dims)} and type need {need}")
+        try:
+            onnx.checker.check_tensor(tensor)
+        except Exception as exc:  # onnx.checker.ValidationError: undefined type, too few values, ...
+            raise ModelLoadError(f"{where} is malformed: {_first_line(exc)}") from None
+
+
+def densify_sparse_initializers(proto: onnx.ModelProto, base_dir: str | os.PathLike | None = None) -> int:
+    """Turn ``graph.sparse_initializer`` entries into dense initializers in place; returns how many.
+
+    External data of the sparse values/indices is read relative to ``base_dir`` (the model's folder).
+    """
     from onnx import numpy_helper
 
     graph = proto.graph
     count = 0
+    base = os.fspath(base_dir) if base_dir is not None else ""
     for sparse in list(graph.sparse_initializer):
-        values = numpy_helper.to_array(sparse.values)
-        indices = numpy_helper.to_array(sparse.indices).astype(np.int64)
+        values = numpy_helper.to_array(sparse.values, base_dir=base)
+        indices = numpy_helper.to_array(sparse.indices, base_dir=base).astype(np.int64)
         dims = tuple(int(d) for d in sparse.dims)
         dense = np.zeros(dims, dtype=values.dtype)
         if indices.ndim == 2:  # [NNZ, rank] coordinates
@@ -122,14 +186,53 @@ def _first_line(exc: BaseException) -> str:
 def model_from_proto(proto: onnx.ModelProto, base_dir: str | os.PathLike | None = None) -> ir.Model:
     """ModelProto -> ir.Model, densifying sparse initializers and resolving external data against base_dir."""
     if len(proto.graph.sparse_initializer):
-        densify_sparse_initializers(proto)
-    try:
-        model = ir.serde.deserialize_model(proto)
-    except Exception as exc:
-        raise ModelLoadError(f"cannot read the model graph: {_first_line(exc)}") from None
+        densify_sparse_initializers(proto, base_dir)
+    with _capture_warnings("onnx_ir") as warnings:
+        try:
+            model = ir.serde.deserialize_model(proto)
+            # What onnx-ir reads but cannot write back (names that are not UTF-8, attributes of type
+            # UNDEFINED) would fail in the first pass with an obscure error: refuse it here.
+            ir.to_proto(model)
+        except Exception as exc:
+            cause = _root_cause(exc)
+            raise ModelLoadError(f"cannot read the model graph: {type(cause).__name__}: {_first_line(cause)}") from None
+    for message in warnings:  # onnx-ir reads an invalid graph with a warning; refuse it with one line instead
+        if "cannot be found in any scope" in message or "is not produced by any node" in message:
+            raise ModelLoadError(f"invalid model graph: {message.split('. ')[0]}")
     if base_dir is not None:
         ir.external_data.set_base_dir(model.graph, base_dir)
     return model
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """onnx-ir wraps the real error in 'Error calling _deserialize_graph with: g'; the cause says what is wrong."""
+    seen = {id(exc)}
+    while exc.__cause__ is not None and id(exc.__cause__) not in seen:
+        exc = exc.__cause__
+        seen.add(id(exc))
+    return exc
+
+
+@contextlib.contextmanager
+def _capture_warnings(logger_name: str):
+    """Collect a library logger's warnings instead of letting them reach stderr (the CLI prints one line)."""
+    import logging
+
+    messages: list[str] = []
+
+    class _Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(" ".join(record.getMessage().split()))
+
+    logger = logging.getLogger(logger_name)
+    handler = _Collect(logging.WARNING)
+    logger.addHandler(handler)
+    propagate, logger.propagate = logger.propagate, False
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
 
 
 def load(path: str | os.PathLike) -> ir.Model:
@@ -137,6 +240,7 @@ def load(path: str | os.PathLike) -> ir.Model:
     proto = load_proto(path)
     base_dir = os.path.dirname(os.path.abspath(path))
     check_external_data(proto, base_dir)
+    check_tensors(proto)
     return model_from_proto(proto, base_dir)
 
 
@@ -181,27 +285,57 @@ def save(
 ) -> Path:
     """Save atomically. ``external_data=None`` chooses: external when the model is large or came with it.
 
-    External data goes to one file ``<name>.data`` beside the output.  The .onnx file itself is written to a
-    temporary file in the same folder and renamed into place, so a reader never sees a partial model.
+    External data goes to one file ``<name>.data`` beside the output.  Everything is written under a hidden
+    temporary name in the same folder (``.<name>.*.tmp``) and renamed into place at the end, so a reader
+    never sees a partial model, and a failure (exception, Ctrl-C) leaves the old output and no temporary.
+    With external data the two files are staged in a temporary folder; the old ``.onnx`` is removed before
+    the new ``.data`` replaces the old one, so a kill between the renames leaves no output rather than the
+    old model beside the new weights.  A SIGKILL can leave a ``.<name>.*.tmp`` file or folder behind.
     """
     out = Path(path)
     folder = out.parent if str(out.parent) else Path(".")
     if external_data is None:
         external_data = has_external_data(model) or initializer_bytes(model) > EXTERNAL_DATA_AUTO_BYTES
+    if external_data:
+        return _save_with_external_data(model, out, folder, size_threshold_bytes)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=folder)
     os.close(fd)
+    # ir.save keeps an external tensor's reference as it is: a single-file output would then point at the
+    # input's data file, relative to the output's folder. Read such tensors in for the save, then put back.
+    external = [v for g in model.graphs() for v in g.initializers.values() if isinstance(v.const_value, ir.ExternalTensor)]
+    originals = [v.const_value for v in external]
     try:
-        if external_data:
-            # onnx-ir writes the data file to a temporary file and replaces it atomically itself.
-            ir.save(model, tmp_name, external_data=f"{out.name}.data", size_threshold_bytes=size_threshold_bytes)
-        else:
-            ir.save(model, tmp_name)
+        for value, tensor in zip(external, ir.external_data.convert_tensors_from_external(originals)):
+            value.const_value = tensor
+        ir.save(model, tmp_name)
         os.chmod(tmp_name, _umask_mode())  # mkstemp creates 0600; a model file is an ordinary file
         os.replace(tmp_name, out)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp_name)
         raise
+    finally:
+        for value, tensor in zip(external, originals):
+            value.const_value = tensor
+    return out
+
+
+def _save_with_external_data(model: ir.Model, out: Path, folder: Path, size_threshold_bytes: int) -> Path:
+    import shutil
+
+    data_name = f"{out.name}.data"
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=folder))
+    try:
+        staged = staging / out.name
+        ir.save(model, staged, external_data=data_name, size_threshold_bytes=size_threshold_bytes)
+        # Commit. The old .onnx must never meet the new .data: remove it first (a kill in between leaves no output).
+        if (staging / data_name).exists():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(out)
+            os.replace(staging / data_name, folder / data_name)
+        os.replace(staged, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out
 
 

@@ -47,7 +47,7 @@ def session_options(threads: int | None = None, optimization: str = "all"):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # fatal only: ORT's own ERROR lines would break the one-line error policy
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
