@@ -87,9 +87,15 @@ def make_session(model: Any, provider: str = "cpu", threads: int | None = None, 
     providers = resolve_providers(provider)
     with model_source(model) as source:
         try:
-            return ort.InferenceSession(source, sess_options=session_options(threads, optimization), providers=providers)
+            session = ort.InferenceSession(source, sess_options=session_options(threads, optimization), providers=providers)
         except Exception as exc:
             raise ValidationError(f"onnxruntime cannot load the model: {_one_line(exc)}") from None
+    if providers[0] != "CPUExecutionProvider":
+        # onnxruntime silently falls back to the CPU when CUDA fails to start: a CUDA check must not pass on CPU.
+        if session.get_providers()[0] != providers[0]:
+            raise ValidationError(f"{providers[0]} could not start (onnxruntime fell back to {session.get_providers()[0]}); check the CUDA/cuDNN libraries")
+        session.disable_fallback()
+    return session
 
 
 def run(session, feeds: dict[str, Any], output_names: Sequence[str] | None = None) -> dict[str, Any]:
