@@ -1,0 +1,950 @@
+"""Accuracy budget: choose per layer the rank, bits (and later sparsity) that give the smallest model
+that still meets a fidelity budget such as ``cos>=0.99`` or ``accuracy_drop<=1%``.
+
+    result = onnxpress.budget.search("model.onnx", "cos>=0.99", calibration=feeds)
+    result.pipeline        # ordinary pipeline text, re-runnable without search
+    result.model           # the rewritten model, built by the real passes and verified
+    result.plot("pareto.png"); console.print(*result.renderables())
+
+Algorithm
+---------
+1. **Layers and candidates** (``budget_layers``). Every MatMul/Gemm/Conv with a constant float weight and
+   every embedding Gather is a layer. Its candidates are the choices the passes accept for it: int8 per
+   channel, int4 block-wise (blocks of 32 or 128; MatMul and Gather), and calibrated low-rank factorization
+   at several ratios followed by int8/int4 of the factors (MatMul/Gemm). Each candidate's stored bytes are
+   computed exactly from the layout the passes write.
+2. **Statistics**: one ORT run over the calibration data captures every layer input's second moment and
+   mean (the passes' calibrated factorization and GPTQ use exactly these).
+3. **Sensitivity**: one ORT session of the model in which every layer weight is an overridable initializer
+   (``budget_eval.Simulator``). For each (layer, candidate) the reconstructed weight (``U @ V``,
+   ``dequant(quant(W))``, built with the passes' own maths) is fed for that layer alone; the output error
+   against the unmodified outputs on the calibration data is ``d = ||y' - y||^2 / ||y||^2`` (mean over the
+   float outputs). Results are cached on disk, keyed by model, calibration data and candidate grid.
+4. **Greedy path** (pure functions below). Errors of different layers are treated as additive in ``d``
+   (independent perturbations add in squared norm; ``1 - cos ~ d / 2``). Per layer the candidates are
+   reduced to the lower convex hull of (bytes saved, d); all hull segments of all layers are sorted by
+   bytes saved per unit of ``d``. A prefix of this list is a configuration; longer prefixes are smaller
+   and (predicted) less faithful.
+5. **Search on the path**: the budget metric of a configuration is measured, not predicted: for output
+   metrics (``cos``, ``rel_l2``, ``max_abs``) by feeding all its reconstructions at once to the simulation
+   session on the evaluation data; for task metrics by evaluating a materialized copy of the model with
+   the reconstructed weights. A binary search finds the longest prefix that meets the budget; then the
+   layer whose move broke it is frozen and the search continues on the remaining moves (``rounds`` times).
+6. **Build and verify**: the configuration becomes pipeline text (``factorize(ratio=..,calibrated=true,
+   include=[..])`` per ratio, then ``qdq(mode=int4,...)`` and ``qdq(mode=weight,...)`` with exclusion
+   lists), which the real passes run; the result is verified on the evaluation data with the budget
+   metric. If it fails (the real passes differ from the reconstruction by rounding, or by statistics taken
+   on the partly rewritten model), the target is tightened by 1.5x the observed gap and steps 5-6 repeat
+   (``backoff`` times); as a last resort the lossless model is returned and ``passed`` says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import importlib
+import json
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from onnxpress.budget_layers import FP32, Choice, Grid, InputStats, Layer, Spectra, choice_bytes, collect_input_stats, find_layers, node_label, reconstruct
+from onnxpress.errors import UsageError
+
+CACHE_VERSION = 1
+OUTPUT_METRICS = {"cos": ">=", "rel_l2": "<=", "max_abs": "<="}
+_TINY = 1e-15
+
+
+# =====================================================================================================
+# Budget text
+# =====================================================================================================
+_BUDGET_RE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(>=|<=)\s*([-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?)\s*(%?)\s*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """``metric op value``: ``cos>=0.99``, ``rel_l2<=0.05``, ``max_abs<=0.1`` (model outputs against the
+    original on the evaluation data) or a task metric returned by the task's ``evaluate`` (e.g.
+    ``accuracy_drop<=1%``, ``ppl_increase<=10%``, ``mean_cos>=0.98``). ``%`` divides the value by 100."""
+
+    metric: str
+    op: str  # ">=" or "<="
+    value: float
+    text: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> Budget:
+        match = _BUDGET_RE.match(text or "")
+        if not match:
+            raise UsageError(f"budget '{text}': expected METRIC>=VALUE or METRIC<=VALUE, e.g. 'cos>=0.99', 'rel_l2<=0.05', 'accuracy_drop<=1%'")
+        metric, op, raw, percent = match.groups()
+        value = float(raw) / (100.0 if percent else 1.0)
+        if not math.isfinite(value):
+            raise UsageError(f"budget '{text}': the value must be a finite number")
+        expected = OUTPUT_METRICS.get(metric)
+        if expected is not None and op != expected:
+            raise UsageError(f"budget '{text}': {metric} is bounded {'below' if expected == '>=' else 'above'}: write {metric}{expected}VALUE")
+        if metric == "cos" and not -1.0 <= value < 1.0:
+            raise UsageError(f"budget '{text}': cos must be below 1 (1 means no change at all) and at least -1")
+        if metric in ("rel_l2", "max_abs") and value <= 0.0:
+            raise UsageError(f"budget '{text}': {metric} must be > 0")
+        return cls(metric, op, value, text.strip())
+
+    @classmethod
+    def coerce(cls, value: Budget | str) -> Budget:
+        return value if isinstance(value, Budget) else cls.parse(value)
+
+    @property
+    def is_output_metric(self) -> bool:
+        return self.metric in OUTPUT_METRICS
+
+    def ok(self, measured: float) -> bool:
+        if not math.isfinite(measured):
+            return False
+        return measured >= self.value if self.op == ">=" else measured <= self.value
+
+    def margin(self, measured: float) -> float:
+        """How far ``measured`` is inside the budget (negative: outside; -inf for NaN)."""
+        if not math.isfinite(measured):
+            return -math.inf
+        return measured - self.value if self.op == ">=" else self.value - measured
+
+    def tightened(self, gap: float) -> Budget:
+        """The same budget moved ``gap`` (>= 0) towards the safe side."""
+        value = self.value + gap if self.op == ">=" else self.value - gap
+        return dataclasses.replace(self, value=value)
+
+    def __str__(self) -> str:
+        return f"{self.metric}{self.op}{self.value:g}"
+
+
+# =====================================================================================================
+# Greedy search: pure functions on (bytes, error) tables
+# =====================================================================================================
+@dataclasses.dataclass(frozen=True)
+class Move:
+    """Layer ``layer`` goes from option ``src`` to option ``dst`` (indices into its option list)."""
+
+    layer: int
+    src: int
+    dst: int
+    saved: float  # bytes saved by the move
+    cost: float  # error added by the move (additive proxy)
+
+    @property
+    def efficiency(self) -> float:
+        return self.saved / max(self.cost, _TINY)
+
+
+def lower_hull(options: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the options on the lower convex hull of (bytes saved, error), from option 0 (the unchanged
+    layer: nothing saved, no error) towards the most saving; options that save nothing are dropped.
+
+    Along the hull the error added per byte saved grows, so taking hull points in order is the best
+    (Lagrangian) way to spend error on this layer.
+    """
+    base_bytes = options[0][0]
+    pts = sorted(
+        ((base_bytes - b, max(e, 0.0), i) for i, (b, e) in enumerate(options) if i == 0 or b < base_bytes),
+        key=lambda p: (p[0], p[1]),
+    )
+    hull: list[tuple[float, float, int]] = []
+    for p in pts:
+        # a point with the same saving as the last one but more error is never better
+        if hull and p[0] == hull[-1][0]:
+            continue
+        while len(hull) >= 2:
+            (x1, y1, _), (x2, y2, _) = hull[-2], hull[-1]
+            # drop hull[-1] if it lies above the segment hull[-2] -> p (collinear points stay: finer steps)
+            if (y2 - y1) * (p[0] - x1) > (p[1] - y1) * (x2 - x1):
+                hull.pop()
+            else:
+                break
+        hull.append(p)
+    return [i for _, _, i in hull]
+
+
+def greedy_path(tables: Sequence[Sequence[tuple[float, float]]]) -> list[Move]:
+    """All hull moves of all layers, most bytes saved per unit of error first.
+
+    ``tables[l]`` lists layer l's options as (bytes, error); option 0 is the unchanged layer. Within a
+    layer, hull moves have non-increasing efficiency, so the sorted list keeps each layer's moves in order.
+    """
+    moves: list[tuple[float, int, int, Move]] = []
+    for li, options in enumerate(tables):
+        hull = lower_hull(options)
+        for step, (a, b) in enumerate(zip(hull, hull[1:])):
+            saved = options[a][0] - options[b][0]
+            cost = max(options[b][1], 0.0) - max(options[a][1], 0.0)
+            move = Move(li, a, b, float(saved), float(max(cost, 0.0)))
+            moves.append((-move.efficiency, li, step, move))
+    moves.sort(key=lambda t: (t[0], t[1], t[2]))
+    # guard: a later move of a layer must never come before an earlier one (ties in efficiency)
+    out: list[Move] = []
+    pending: dict[int, list[Move]] = {}
+    for *_, m in moves:
+        pending.setdefault(m.layer, []).append(m)
+    cursor = {li: 0 for li in pending}
+    for *_, m in moves:
+        lst = pending[m.layer]
+        out.append(lst[cursor[m.layer]])
+        cursor[m.layer] += 1
+    return out
+
+
+def apply_moves(moves: Iterable[Move], config: dict[int, int] | None = None) -> dict[int, int]:
+    """Layer -> option index after the moves (each move's source must be the layer's current option)."""
+    config = dict(config or {})
+    for m in moves:
+        current = config.get(m.layer, 0)
+        if current != m.src:
+            raise ValueError(f"move {m} does not start from the layer's current option {current}")
+        config[m.layer] = m.dst
+    return config
+
+
+def _margin(value: bool | float) -> float:
+    return (1.0 if value else -1.0) if isinstance(value, (bool, np.bool_)) else float(value)
+
+
+def longest_passing_prefix(moves: Sequence[Move], probe: Callable[[int], bool | float], size_tol: float = 0.0, size0: float = 0.0) -> int:
+    """Largest k such that the prefix of length k passes; prefix 0 is assumed to pass.
+
+    ``probe(k)`` returns a bool, or a margin (>= 0: passes; how far from the budget). With margins the
+    next prefix is interpolated on the moves' cumulative predicted error (regula falsi), with a bisection
+    step whenever an interpolation did not halve the bracket; with bools it is a binary search. The search
+    stops early once the bytes between the passing and the failing prefix are at most ``size_tol`` (bytes;
+    with ``size0``, the bytes before any move: a fraction of the passing configuration's size).
+    """
+    n = len(moves)
+    if n == 0:
+        return 0
+    cost = np.concatenate([[0.0], np.cumsum([m.cost for m in moves])])
+    saved = np.concatenate([[0.0], np.cumsum([m.saved for m in moves])])
+    first = probe(n)
+    interpolate = not isinstance(first, (bool, np.bool_))
+    m_hi = _margin(first)
+    if m_hi >= 0:
+        return n
+    lo, hi, m_lo = 0, n, None
+    bisect = True
+    while hi - lo > 1 and saved[hi] - saved[lo] > size_tol * (size0 - saved[lo] if size0 else 1.0):
+        width = hi - lo
+        if bisect or not interpolate or m_lo is None or m_lo == m_hi or not math.isfinite(m_hi):
+            k = (lo + hi) // 2
+        else:
+            t = m_lo / (m_lo - m_hi)
+            x = cost[lo] + t * (cost[hi] - cost[lo])
+            k = int(np.searchsorted(cost, x, side="right")) - 1
+            k = min(max(k, lo + 1), hi - 1)
+        m = _margin(probe(k))
+        if m >= 0:
+            lo, m_lo = k, m
+        else:
+            hi, m_hi = k, m
+        bisect = (hi - lo) > width / 2
+    return lo
+
+
+def search_path(
+    moves: Sequence[Move], probe: Callable[[dict[int, int]], bool | float], rounds: int = 4, size_tol: float = 0.0, size0: float = 0.0
+) -> tuple[dict[int, int], list[Move]]:
+    """Accept the longest passing prefix of ``moves``; freeze the layer of the first move that failed and
+    continue with the other layers' remaining moves, up to ``rounds`` rounds. ``probe(config)``: bool or
+    margin (>= 0 passes). Returns (config, accepted moves)."""
+    accepted: list[Move] = []
+    config: dict[int, int] = {}
+    remaining = list(moves)
+    frozen: set[int] = set()
+    for _ in range(max(rounds, 1)):
+        remaining = [m for m in remaining if m.layer not in frozen]
+        if not remaining:
+            break
+        base = dict(config)
+        done_saved = sum(m.saved for m in accepted)
+        k = longest_passing_prefix(remaining, lambda j: probe(apply_moves(remaining[:j], base)), size_tol, size0 - done_saved if size0 else 0.0)
+        config = apply_moves(remaining[:k], config)
+        accepted.extend(remaining[:k])
+        if k == len(remaining):
+            break
+        # moves of the layer whose move failed cannot follow (they start from the option it would have left)
+        frozen.add(remaining[k].layer)
+        remaining = remaining[k + 1 :]
+    return config, accepted
+
+
+# =====================================================================================================
+# Results
+# =====================================================================================================
+@dataclasses.dataclass
+class LayerDecision:
+    name: str
+    op: str
+    shape: tuple[int, ...]
+    choice: str
+    bytes_before: int
+    bytes_after: int
+    error_alone: float  # d of this layer's choice applied alone (calibration data)
+    rank: int | None = None
+
+
+@dataclasses.dataclass
+class Point:
+    """A configuration measured on the way (the budget metric on the evaluation data, simulated)."""
+
+    label: str
+    bytes: int
+    predicted_d: float
+    value: float | None
+    passed: bool | None
+    kind: str  # path, baseline, chosen, built
+
+
+@dataclasses.dataclass
+class BudgetResult:
+    budget: Budget
+    pipeline: str
+    model: Any  # ir.Model (or onnx.ModelProto if the pipeline ends in a proto-stage pass)
+    bytes_before: int
+    bytes_after: int
+    predicted_bytes: int
+    value: float  # the budget metric measured on the built model
+    passed: bool
+    metrics: dict[str, float]
+    layers: list[LayerDecision]
+    candidates: list[dict[str, Any]]
+    points: list[Point]
+    attempts: list[dict[str, Any]]
+    seconds: dict[str, float]
+    notes: list[str]
+    skipped: list[dict[str, Any]]
+    evaluation: str  # what the budget was verified on
+
+    @property
+    def ratio(self) -> float:
+        return self.bytes_before / self.bytes_after if self.bytes_after else float("inf")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "model"}
+        d = {k: ([dataclasses.asdict(x) if dataclasses.is_dataclass(x) else x for x in v] if isinstance(v, list) else v) for k, v in d.items()}
+        d["budget"] = {"text": self.budget.text or str(self.budget), "metric": self.budget.metric, "op": self.budget.op, "value": self.budget.value}
+        d["ratio"] = self.ratio
+        return json.loads(json.dumps(d, default=_jsonable))
+
+    def renderables(self) -> list[Any]:
+        from onnxpress.budget_report import renderables
+
+        return renderables(self)
+
+    def table(self) -> Any:
+        """The per-layer decisions as a rich Table."""
+        from onnxpress.budget_report import layer_table
+
+        return layer_table(self)
+
+    def plot(self, path: str | os.PathLike) -> Path:
+        from onnxpress.budget_report import plot
+
+        return plot(self, Path(path))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return str(value)
+
+
+# =====================================================================================================
+# Progress
+# =====================================================================================================
+class _Reporter:
+    """Stages with a total: a rich progress bar (``progress=True``), a callback ``(stage, done, total)``,
+    an existing ``rich.progress.Progress``, or nothing."""
+
+    def __init__(self, progress: Any) -> None:
+        self.callback: Callable[[str, int, int], None] | None = None
+        self.bar = None
+        self._own = False
+        if progress is True:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                console=Console(stderr=True), transient=False,
+            )
+            self._own = True
+        elif hasattr(progress, "add_task"):
+            self.bar = progress
+        elif callable(progress):
+            self.callback = progress
+
+    def __enter__(self) -> _Reporter:
+        if self.bar is not None and self._own:
+            self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None and self._own:
+            self.bar.__exit__(*exc)
+
+    @contextlib.contextmanager
+    def stage(self, name: str, total: int):
+        done = [0]
+        task = self.bar.add_task(name, total=total) if self.bar is not None else None
+
+        def advance(n: int = 1, total_now: int | None = None) -> None:
+            done[0] += n
+            if task is not None:
+                self.bar.update(task, advance=n, **({"total": total_now} if total_now is not None else {}))
+            if self.callback is not None:
+                self.callback(name, done[0], total_now if total_now is not None else total)
+
+        if self.callback is not None:
+            self.callback(name, 0, total)
+        try:
+            yield advance
+        finally:
+            if task is not None:
+                t = self.bar.tasks[[x.id for x in self.bar.tasks].index(task)]
+                self.bar.update(task, completed=t.total)
+
+
+# =====================================================================================================
+# The search
+# =====================================================================================================
+def _as_model(model: Any) -> tuple[ir.Model, Any]:
+    """(working ir.Model copy, reference for evaluate/validate: a path string or a proto)."""
+    from onnxpress.io import load
+
+    if isinstance(model, (str, os.PathLike)):
+        return load(model), os.fspath(model)
+    proto = ir.to_proto(model) if isinstance(model, ir.Model) else model
+    if not isinstance(proto, onnx.ModelProto):
+        raise TypeError(f"cannot search a budget for {type(model).__name__}")
+    return ir.serde.deserialize_model(proto), proto
+
+
+def _feeds(value: Any, model: ir.Model, what: str) -> list[dict[str, np.ndarray]] | None:
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        return [value]
+    if isinstance(value, list):
+        return value
+    from onnxpress.data import load_calibration
+
+    return load_calibration(value, model)
+
+
+def task_evaluator(task: str, reference: Any) -> Callable[[Any], dict[str, float]]:
+    """``evaluate(model)`` of a model in ``onnxpress.models`` (digits, minilm, lm) against ``reference``."""
+    try:
+        module = importlib.import_module(f"onnxpress.models.{task}")
+    except ModuleNotFoundError:
+        raise UsageError(f"unknown task '{task}' (expected a module of onnxpress.models such as digits, minilm, lm)") from None
+    ref = reference
+    build = getattr(module, "build", None)
+    if isinstance(reference, str) and build is not None:
+        # the task's own fp32 build: let evaluate() use its cached reference outputs instead of re-running it
+        with contextlib.suppress(Exception):
+            if Path(reference).resolve() == Path(build()).resolve():
+                ref = None
+    return lambda m: _with_relative(module.evaluate(m, reference=ref))
+
+
+def _with_relative(metrics: dict[str, float]) -> dict[str, float]:
+    """Add ``<x>_increase_rel`` = x / reference_x - 1 for every metric with a ``reference_<x>`` (e.g.
+    ``perplexity`` -> ``ppl``: ``ppl_increase_rel``), so a budget can bound a relative change."""
+    out = dict(metrics)
+    for key, value in metrics.items():
+        ref = metrics.get(f"reference_{key}")
+        if ref and isinstance(value, (int, float)):
+            short = "ppl" if key == "perplexity" else key
+            out.setdefault(f"{short}_increase_rel", float(value) / float(ref) - 1.0)
+    return out
+
+
+def task_calibration(task: str) -> list[dict[str, np.ndarray]]:
+    module = importlib.import_module(f"onnxpress.models.{task}")
+    return module.calibration_feeds()
+
+
+def _digest(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], extra: str) -> str:
+    h = hashlib.sha256()
+    h.update(ir.to_proto(model).SerializeToString(deterministic=True))
+    for feed in feeds:
+        for k in sorted(feed):
+            h.update(k.encode())
+            a = np.ascontiguousarray(feed[k])
+            h.update(str((a.dtype, a.shape)).encode())
+            h.update(a.tobytes())
+    h.update(extra.encode())
+    return h.hexdigest()[:24]
+
+
+def _cache_file(cache: Any, digest: str) -> Path | None:
+    if cache is False or cache is None:
+        return None
+    if cache is True:
+        root = Path(os.environ["ONNXPRESS_CACHE"]) if os.environ.get("ONNXPRESS_CACHE") else Path.home() / ".cache" / "onnxpress"
+    else:
+        root = Path(cache)
+    return root / "budget" / f"{digest}.json"
+
+
+def _blas_threads(limit: int):
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=limit, user_api="blas")
+
+
+def search(
+    model: Any,
+    budget: Budget | str,
+    calibration: Any = None,
+    *,
+    evaluation: Any = None,
+    task: str | None = None,
+    evaluate: Callable[[Any], dict[str, float]] | None = None,
+    base: str | None = None,
+    grid: Grid | None = None,
+    jobs: int | None = 1,
+    cache: bool | str | os.PathLike = True,
+    sensitivity_batches: int = 1,
+    rounds: int = 3,
+    size_tol: float = 0.005,
+    backoff: int = 3,
+    baselines: bool = False,
+    progress: Any = False,
+) -> BudgetResult:
+    """Find the smallest per-layer mix of factorization and quantization that meets ``budget``.
+
+    ``model``: path, ir.Model or ModelProto (never modified). ``budget``: text or ``Budget``.
+    ``calibration``: feeds (list of dicts) or a path (.npz / folder), used by the calibrated passes and
+    for the sensitivity analysis (the first ``sensitivity_batches`` batches); default: the task's
+    calibration feeds, else 4 generated batches. ``evaluation``: feeds the output-metric budget is verified
+    on (default: the calibration feeds). ``task`` (``digits``, ``minilm``, ``lm``) or ``evaluate``
+    (``model -> dict of metrics``) is needed for a task-metric budget. ``base``: pipeline text run
+    first (default none; ``"default"``: onnxpress's lossless default pipeline, whose ``simplify`` turns
+    MatMul+Add into Gemm, which ``qdq(mode=int4)`` does not cover). ``jobs``: threads for onnxruntime and
+    for computing candidates (default 1; None: all cores). ``rounds``: how many times the search continues past a layer whose
+    move broke the budget; ``size_tol``: the search on the path stops when the bytes it could still gain
+    are below this fraction of the passing configuration's size. ``baselines``: also measure int8 / int4
+    everywhere (for the report and plot; a few more checks). ``cache``: True (``$ONNXPRESS_CACHE`` or
+    ``~/.cache/onnxpress``), a folder, or False. Returns a ``BudgetResult``.
+    """
+    from onnxpress.api import model_bytes
+    from onnxpress.budget_eval import Simulator, output_metrics
+    from onnxpress.pass_infra import PassContext
+    from onnxpress.pipeline import Pipeline
+
+    t_start = time.perf_counter()
+    seconds: dict[str, float] = {}
+    notes: list[str] = []
+    budget = Budget.coerce(budget)
+    grid = grid or Grid()
+    jobs = max(1, os.cpu_count() or 1) if jobs is None else max(1, int(jobs))
+    if not budget.is_output_metric and evaluate is None:
+        if task is None:
+            raise UsageError(f"budget on '{budget.metric}' is a task metric: give task= (CLI --task digits|minilm|lm) or evaluate=; output budgets are {', '.join(OUTPUT_METRICS)}")
+    working, reference = _as_model(model)
+    bytes_before = model_bytes(reference if isinstance(reference, onnx.ModelProto) else working)
+    if evaluate is None and task is not None:
+        evaluate = task_evaluator(task, reference)
+
+    # -- base (lossless) pipeline ------------------------------------------------------------------
+    from onnxpress.passes import DEFAULT_PIPELINE
+
+    # No lossless pipeline by default: onnxsim turns MatMul+Add into Gemm, which int4 does not cover.
+    base_text = "" if base is None else (DEFAULT_PIPELINE if base == "default" else base)
+    base_pipe = Pipeline.parse(base_text)
+    calib = _feeds(calibration, working, "calibration")
+    if calib is None and task is not None:
+        calib = task_calibration(task)
+    if calib is None:
+        from onnxpress.data import generate_inputs
+
+        calib = [generate_inputs(working, seed=i) for i in range(4)]
+        notes.append("no calibration data given: used 4 generated input batches (pass calibration= for real data)")
+    if len(base_pipe):
+        result = base_pipe.run(working, context=PassContext(calibration=calib))
+        working = result.model
+    eval_feeds = _feeds(evaluation, working, "evaluation")
+    evaluation_label = "evaluation data" if eval_feeds is not None else "calibration data (no evaluation data given)"
+    if eval_feeds is None:
+        eval_feeds = calib
+    if not budget.is_output_metric:
+        evaluation_label = f"task evaluate() of {task or 'the given evaluate function'}"
+    sens_feeds = calib[: max(1, sensitivity_batches)]
+
+    with _Reporter(progress) as rep:
+        # -- layers, statistics ------------------------------------------------------------------------
+        t0 = time.perf_counter()
+        layers, skipped = find_layers(working, grid)
+        if not layers:
+            raise UsageError("the model has no MatMul/Gemm/Conv/Gather weights the lossy passes can rewrite")
+        matmul_inputs = [layer.x for layer in layers if layer.x is not None]
+        with rep.stage("input statistics", 1) as advance:
+            stats = collect_input_stats(working, calib, matmul_inputs)
+            advance()
+        seconds["statistics"] = time.perf_counter() - t0
+
+        # -- sensitivity -----------------------------------------------------------------------------
+        t0 = time.perf_counter()
+        with_bias = [layer for layer in layers if any(c.ratio is not None for c in layer.choices)]
+        sim = Simulator(working, layers, with_bias, threads=jobs)
+        digest = _digest(working, sens_feeds, json.dumps([CACHE_VERSION, dataclasses.asdict(grid)]))
+        cache_path = _cache_file(cache, digest)
+        cached: dict[str, float] = {}
+        if cache_path is not None and cache_path.exists():
+            with contextlib.suppress(Exception):
+                cached = json.loads(cache_path.read_text())["d"]
+        spectra = Spectra()
+        recon_memo: dict[tuple[int, Choice], tuple[np.ndarray, np.ndarray | None]] = {}
+
+        def recon(li: int, choice: Choice) -> tuple[np.ndarray, np.ndarray | None]:
+            key = (li, choice)
+            if key not in recon_memo:
+                layer = layers[li]
+                recon_memo[key] = reconstruct(layer, choice, stats.get(layer.x) if layer.x else None, spectra)
+            return recon_memo[key]
+
+        tables: list[list[tuple[float, float]]] = []
+        options: list[list[Choice]] = []
+        candidates: list[dict[str, Any]] = []
+        total = sum(len(layer.choices) for layer in layers)
+        sim.references(sens_feeds)
+        with rep.stage("sensitivity (layer x candidate)", total) as advance, _blas_threads(1):
+            import concurrent.futures
+
+            pool = concurrent.futures.ThreadPoolExecutor(max_workers=jobs) if jobs > 1 else None
+            try:
+                for li, layer in enumerate(layers):
+                    table = [(float(layer.fp32_bytes), 0.0)]
+                    tried: list[Choice] = []
+                    # groups of candidates measured together: the plain quantizations, then one group per ratio
+                    # (largest first); a ratio whose error alone passes max_layer_error ends the layer's search
+                    groups = [[c for c in layer.choices if c.ratio is None]]
+                    for r in sorted({c.ratio for c in layer.choices if c.ratio is not None}, reverse=True):
+                        groups.append([c for c in layer.choices if c.ratio == r])
+                    for gi, group in enumerate(groups):
+                        todo = [c for c in group if f"{layer.name}|{c.label}" not in cached]
+                        # candidates are computed on the pool while onnxruntime measures the ones ready
+                        futures = {c: pool.submit(recon, li, c) for c in todo} if pool is not None and len(todo) > 1 else {}
+                        group_best = float("inf")
+                        for c in group:
+                            key = f"{layer.name}|{c.label}"
+                            if key in cached:
+                                d = float(cached[key])
+                            else:
+                                if c in futures:
+                                    futures[c].result()
+                                w, delta = recon(li, c)
+                                d = sim.error(sens_feeds, sim.override(layer, w, delta)).d
+                                cached[key] = d
+                            nbytes = choice_bytes(layer, c)
+                            table.append((float(nbytes), d))
+                            tried.append(c)
+                            group_best = min(group_best, d)
+                            candidates.append({"layer": layer.name, "op": layer.op, "choice": c.label, "technique": c.technique, "bytes_before": layer.fp32_bytes, "bytes": nbytes, "d": d})
+                            advance()
+                        if gi > 0 and group_best > grid.max_layer_error:
+                            skipped_count = sum(len(g) for g in groups[gi + 1 :])
+                            if skipped_count:
+                                advance(skipped_count)
+                            break
+                    opts = [FP32, *tried]
+                    tables.append(table)
+                    options.append(opts)
+                    # keep the reconstructions on this layer's hull (the search) and the plain quantizations
+                    # (the uniform baselines); drop the others
+                    keep = {opts[i] for i in lower_hull(table)}
+                    for c in tried:
+                        if c not in keep and c.ratio is not None:
+                            recon_memo.pop((li, c), None)
+            finally:
+                if pool is not None:
+                    pool.shutdown()
+        if cache_path is not None:
+            with contextlib.suppress(OSError):
+                cache_path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cache_path.with_suffix(".tmp")
+                tmp.write_text(json.dumps({"version": CACHE_VERSION, "d": cached}))
+                os.replace(tmp, cache_path)
+        seconds["sensitivity"] = time.perf_counter() - t0
+
+        # -- greedy path and its search --------------------------------------------------------------------
+        t0 = time.perf_counter()
+        path = greedy_path(tables)
+        base_weight_bytes = sum(t[0][0] for t in tables)
+        working_bytes = model_bytes(working)
+        checked: dict[tuple[tuple[int, int], ...], float] = {}
+        points: list[Point] = []
+
+        def config_bytes(config: dict[int, int]) -> int:
+            return int(working_bytes - base_weight_bytes + sum(tables[li][config.get(li, 0)][0] for li in range(len(layers))))
+
+        def config_d(config: dict[int, int]) -> float:
+            return float(sum(tables[li][o][1] for li, o in config.items()))
+
+        def overrides(config: dict[int, int]) -> dict[str, np.ndarray]:
+            out: dict[str, np.ndarray] = {}
+            for li, o in config.items():
+                if o == 0:
+                    continue
+                w, delta = recon(li, options[li][o])
+                out.update(sim.override(layers[li], w, delta))
+            return out
+
+        def measure(config: dict[int, int]) -> float:
+            key = tuple(sorted((li, o) for li, o in config.items() if o))
+            if key not in checked:
+                over = overrides(config)
+                if budget.is_output_metric:
+                    value = sim.error(eval_feeds, over).metrics()[budget.metric]
+                else:
+                    value = _task_value(evaluate, sim.materialize(over), budget.metric)
+                checked[key] = value
+            return checked[key]
+
+        target = budget
+        with rep.stage("search (verified configurations)", 2 * int(math.log2(len(path) + 1) + 1) * max(rounds, 1)) as advance:
+
+            def probe(config: dict[int, int]) -> float:
+                value = measure(config)
+                ok = target.ok(value)
+                points.append(Point(f"{sum(1 for o in config.values() if o)} layers rewritten", config_bytes(config), config_d(config), value, ok, "path"))
+                advance()
+                return target.margin(value)
+
+            def run_search() -> tuple[dict[int, int], list[Move]]:
+                return search_path(path, probe, rounds, size_tol=size_tol, size0=float(working_bytes))
+
+            config, accepted = run_search()
+        seconds["search"] = time.perf_counter() - t0
+
+        if baselines:
+            t0 = time.perf_counter()
+            with rep.stage("uniform baselines", 3) as advance:
+                for quant in ("int8", "int4/32", "int4/128"):
+                    cfg: dict[int, int] = {}
+                    for li, opts in enumerate(options):
+                        pick = Choice(None, quant) if Choice(None, quant) in opts else (Choice(None, "int8") if Choice(None, "int8") in opts else None)
+                        if pick is not None:
+                            cfg[li] = opts.index(pick)
+                    value = measure(cfg)
+                    points.append(Point(f"all {quant}" + (" (int8 where int4 does not apply)" if quant != "int8" else ""), config_bytes(cfg), config_d(cfg), value, budget.ok(value), "baseline"))
+                    advance()
+            seconds["baselines"] = time.perf_counter() - t0
+
+        # -- build with the real passes, verify, back off ----------------------------------------------------
+        t0 = time.perf_counter()
+        reference_outputs = None
+        if budget.is_output_metric:
+            from onnxpress import runtime
+
+            ref_session = runtime.make_session(reference if not isinstance(reference, str) else reference, threads=jobs)
+            ref_all = [runtime.run(ref_session, f) for f in eval_feeds]
+            reference_outputs = [{k: v for k, v in o.items() if isinstance(v, np.ndarray) and v.dtype.kind == "f"} for o in ref_all]
+            del ref_session
+        attempts: list[dict[str, Any]] = []
+        final = None
+        with rep.stage("build and verify", backoff + 1) as advance:
+            for attempt in range(backoff + 2):
+                last_resort = attempt == backoff + 1
+                if last_resort:
+                    config = {}
+                    notes.append("no configuration met the budget when built with the real passes: returned the lossless model")
+                decisions = {layers[li].name: options[li][o] for li, o in config.items() if o}
+                built_model, lossy_passes = build(working, layers, decisions, calib)
+                text = ",".join(p for p in [base_text.strip(), str(Pipeline(lossy_passes))] if p)
+                if budget.is_output_metric:
+                    err = output_metrics(built_model, eval_feeds, reference_outputs, threads=jobs)
+                    metrics = err.metrics()
+                else:
+                    metrics = dict(evaluate(built_model))
+                value = float(metrics[budget.metric])
+                ok = budget.ok(value)
+                simulated = measure(config)
+                attempts.append({"pipeline": text, "bytes": model_bytes(built_model), "value": value, "simulated": simulated, "passed": ok, "target": target.value})
+                advance()
+                final = (built_model, text, metrics, value, ok, dict(config))
+                if ok or last_resort:
+                    break
+                gap = abs(value - simulated) if not math.isclose(value, simulated) else abs(target.value - value)
+                target = target.tightened(1.5 * gap + 1e-12)
+                if not np.isfinite(target.value) or (budget.metric == "cos" and target.value >= 1.0):
+                    continue
+                config, accepted = run_search()
+        seconds["build"] = time.perf_counter() - t0
+        assert final is not None
+        built_model, text, metrics, value, ok, config = final
+
+    _stamp(built_model, text)
+    layer_rows = []
+    for li, layer in enumerate(layers):
+        o = config.get(li, 0)
+        c = options[li][o]
+        rank = None
+        if c.ratio is not None:
+            from onnxpress.passes.factorize import rank_for_ratio
+
+            k, n = layer.matrix.shape
+            rank = rank_for_ratio(k, n, c.ratio)
+        layer_rows.append(LayerDecision(layer.name, layer.op, layer.shape, c.label, layer.fp32_bytes, int(tables[li][o][0]), float(tables[li][o][1]), rank))
+    points.append(Point("chosen (built with the passes)", model_bytes(built_model), config_d(config), value, ok, "built"))
+    seconds["total"] = time.perf_counter() - t_start
+    for layer in layers:
+        for tech, reason in layer.skipped.items():
+            skipped.append({"layer": layer.name, "op": layer.op, "skipped": f"{tech}: {reason}"})
+    return BudgetResult(
+        budget=budget, pipeline=text, model=built_model, bytes_before=bytes_before, bytes_after=model_bytes(built_model),
+        predicted_bytes=config_bytes(config), value=value, passed=ok, metrics={k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
+        layers=layer_rows, candidates=candidates, points=points, attempts=attempts, seconds=seconds, notes=notes, skipped=skipped,
+        evaluation=evaluation_label,
+    )
+
+
+def _task_value(evaluate: Callable[[Any], dict[str, float]], model: Any, metric: str) -> float:
+    metrics = evaluate(model)
+    if metric not in metrics:
+        raise UsageError(f"the task's evaluate() has no metric '{metric}' (it reports: {', '.join(sorted(metrics))})")
+    return float(metrics[metric])
+
+
+def _stamp(model: Any, pipeline: str) -> None:
+    from onnxpress.api import _stamp_metadata
+
+    _stamp_metadata(model, pipeline)
+
+
+# =====================================================================================================
+# Building the chosen configuration with the real passes
+# =====================================================================================================
+def substring_selectors(intended: Sequence[str], universe: Sequence[str], done: Iterable[str] = ()) -> list[tuple[list[str], list[str]]]:
+    """(include, exclude) pairs for options that select by substring (``factorize``) such that each pair
+    selects exactly its include names among ``universe`` minus ``done`` (names already handled), and the
+    pairs together cover ``intended``. One pair unless a name is a substring of another one that must be
+    excluded and that itself contains... (then the names are split across pairs)."""
+    done = set(done)
+    todo = [n for n in intended]
+    out: list[tuple[list[str], list[str]]] = []
+    while todo:
+        group = list(todo)
+        while True:
+            selected = {u for u in universe if u not in done and any(g in u for g in group)}
+            exclude = sorted(selected - set(group))
+            blocked = [g for g in group if any(e in g for e in exclude)]
+            if not blocked:
+                break
+            group = [g for g in group if g not in blocked]
+            if not group:
+                group = [todo[0]]  # alone, a name is never inside an excluded (longer) name
+                exclude = sorted(u for u in universe if u not in done and group[0] in u and u != group[0])
+                break
+        out.append((group, exclude))
+        done |= set(group)
+        todo = [t for t in todo if t not in group]
+    return out
+
+
+def _compress_exclude(excluded: Sequence[str], targets: Sequence[tuple[str, str]]) -> list[str]:
+    """Replace the names of every target of an op type by the op type (qdq's exclude takes both)."""
+    excluded_set = set(excluded)
+    by_op: dict[str, list[str]] = {}
+    for name, op in targets:
+        by_op.setdefault(op, []).append(name)
+    out: list[str] = []
+    covered: set[str] = set()
+    for op, names in by_op.items():
+        if all(n in excluded_set for n in names):
+            out.append(op)
+            covered |= set(names)
+    out.extend(n for n in excluded if n not in covered)
+    return out
+
+
+def build(model: ir.Model, layers: Sequence[Layer], decisions: dict[str, Choice], calibration: Sequence[dict[str, np.ndarray]]) -> tuple[ir.Model, list[Any]]:
+    """Run the passes that realise ``decisions`` (layer name -> choice) on a copy of ``model``.
+
+    Returns the rewritten model and the pass objects (their text is the pipeline). Raises RuntimeError if
+    a pass rewrote other layers than planned (the plan and the passes disagree: a bug)."""
+    from onnxpress.pass_infra import PassContext
+    from onnxpress.passes import qdq as qdq_pass
+    from onnxpress.passes.factorize import Factorize
+    from onnxpress.passes.qdq import Qdq
+
+    work = ir.from_proto(ir.to_proto(model))
+    context = PassContext(calibration=list(calibration))
+    passes: list[Any] = []
+    by_name = {layer.name: layer for layer in layers}
+
+    def run(p: Any) -> None:
+        p.context = context
+        p(work)
+        passes.append(p)
+
+    # 1. factorize, one pass per ratio (largest first)
+    universe = [node_label(n, i) for i, n in enumerate(work.graph) if n.op_type in ("MatMul", "Gemm")]
+    done: set[str] = set()
+    for ratio in sorted({c.ratio for c in decisions.values() if c.ratio is not None}, reverse=True):
+        names = [n for n, c in decisions.items() if c.ratio == ratio]
+        for include, exclude in substring_selectors(names, universe, done):
+            kwargs: dict[str, Any] = {"ratio": ratio, "calibrated": True, "include": tuple(include)}
+            if exclude:
+                kwargs["exclude"] = tuple(exclude)
+            p = Factorize(**kwargs)
+            run(p)
+            rewritten = {row["layer"] for row in p.details if "skipped" not in row}
+            if rewritten != set(include):
+                raise RuntimeError(f"factorize rewrote {sorted(rewritten)}, planned {sorted(include)}")
+            done |= set(include)
+
+    # 2. quantize: int4 passes per block size, then int8; factorized layers are quantized as U and V
+    def current_names(name: str, choice: Choice) -> list[str]:
+        return [f"{name}/factorize_U", f"{name}/factorize_V"] if choice.ratio is not None else [name]
+
+    quants = sorted({c.quant for c in decisions.values() if c.quant is not None}, key=lambda q: (q == "int8", q))
+    for quant in quants:
+        wanted = [x for n, c in decisions.items() if c.quant == quant for x in current_names(n, c)]
+        if quant == "int8":
+            mode_opts: dict[str, Any] = {"mode": "weight"}
+        else:
+            block = int(quant.split("/")[1])
+            mode_opts = {"mode": "int4"}
+            if block != qdq_pass.QdqOptions().block_size:
+                mode_opts["block_size"] = block
+            if any(by_name[n].op == "Gather" for n, c in decisions.items() if c.quant == quant) and block != qdq_pass.QdqOptions().embedding_block_size:
+                mode_opts["embedding_block_size"] = block
+        targets, _ = qdq_pass.find_targets(work, qdq_pass.QdqOptions(**{k: v for k, v in mode_opts.items()}))
+        target_names = [(t.node.name, t.node.op_type) for t in targets]
+        missing = set(wanted) - {n for n, _ in target_names}
+        if missing:
+            raise RuntimeError(f"qdq({mode_opts}) would not quantize {sorted(missing)}")
+        unnamed = [t.label for t in targets if not t.node.name]
+        if unnamed:
+            raise RuntimeError(f"qdq cannot exclude unnamed nodes {unnamed}")
+        excluded = [n for n, _ in target_names if n not in set(wanted)]
+        if excluded:
+            mode_opts["exclude"] = tuple(_compress_exclude(excluded, target_names))
+        p = Qdq(**mode_opts)
+        run(p)
+        quantized = {row["layer"] for row in p.details if "skipped" not in row and "bytes_after" in row}
+        if quantized != set(wanted):
+            raise RuntimeError(f"qdq quantized {sorted(quantized)}, planned {sorted(wanted)}")
+    return work, passes

@@ -1,0 +1,165 @@
+"""Budget search, part 2: measuring candidates in onnxruntime with one session.
+
+``Simulator`` builds one ORT session of the model in which every layer weight is an *overridable
+initializer* (an initializer that is also a graph input) and every factorizable layer is followed by an
+``Add`` of an overridable zero bias. Running it with a layer's reconstructed weight (and bias delta) fed
+for that layer, and nothing fed for the others, gives the output of the rewritten model exactly up to
+float rounding, without building or loading a new model per candidate. The reference outputs come from
+the same session with nothing fed, so both sides share ORT's arithmetic.
+
+For budgets on a task metric (``accuracy_drop``, ``ppl_increase``, ...) the task's ``evaluate`` needs a
+model: ``materialize`` writes the reconstructions into a copy of the model (weights replaced, bias Adds
+kept), which computes the same function as the rewritten model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxpress import runtime
+from onnxpress.budget_layers import Layer
+
+Feed = dict[str, np.ndarray]
+Override = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass
+class OutputError:
+    """Aggregated error of the float outputs against the reference over a list of feeds."""
+
+    sq_err: float = 0.0  # sum over outputs of (sum of squared differences / sum of squared reference)
+    outputs: int = 0
+    min_cos: float = 1.0  # worst cosine over (feed, output), as ``onnxpress.validate`` computes it
+    max_rel_l2: float = 0.0
+    max_abs: float = 0.0
+
+    @property
+    def d(self) -> float:
+        """The additive proxy: mean over outputs of the squared relative L2 error (all feeds together)."""
+        return self.sq_err / max(self.outputs, 1)
+
+    def metrics(self) -> dict[str, float]:
+        return {"cos": self.min_cos, "rel_l2": self.max_rel_l2, "max_abs": self.max_abs, "d": self.d}
+
+
+def compare(outputs: Sequence[Mapping[str, np.ndarray]], references: Sequence[Mapping[str, np.ndarray]]) -> OutputError:
+    err = OutputError()
+    num: dict[str, float] = {}
+    den: dict[str, float] = {}
+    for out, ref in zip(outputs, references):
+        for name, expected in ref.items():
+            actual = np.asarray(out[name], np.float64)
+            expected = np.asarray(expected, np.float64)
+            diff = actual - expected
+            ss_d = float(np.vdot(diff, diff))
+            ss_r = float(np.vdot(expected, expected))
+            num[name] = num.get(name, 0.0) + ss_d
+            den[name] = den.get(name, 0.0) + ss_r
+            na, nb = float(np.linalg.norm(actual)), float(np.sqrt(ss_r))
+            cos = 1.0 if na == nb == 0.0 else (0.0 if na == 0.0 or nb == 0.0 else float(np.vdot(actual, expected)) / (na * nb))
+            err.min_cos = min(err.min_cos, cos)
+            err.max_rel_l2 = max(err.max_rel_l2, float(np.sqrt(ss_d / ss_r)) if ss_r > 0 else (0.0 if ss_d == 0 else float("inf")))
+            err.max_abs = max(err.max_abs, float(np.abs(diff).max()) if diff.size else 0.0)
+    for name in num:
+        err.sq_err += num[name] / den[name] if den[name] > 0 else (0.0 if num[name] == 0 else float("inf"))
+        err.outputs += 1
+    return err
+
+
+def bias_name(layer: Layer) -> str:
+    return f"{layer.weight}/budget_delta"
+
+
+def simulation_model(model: ir.Model, layers: Sequence[Layer], with_bias: Sequence[Layer]) -> ir.Model:
+    """A copy of ``model`` whose layer weights are overridable and where each layer in ``with_bias`` is
+    followed by ``Add(y, delta)`` with an overridable zero ``delta`` (the bias a calibrated factorization adds)."""
+    clone = ir.from_proto(ir.to_proto(model))
+    graph = clone.graph
+    for layer in layers:
+        value = graph.initializers[layer.weight]
+        if not value.is_graph_input():
+            graph.inputs.append(value)
+    nodes = list(graph)
+    for layer in with_bias:
+        node = nodes[layer.index]
+        out = node.outputs[0]
+        n = layer.matrix.shape[1]
+        name = bias_name(layer)
+        delta = ir.Value(name=name, type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([n]), const_value=ir.tensor(np.zeros(n, np.float32), name=name))
+        graph.register_initializer(delta)
+        graph.inputs.append(delta)
+        added = ir.Value(name=f"{out.name}/budget_biased", type=out.type, shape=out.shape)
+        add = ir.node("Add", [out, delta], outputs=[added], name=f"{node.name}/budget_bias")
+        graph.insert_after(node, add)
+        old_name = out.name
+        was_output = out.is_graph_output()
+        for use in list(out.uses()):
+            if use.node is not add:
+                use.node.replace_input_with(use.idx, added)
+        if was_output:
+            for i, v in enumerate(graph.outputs):
+                if v is out:
+                    graph.outputs[i] = added
+            out.name = f"{old_name}/budget_raw"
+            added.name = old_name
+    return clone
+
+
+class Simulator:
+    """One ORT session that computes the model with any layers replaced by reconstructions."""
+
+    def __init__(self, model: ir.Model, layers: Sequence[Layer], with_bias: Sequence[Layer], threads: int | None = None) -> None:
+        self.model = simulation_model(model, layers, with_bias)
+        self.with_bias = {layer.name for layer in with_bias}
+        self.session = runtime.make_session(self.model, threads=threads)
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self._references: dict[int, list[dict[str, np.ndarray]]] = {}
+
+    def override(self, layer: Layer, weight: np.ndarray, delta: np.ndarray | None) -> Override:
+        feed = {layer.weight: np.ascontiguousarray(weight, np.float32)}
+        if delta is not None:
+            if layer.name not in self.with_bias:
+                raise ValueError(f"layer '{layer.name}' has no bias slot in the simulation model")
+            feed[bias_name(layer)] = np.ascontiguousarray(delta, np.float32)
+        return feed
+
+    def run(self, feeds: Sequence[Feed], override: Override | None = None) -> list[dict[str, np.ndarray]]:
+        extra = override or {}
+        return [runtime.run(self.session, {**feed, **extra}, self.output_names) for feed in feeds]
+
+    def references(self, feeds: Sequence[Feed]) -> list[dict[str, np.ndarray]]:
+        key = id(feeds)
+        if key not in self._references:
+            outs = self.run(feeds)
+            self._references[key] = [{k: v for k, v in o.items() if isinstance(v, np.ndarray) and v.dtype.kind == "f"} for o in outs]
+        return self._references[key]
+
+    def error(self, feeds: Sequence[Feed], override: Override | None = None) -> OutputError:
+        refs = self.references(feeds)
+        outs = self.run(feeds, override)
+        return compare(outs, refs)
+
+    def materialize(self, override: Override) -> ir.Model:
+        """A standalone model computing the same function: the overrides written into the initializers."""
+        clone = ir.from_proto(ir.to_proto(self.model))
+        graph = clone.graph
+        keep = [v for v in graph.inputs if not v.is_initializer()]
+        graph.inputs.clear()
+        graph.inputs.extend(keep)
+        for name, array in override.items():
+            value = graph.initializers[name]
+            value.const_value = ir.tensor(np.ascontiguousarray(array, np.float32), name=name)
+        return clone
+
+
+def output_metrics(model: Any, feeds: Sequence[Feed], references: Sequence[Mapping[str, np.ndarray]], threads: int | None = None) -> OutputError:
+    """Compare a real (rewritten) model's float outputs with reference outputs, in ORT."""
+    session = runtime.make_session(model, threads=threads)
+    names = [name for name in references[0]]
+    outs = [runtime.run(session, feed, names) for feed in feeds]
+    return compare(outs, references)

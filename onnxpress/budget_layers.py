@@ -1,0 +1,365 @@
+"""Budget search, part 1: the layers, their candidates, exact stored bytes and reconstructed weights.
+
+A *layer* is one node with a constant float weight that a lossy pass can rewrite: MatMul, Gemm, Conv, and
+Gather of an embedding table. A *choice* is what the search may do to it: quantize (int8 per channel,
+int4 block-wise), factorize (calibrated low-rank at a ratio) and then quantize the factors. For every
+choice this module computes
+
+- the bytes the rewritten weight takes in the saved model (the same layout the passes write), and
+- the *reconstruction*: the dense float weight the rewritten layer computes with (``U @ V``,
+  ``dequant(quant(W))``), plus the output bias a calibrated factorization adds.
+
+Feeding the reconstruction to the original graph reproduces the rewritten model's output up to float
+rounding, which is what makes the sensitivity analysis cheap (see ``onnxpress.budget``).
+
+The maths is not re-implemented here: spectra, factors and bias correction come from
+``onnxpress.passes.factorize``, scales/codes/GPTQ from ``onnxpress.passes.quant_math``, and which nodes
+each pass accepts from the passes' own target finders, so the search never plans a rewrite a pass refuses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxpress.passes import factorize as fz
+from onnxpress.passes import quant_math as qm
+from onnxpress.passes import qdq as qdq_pass
+
+QUANTS = ("int8", "int4/32", "int4/128")  # the quantizations of the default grid ("int4/B": blocks of B)
+RATIOS = (0.5, 0.3, 0.2, 0.1, 0.05)  # calibrated factorization ratios of the default grid
+FACTOR_QUANTS = ("int8", "int4/32")  # how the factors of a factorized layer are quantized
+FACTORIZE_MIN_SIZE = fz.FactorizeOptions().min_size
+FACTORIZE_DAMPING = fz.FactorizeOptions().damping
+FACTORIZE_CENTER = fz.FactorizeOptions().center
+
+
+# =====================================================================================================
+# Choices
+# =====================================================================================================
+@dataclasses.dataclass(frozen=True, order=True)
+class Choice:
+    """What is done to one layer: factorize at ``ratio`` (None: no), then quantize with ``quant`` (None: float)."""
+
+    ratio: float | None = None
+    quant: str | None = None
+
+    @property
+    def label(self) -> str:
+        parts = []
+        if self.ratio is not None:
+            parts.append(f"lowrank {self.ratio:g}")
+        if self.quant is not None:
+            parts.append(self.quant)
+        return " + ".join(parts) or "fp32"
+
+    @property
+    def block(self) -> int | None:
+        return int(self.quant.split("/")[1]) if self.quant and self.quant.startswith("int4") else None
+
+    @property
+    def technique(self) -> str:
+        """A coarse family for colours in the plot."""
+        if self.ratio is None:
+            return self.quant or "fp32"
+        return f"lowrank+{self.quant.split('/')[0]}" if self.quant else "lowrank"
+
+
+FP32 = Choice()
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """The candidates tried per layer (each applied alone in the sensitivity analysis)."""
+
+    quants: tuple[str, ...] = QUANTS
+    ratios: tuple[float, ...] = RATIOS
+    factor_quants: tuple[str, ...] = FACTOR_QUANTS
+    factorize_float: bool = False  # also try factorization without quantizing the factors
+    # a layer's smaller ratios are not tried once a ratio's error alone (d) exceeds this: such a layer is
+    # already past what any useful budget allows, and each candidate costs a model run
+    max_layer_error: float = 0.03
+
+    def __post_init__(self) -> None:
+        for q in (*self.quants, *self.factor_quants):
+            if q != "int8" and not (q.startswith("int4/") and q[5:].isdigit() and int(q[5:]) >= 16 and not int(q[5:]) & (int(q[5:]) - 1)):
+                raise ValueError(f"unknown quantization '{q}' (valid: int8, int4/B with B a power of 2 >= 16)")
+        for r in self.ratios:
+            if not 0.0 < r < 1.0:
+                raise ValueError(f"factorization ratio {r} must be in (0, 1)")
+
+
+# =====================================================================================================
+# Layers
+# =====================================================================================================
+@dataclasses.dataclass
+class Layer:
+    """One rewritable node. ``w`` is the weight as the node stores it (Gemm transB: N x K)."""
+
+    index: int  # position in graph order
+    name: str  # node name (the key in pipeline options)
+    op: str  # MatMul, Gemm, Conv, Gather
+    weight: str  # initializer name
+    w: np.ndarray
+    trans_b: bool = False  # Gemm transB=1: stored N x K
+    x: str | None = None  # activation input name (MatMul/Gemm)
+    has_bias: bool = False
+    choices: list[Choice] = dataclasses.field(default_factory=list)
+    skipped: dict[str, str] = dataclasses.field(default_factory=dict)  # technique -> reason
+
+    @property
+    def matrix(self) -> np.ndarray:
+        """MatMul layout [K, N] (input features x output features)."""
+        return self.w.T if self.trans_b else self.w
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.w.shape)
+
+    @property
+    def fp32_bytes(self) -> int:
+        return int(self.w.size * 4)
+
+
+def node_label(node: ir.Node, index: int) -> str:
+    return node.name or (node.outputs[0].name if node.outputs else "") or f"{node.op_type}_{index}"
+
+
+def _has_own_bias(node: ir.Node, n: int) -> bool:
+    """Whether factorize can fold its bias correction into an existing bias (Gemm C, or a constant Add that
+    only this node feeds) instead of adding one: mirrors ``factorize._add_bias``."""
+    if node.op_type == "Gemm":
+        c = node.inputs[2] if len(node.inputs) > 2 else None
+        return c is not None and node.attributes.get_float("beta", 1.0) != 0.0 and fz._own_bias(c, n)
+    out = node.outputs[0]
+    uses = list(out.uses())
+    if len(uses) != 1 or out.is_graph_output():
+        return False
+    user, index = uses[0]
+    other = user.inputs[1 - index] if user.op_type == "Add" and len(user.inputs) == 2 else None
+    return other is not None and fz._own_bias(other, n)
+
+
+def find_layers(model: ir.Model, grid: Grid) -> tuple[list[Layer], list[dict[str, Any]]]:
+    """The layers of ``model`` with the choices of ``grid`` that the passes accept for each.
+
+    Applicability comes from the passes' own target finders: qdq's ``find_targets`` (int8: weight mode,
+    int4: int4 mode) and factorize's layer classifier (2-D weight, not shared, big enough, a rank saves).
+    A node must be named (the pipeline options select layers by name).
+    """
+    int8_targets, skipped8 = qdq_pass.find_targets(model, qdq_pass.QdqOptions(mode="weight"))
+    int4_targets, _ = qdq_pass.find_targets(model, qdq_pass.QdqOptions(mode="int4"))
+    by_index8 = {t.index: t for t in int8_targets}
+    int4_ok = {t.index for t in int4_targets}
+    skipped: list[dict[str, Any]] = [dict(row) for row in skipped8]
+    layers: list[Layer] = []
+    for index, node in enumerate(model.graph):
+        t = by_index8.get(index)
+        if t is None:
+            continue
+        label = node_label(node, index)
+        if not node.name:
+            skipped.append({"layer": label, "op": node.op_type, "skipped": "unnamed node (pipeline options select layers by name)"})
+            continue
+        w = t.weight.const_value.numpy()
+        trans_b = node.op_type == "Gemm" and bool(node.attributes.get_int("transB", 0))
+        layer = Layer(index, node.name, node.op_type, t.weight.name, np.asarray(w, np.float32), trans_b=trans_b)
+        if node.op_type in ("MatMul", "Gemm"):
+            layer.x = node.inputs[0].name
+            layer.has_bias = _has_own_bias(node, layer.matrix.shape[1])
+        quants = [q for q in grid.quants if q == "int8" or index in int4_ok]
+        if index not in int4_ok and any(q != "int8" for q in grid.quants):
+            layer.skipped["int4"] = "qdq int4 covers MatMul and Gather only" if node.op_type in ("Gemm", "Conv") else "not accepted by qdq(mode=int4)"
+        if node.op_type == "Gather" and w.shape[1] % 2:
+            quants = [q for q in quants if q == "int8"]
+        layer.choices = [Choice(None, q) for q in quants]
+        if node.op_type in ("MatMul", "Gemm"):
+            found = fz._classify(node, FACTORIZE_MIN_SIZE)
+            if isinstance(found, str):
+                layer.skipped["lowrank"] = found or f"fewer than {FACTORIZE_MIN_SIZE} parameters"
+            elif node.op_type == "Gemm" and node.attributes.get_int("transA", 0):
+                layer.skipped["lowrank"] = "Gemm with transA=1"
+            else:
+                k, n = layer.matrix.shape
+                for r in grid.ratios:
+                    if fz.rank_for_ratio(k, n, r) * (k + n) >= k * n:
+                        continue
+                    if grid.factorize_float:
+                        layer.choices.append(Choice(r, None))
+                    # Factors are quantized as qdq sees them after factorize: U (K x r) and V (r x N) are MatMul/Gemm weights.
+                    for q in grid.factor_quants:
+                        if q == "int8" or node.op_type == "MatMul":
+                            layer.choices.append(Choice(r, q))
+        if layer.choices:
+            layers.append(layer)
+    return layers, skipped
+
+
+# =====================================================================================================
+# Statistics of layer inputs (one run over the calibration data)
+# =====================================================================================================
+@dataclasses.dataclass
+class InputStats:
+    second_moment: np.ndarray  # E[x^T x] over rows (K x K)
+    mean: np.ndarray  # E[x] (K)
+    rows: int
+
+
+def collect_input_stats(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], names: Sequence[str]) -> dict[str, InputStats]:
+    """Second moment and mean of each named activation (rows = all axes but the last), from one ORT pass."""
+    from onnxpress import runtime
+
+    names = sorted(set(names))
+    sums: dict[str, np.ndarray] = {}
+    firsts: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    if not names:
+        return {}
+    for values in runtime.capture(model, feeds, names):
+        for name in names:
+            x = np.asarray(values[name], np.float32)
+            rows = x.reshape(-1, x.shape[-1])
+            sums[name] = sums.get(name, 0.0) + (rows.T @ rows).astype(np.float64)
+            firsts[name] = firsts.get(name, 0.0) + rows.sum(axis=0, dtype=np.float64)
+            counts[name] = counts.get(name, 0) + rows.shape[0]
+    return {n: InputStats(sums[n] / max(counts[n], 1), firsts[n] / max(counts[n], 1), counts[n]) for n in names}
+
+
+# =====================================================================================================
+# Exact stored bytes
+# =====================================================================================================
+def quant_bytes(kind: str, shape: tuple[int, ...], quant: str | None) -> int:
+    """Bytes of one weight as the qdq pass stores it (codes + scales + zero points).
+
+    kind: ``matmul`` (shape K x N, channels N), ``gemm_t`` (N x K, channels N), ``conv`` (channels = axis 0),
+    ``gather`` (V x D, one scale per row).
+    """
+    size = int(np.prod(shape))
+    if quant is None:
+        return 4 * size
+    if kind == "gather":
+        v, d = shape
+        if quant == "int8":
+            return v * d + 4 * v  # int8 codes + one float scale per row
+        b = int(quant.split("/")[1])
+        db = -(-d // b)
+        return v * (-(-d // 2)) + 4 * v * db + v * (-(-db // 2))  # GatherBlockQuantized: packed codes, scales, packed zps
+    if kind == "conv":
+        channels = shape[0]
+    elif kind == "gemm_t":
+        channels = shape[0]
+    else:
+        channels = shape[1]
+    if quant == "int8":
+        return size + 4 * channels + channels  # uint8 codes, float scale and uint8 zero point per channel
+    k = size // channels
+    b = int(quant.split("/")[1])
+    kb = -(-k // b)
+    return channels * kb * (b // 2) + 4 * channels * kb + channels * (-(-kb // 2))  # MatMulNBits: padded blob, scales, packed zps
+
+
+def choice_bytes(layer: Layer, choice: Choice) -> int:
+    kind = {"MatMul": "matmul", "Gemm": "gemm_t" if layer.trans_b else "matmul", "Conv": "conv", "Gather": "gather"}[layer.op]
+    if choice.ratio is None:
+        return quant_bytes(kind, layer.shape, choice.quant)
+    k, n = layer.matrix.shape
+    r = fz.rank_for_ratio(k, n, choice.ratio)
+    # factorize writes U (K x r) and V (r x N) in MatMul layout (Gemm transB is dropped), then qdq stores each;
+    # its bias correction is a new float bias unless it folds into an existing one
+    bias = 0 if (layer.has_bias or not FACTORIZE_CENTER) else 4 * n
+    return quant_bytes("matmul", (k, r), choice.quant) + quant_bytes("matmul", (r, n), choice.quant) + bias
+
+
+# =====================================================================================================
+# Reconstructions: the dense weight a rewritten layer computes with
+# =====================================================================================================
+def dequant_blockwise(codes: np.ndarray, scales: np.ndarray, zps: np.ndarray, block: int) -> np.ndarray:
+    """Inverse of ``quant_math.quantize_blockwise`` for ``[K, N]`` codes in blocks of ``block`` rows."""
+    k = codes.shape[0]
+    rep = np.repeat(scales, block, axis=0)[:k]
+    zrep = np.repeat(zps.astype(np.int64), block, axis=0)[:k]
+    return qm.dequantize(codes.astype(np.int64), rep, zrep)
+
+
+def _pad_hessian(h: np.ndarray, block: int) -> np.ndarray:
+    pad = (-h.shape[0]) % block
+    return np.pad(h, ((0, pad), (0, pad))) if pad else h
+
+
+def quantized_matrix(w: np.ndarray, quant: str, hessian: np.ndarray | None) -> np.ndarray:
+    """dequant(quant(W)) for a MatMul-layout ``W [K, N]`` as ``qdq(mode=weight|int4)`` computes it
+    (GPTQ with the layer input's ``X^T X`` when given, else the MSE clip search)."""
+    w = np.asarray(w, np.float32)
+    if quant == "int8":
+        if hessian is not None:
+            q, scale = qm.gptq_per_channel(w, hessian, 127, per_channel=True)
+        else:
+            q, scale = qm.quantize_weight(w, 1, 127, "mse")
+        return qm.dequantize(q, scale[None, :])
+    block = int(quant.split("/")[1])
+    h = qm.gptq_inverse(_pad_hessian(hessian, block)) if hessian is not None else None
+    codes, scales, zps = qm.quantize_blockwise(w, block, 4, False, clip="mse", hessian=h)
+    return dequant_blockwise(codes, scales, zps, block)
+
+
+def quantized_other(layer: Layer, quant: str) -> np.ndarray:
+    """dequant(quant(W)) of a Conv weight or an embedding table, in the node's layout."""
+    w = layer.w
+    if layer.op == "Conv":
+        q, scale = qm.quantize_weight(w, 0, 127, "mse")
+        return qm.dequantize(q, qm.per_axis_shape(scale, w.ndim, 0))
+    if quant == "int8":  # Gather: one scale per row
+        q, scale = qm.quantize_weight(w, 0, 127, "mse")
+        return qm.dequantize(q, scale.reshape(-1, 1))
+    block = int(quant.split("/")[1])
+    codes, scales, zps = qm.quantize_blockwise(w.T, block, 4, False, clip="mse")
+    return dequant_blockwise(codes, scales, zps, block).T
+
+
+@dataclasses.dataclass
+class Spectra:
+    """Per-layer calibrated spectrum (computed once, shared by every ratio)."""
+
+    cache: dict[str, fz.Spectrum] = dataclasses.field(default_factory=dict)
+
+    def of(self, layer: Layer, stats: InputStats) -> fz.Spectrum:
+        sp = self.cache.get(layer.name)
+        if sp is None:
+            s = fz.centered(stats.second_moment, stats.mean) if FACTORIZE_CENTER else stats.second_moment
+            sp = fz.spectrum(layer.matrix, fz.damped(s, FACTORIZE_DAMPING))
+            self.cache[layer.name] = sp
+        return sp
+
+
+def reconstruct(layer: Layer, choice: Choice, stats: InputStats | None, spectra: Spectra) -> tuple[np.ndarray, np.ndarray | None]:
+    """(weight in the node's layout, output bias delta or None) of ``layer`` rewritten by ``choice``."""
+    if choice == FP32:
+        return layer.w, None
+    if layer.op in ("Conv", "Gather"):
+        return quantized_other(layer, choice.quant).astype(np.float32), None
+    h = stats.second_moment if stats is not None else None
+    w = layer.matrix
+    delta = None
+    if choice.ratio is None:
+        out = quantized_matrix(w, choice.quant, h)
+    else:
+        if stats is None:
+            raise ValueError("a calibrated factorization needs the layer input statistics")
+        k, n = w.shape
+        sp = spectra.of(layer, stats)
+        u, v = fz.factors(w, sp, fz.rank_for_ratio(k, n, choice.ratio))
+        if FACTORIZE_CENTER:
+            delta = fz.bias_correction(w, u, v, stats.mean).astype(np.float32).reshape(-1)
+        u32, v32 = u.astype(np.float32), v.astype(np.float32)
+        if choice.quant is not None:
+            # qdq runs after factorize: U sees x (second moment S), V sees x U (second moment U^T S U)
+            hv = u32.astype(np.float64).T @ h @ u32.astype(np.float64)
+            u32 = quantized_matrix(u32, choice.quant, h)
+            v32 = quantized_matrix(v32, choice.quant, hv)
+        out = u32.astype(np.float64) @ v32.astype(np.float64)
+    out = np.asarray(out, np.float32)
+    return (np.ascontiguousarray(out.T) if layer.trans_b else out), delta

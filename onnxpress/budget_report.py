@@ -1,0 +1,135 @@
+"""Budget search, part 3: the report: rich tables and the size-vs-fidelity (Pareto) plot."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from onnxpress.budget import BudgetResult
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.3f}" if n < 1e7 else f"{n / 1e6:.2f}"
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if float(value).is_integer() and abs(value) >= 1:
+        return str(int(value))
+    if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e4):
+        return f"{value:.3e}"
+    return f"{value:.5f}"
+
+
+def summary_table(result: BudgetResult) -> Any:
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=f"budget {result.budget.text or result.budget}: {'met' if result.passed else 'NOT met'}", show_header=False)
+    table.add_column("", style="bold")
+    table.add_column("")
+    table.add_row("size", f"{_mb(result.bytes_before)} MB -> {_mb(result.bytes_after)} MB ({result.ratio:.2f}x smaller; predicted {_mb(result.predicted_bytes)} MB)")
+    table.add_row(result.budget.metric, f"{_fmt(result.value)} (budget {result.budget.op} {result.budget.value:g}; measured on the built model, {result.evaluation})")
+    others = {k: v for k, v in result.metrics.items() if k not in (result.budget.metric, "d")}
+    if others:
+        table.add_row("other metrics", ", ".join(f"{k} {_fmt(v)}" for k, v in others.items()))
+    table.add_row("pipeline", escape(result.pipeline))
+    table.add_row("time", ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items()))
+    table.add_row("builds", f"{len(result.attempts)} (checks on the path: {sum(1 for p in result.points if p.kind == 'path')})")
+    for note in result.notes:
+        table.add_row("note", escape(note))
+    return table
+
+
+def layer_table(result: BudgetResult) -> Any:
+    from rich.table import Table
+
+    table = Table(title="per-layer decisions")
+    for col, justify in (("layer", "left"), ("op", "left"), ("shape", "left"), ("choice", "left"), ("rank", "right"), ("KB before", "right"), ("KB after", "right"), ("error alone (d)", "right")):
+        table.add_column(col, justify=justify)
+    for row in result.layers:
+        table.add_row(
+            row.name, row.op, "x".join(map(str, row.shape)), row.choice, "" if row.rank is None else str(row.rank),
+            f"{row.bytes_before / 1e3:.1f}", f"{row.bytes_after / 1e3:.1f}", _fmt(row.error_alone),
+        )
+    return table
+
+
+def points_table(result: BudgetResult) -> Any:
+    from rich.table import Table
+
+    table = Table(title=f"size vs {result.budget.metric} (simulated unless 'built')")
+    for col in ("configuration", "kind", "MB", "predicted d", result.budget.metric, "meets budget"):
+        table.add_column(col)
+    rows = [p for p in result.points if p.kind != "path"] + sorted((p for p in result.points if p.kind == "path"), key=lambda p: -p.bytes)
+    for p in rows:
+        table.add_row(p.label, p.kind, _mb(p.bytes), _fmt(p.predicted_d), _fmt(p.value), "" if p.passed is None else ("yes" if p.passed else "no"))
+    return table
+
+
+def renderables(result: BudgetResult) -> list[Any]:
+    return [summary_table(result), layer_table(result), points_table(result)]
+
+
+_COLOURS = {"int8": "tab:blue", "int4": "tab:green", "lowrank+int8": "tab:orange", "lowrank+int4": "tab:red", "lowrank": "tab:purple"}
+
+
+def plot(result: BudgetResult, path: Path) -> Path:
+    """Two panels: the model size vs the budget metric (path checks, uniform baselines, the built model,
+    the budget line), and every (layer, candidate) as bytes saved vs error alone, by technique."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 5.2))
+    metric = result.budget.metric
+    path_pts = sorted((p for p in result.points if p.kind == "path" and p.value is not None), key=lambda p: p.bytes)
+    ok = [p for p in path_pts if p.passed]
+    bad = [p for p in path_pts if not p.passed]
+    if ok:
+        ax.scatter([p.bytes / 1e6 for p in ok], [p.value for p in ok], c="tab:green", s=22, label="search: configuration meets budget")
+    if bad:
+        ax.scatter([p.bytes / 1e6 for p in bad], [p.value for p in bad], c="tab:red", marker="x", s=26, label="search: breaks budget")
+    for p in result.points:
+        if p.kind == "baseline" and p.value is not None:
+            ax.scatter([p.bytes / 1e6], [p.value], marker="s", s=40, edgecolors="black", facecolors="none")
+            ax.annotate(p.label.split(" (")[0], (p.bytes / 1e6, p.value), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    built = [p for p in result.points if p.kind == "built"]
+    if built:
+        b = built[-1]
+        ax.scatter([b.bytes / 1e6], [b.value], marker="*", s=260, c="gold", edgecolors="black", zorder=5, label=f"chosen, built: {b.bytes / 1e6:.3f} MB")
+    ax.axhline(result.budget.value, color="grey", linestyle="--", linewidth=1, label=f"budget {result.budget.op} {result.budget.value:g}")
+    xs = [p.bytes / 1e6 for p in result.points if p.value is not None and math.isfinite(p.value)]
+    if xs:  # zoom on the configurations measured (the fp32 size is in the title)
+        ax.set_xlim(min(xs) * 0.9, max(xs) * 1.08)
+    ax.set_xlabel("model size (MB)")
+    ax.set_ylabel(metric)
+    ax.set_title(f"size vs {metric} ({result.evaluation})", fontsize=10)
+    ax.legend(fontsize=8, loc="best")
+    ax.grid(alpha=0.3)
+
+    chosen = {(r.name, r.choice) for r in result.layers}
+    for tech, colour in _COLOURS.items():
+        pts = [c for c in result.candidates if c["technique"].split("/")[0] == tech]
+        if pts:
+            bx.scatter([(c["bytes_before"] - c["bytes"]) / 1e3 for c in pts], [max(c["d"], 1e-12) for c in pts], s=14, c=colour, alpha=0.7, label=tech)
+    picked = [c for c in result.candidates if (c["layer"], c["choice"]) in chosen]
+    if picked:
+        bx.scatter([(c["bytes_before"] - c["bytes"]) / 1e3 for c in picked], [max(c["d"], 1e-12) for c in picked], s=70, facecolors="none", edgecolors="black", label="chosen per layer")
+    bx.set_xscale("symlog", linthresh=1.0)
+    bx.set_yscale("log")
+    bx.set_xlabel("bytes saved by the layer's candidate (KB)")
+    bx.set_ylabel("output error d of the candidate alone")
+    bx.set_title("sensitivity: every (layer, candidate)", fontsize=10)
+    bx.legend(fontsize=8, loc="best")
+    bx.grid(alpha=0.3)
+    fig.suptitle(f"onnxpress budget {result.budget.text or result.budget}: {result.bytes_before / 1e6:.2f} MB -> {result.bytes_after / 1e6:.3f} MB ({result.ratio:.1f}x)", fontsize=11)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

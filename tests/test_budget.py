@@ -1,0 +1,368 @@
+"""The accuracy-budget search: budget text, the greedy maths on toy tables, exact reconstructions, and the
+search on a small MLP whose verified result must meet the budget and beat the trivially safe choice."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from graphs import init, text_model
+
+from onnxpress import budget as bg
+from onnxpress import runtime
+from onnxpress.api import model_bytes, optimize
+from onnxpress.budget_eval import Simulator, compare
+from onnxpress.budget_layers import Choice, Grid, Spectra, choice_bytes, collect_input_stats, find_layers, quant_bytes, reconstruct
+from onnxpress.errors import UsageError
+from onnxpress.pipeline import Pipeline
+from onnxpress.validate import Tolerance, validate
+
+HEADER = '<ir_version: 10, opset_import: ["" : 17]>'
+
+
+# -- budget text -------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "text, metric, op, value",
+    [
+        ("cos>=0.99", "cos", ">=", 0.99),
+        (" rel_l2 <= 0.05 ", "rel_l2", "<=", 0.05),
+        ("max_abs<=1e-1", "max_abs", "<=", 0.1),
+        ("accuracy_drop<=1%", "accuracy_drop", "<=", 0.01),
+        ("mean_cos>=98%", "mean_cos", ">=", 0.98),
+        ("ppl_increase<=0.5", "ppl_increase", "<=", 0.5),
+    ],
+)
+def test_budget_parse(text, metric, op, value):
+    b = bg.Budget.parse(text)
+    assert (b.metric, b.op) == (metric, op)
+    assert b.value == pytest.approx(value)
+    assert b.ok(value) and b.is_output_metric == (metric in bg.OUTPUT_METRICS)
+    assert not b.ok(value - 0.001) if op == ">=" else not b.ok(value + 0.001)
+    assert not b.ok(float("nan"))
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("cos", "expected METRIC>=VALUE"),
+        ("cos>0.9", "expected METRIC>=VALUE"),
+        ("cos>=abc", "expected METRIC>=VALUE"),
+        ("cos<=0.9", "write cos>=VALUE"),
+        ("rel_l2>=0.1", "write rel_l2<=VALUE"),
+        ("cos>=1", "cos must be below 1"),
+        ("max_abs<=0", "max_abs must be > 0"),
+        ("", "expected METRIC>=VALUE"),
+    ],
+)
+def test_budget_parse_errors_are_one_line_usage_errors(text, message):
+    with pytest.raises(UsageError, match=message) as info:
+        bg.Budget.parse(text)
+    assert "\n" not in str(info.value)
+
+
+def test_budget_tightened_moves_towards_the_safe_side():
+    assert bg.Budget.parse("cos>=0.99").tightened(0.002).value == pytest.approx(0.992)
+    assert bg.Budget.parse("rel_l2<=0.05").tightened(0.01).value == pytest.approx(0.04)
+
+
+# -- greedy maths on toy tables ----------------------------------------------------------------------
+def test_lower_hull_drops_dominated_and_non_convex_options():
+    # (bytes, error); option 0 is the unchanged layer
+    options = [(100.0, 0.0), (50.0, 1.0), (40.0, 5.0), (25.0, 3.0), (30.0, 4.0), (120.0, 0.0), (10.0, 20.0)]
+    # saved/error: A(50,1) B(60,5) C(75,3) D(70,4) E(-20: saves nothing) F(90,20)
+    # B and D lie above A->C; hull = 0 -> A -> C -> F
+    assert bg.lower_hull(options) == [0, 1, 3, 6]
+
+
+def test_lower_hull_keeps_an_exact_option_first():
+    assert bg.lower_hull([(10.0, 0.0), (8.0, 0.0), (4.0, 1.0)]) == [0, 1, 2]
+
+
+def test_greedy_path_orders_by_bytes_per_error_and_keeps_layer_order():
+    tables = [
+        [(100.0, 0.0), (50.0, 1.0), (20.0, 11.0)],  # moves: 50/1 = 50, then 30/10 = 3
+        [(80.0, 0.0), (40.0, 2.0), (30.0, 2.5)],  # moves: 40/2 = 20, then 10/0.5 = 20
+    ]
+    path = bg.greedy_path(tables)
+    assert [(m.layer, m.src, m.dst) for m in path] == [(0, 0, 1), (1, 0, 1), (1, 1, 2), (0, 1, 2)]
+    assert [m.saved for m in path] == [50.0, 40.0, 10.0, 30.0]
+    assert bg.apply_moves(path) == {0: 2, 1: 2}
+    with pytest.raises(ValueError):
+        bg.apply_moves([path[2]])  # starts from option 1, layer 1 is at 0
+
+
+def test_search_path_finds_the_longest_prefix_then_skips_a_blocking_layer():
+    tables = [
+        [(100.0, 0.0), (50.0, 1.0)],
+        [(100.0, 0.0), (10.0, 9.0)],  # cheap per byte but too costly for the budget
+        [(100.0, 0.0), (80.0, 3.0)],
+    ]
+    path = bg.greedy_path(tables)  # efficiencies: 50, 10, 6.67
+    assert [m.layer for m in path] == [0, 1, 2]
+    calls = []
+
+    def passes(config):
+        calls.append(dict(config))
+        return sum(tables[li][o][1] for li, o in config.items()) <= 5.0
+
+    config, accepted = bg.search_path(path, passes, rounds=4)
+    assert config == {0: 1, 2: 1}  # layer 1 frozen after its move broke the budget, layer 2 still taken
+    assert [m.layer for m in accepted] == [0, 2]
+    assert bg.longest_passing_prefix(path, lambda k: k <= 1) == 1
+    assert bg.longest_passing_prefix(path, lambda k: True) == 3
+
+
+def test_interpolating_search_on_margins_needs_fewer_probes_than_bisection():
+    moves = [bg.Move(i, 0, 1, 10.0, 1.0 + (i % 3)) for i in range(200)]  # cumulative error ~ 2 per move
+    cost = np.cumsum([m.cost for m in moves])
+    limit = 151.5
+
+    def total(k):
+        return float(cost[k - 1]) if k else 0.0
+
+    margins, bools = [], []
+    k_margin = bg.longest_passing_prefix(moves, lambda k: margins.append(k) or (limit - total(k)))
+    k_bool = bg.longest_passing_prefix(moves, lambda k: bools.append(k) or total(k) <= limit)
+    expected = max(k for k in range(201) if total(k) <= limit)
+    assert k_margin == k_bool == expected
+    assert len(margins) < len(bools) <= 9
+    # size_tol: stop once the bytes still in play are small; the answer passes and is within the tolerance
+    k_tol = bg.longest_passing_prefix(moves, lambda k: limit - total(k), size_tol=50.0)
+    assert total(k_tol) <= limit and (expected - k_tol) * 10.0 <= 50.0
+    # relative tolerance: at most 2.5% of the passing configuration's bytes (2000 bytes before any move)
+    k_rel = bg.longest_passing_prefix(moves, lambda k: limit - total(k), size_tol=0.025, size0=2000.0)
+    assert total(k_rel) <= limit and (expected - k_rel) * 10.0 <= 0.025 * (2000.0 - 10.0 * k_rel)
+
+
+def test_substring_selectors_select_exactly_the_intended_names():
+    universe = ["node_linear", "node_linear_1", "node_linear_12", "node_linear_2", "other"]
+
+    def selected(include, exclude, done):
+        return {u for u in universe if u not in done and any(i in u for i in include) and not any(e in u for e in exclude)}
+
+    for intended in (["node_linear"], ["node_linear_1"], ["node_linear", "node_linear_12"], ["node_linear_1", "node_linear_2"], universe):
+        pairs = bg.substring_selectors(intended, universe)
+        done: set[str] = set()
+        got: set[str] = set()
+        for include, exclude in pairs:
+            sel = selected(include, exclude, done)
+            assert sel == set(include)
+            got |= sel
+            done |= sel
+        assert got == set(intended)
+
+
+# -- bytes ---------------------------------------------------------------------------------------------
+def test_quant_bytes_formulas():
+    assert quant_bytes("matmul", (256, 64), None) == 256 * 64 * 4
+    assert quant_bytes("matmul", (256, 64), "int8") == 256 * 64 + 5 * 64
+    # int4 blocks of 32 along K=100 -> 4 blocks (padded), 16 bytes of codes each, float scale, packed zps
+    assert quant_bytes("matmul", (100, 10), "int4/32") == 10 * 4 * 16 + 10 * 4 * 4 + 10 * 2
+    assert quant_bytes("gemm_t", (10, 100), "int4/32") == quant_bytes("matmul", (100, 10), "int4/32")
+    assert quant_bytes("gather", (1000, 64), "int8") == 1000 * 64 + 4 * 1000
+    assert quant_bytes("gather", (1000, 64), "int4/32") == 1000 * 32 + 1000 * 2 * 4 + 1000 * 1
+    assert quant_bytes("conv", (8, 4, 3, 3), "int8") == 288 + 5 * 8
+
+
+# -- a small MLP with real-ish structure ---------------------------------------------------------------
+def _mlp(seed: int = 0) -> tuple[ir.Model, np.ndarray]:
+    """x[N,64] -> MatMul 64x256 (+bias) -> Relu -> MatMul 256x256 -> Relu -> MatMul 256x16.
+
+    Weights have decaying spectra (a trained network's shape); inputs live near a 12-dim subspace.
+    """
+    rng = np.random.default_rng(seed)
+
+    def decaying(k: int, n: int) -> np.ndarray:
+        u, _ = np.linalg.qr(rng.standard_normal((k, k)))
+        v, _ = np.linalg.qr(rng.standard_normal((n, n)))
+        r = min(k, n)
+        s = 3.0 * np.exp(-np.arange(r) / (r / 6))
+        return (u[:, :r] * s) @ v[:, :r].T / np.sqrt(r) + 0.002 * rng.standard_normal((k, n))
+
+    mix = rng.standard_normal((12, 64))
+    model = text_model(
+        f"""{HEADER} g (float[N,64] x) => (float[N,16] y)
+        <{init('w1', decaying(64, 256))}, {init('b1', 0.1 * rng.standard_normal(256))}, {init('w2', decaying(256, 256))},
+         {init('w3', decaying(256, 16))}>
+        {{
+            a = MatMul(x, w1)
+            b = Add(a, b1)
+            r = Relu(b)
+            c = MatMul(r, w2)
+            s = Relu(c)
+            y = MatMul(s, w3)
+        }}"""
+    )
+    for i, node in enumerate(n for n in model.graph if n.op_type == "MatMul"):
+        node.name = f"fc{i + 1}"
+    return model, mix
+
+
+def _feeds(mix: np.ndarray, batches: int, seed: int) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"x": (rng.standard_normal((32, 12)) @ mix + 0.05 * rng.standard_normal((32, 64))).astype(np.float32)} for _ in range(batches)]
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    model, mix = _mlp()
+    return model, _feeds(mix, 6, 1), _feeds(mix, 4, 2)
+
+
+def test_find_layers_uses_the_passes_rules(mlp):
+    model, _, _ = mlp
+    layers, _ = find_layers(model, Grid())
+    by = {layer.name: layer for layer in layers}
+    assert set(by) == {"fc1", "fc2", "fc3"}
+    assert Choice(0.5, "int4/32") in by["fc2"].choices and Choice(None, "int8") in by["fc2"].choices
+    # fc3 has 4096 parameters: factorize's default floor (4096) accepts it only if a rank saves at the ratio
+    assert all(c.ratio is None for c in by["fc3"].choices) == ("lowrank" in by["fc3"].skipped)
+
+
+@pytest.mark.parametrize(
+    "choice, exact",
+    [(Choice(None, "int8"), True), (Choice(None, "int4/32"), True), (Choice(0.3, None), True), (Choice(0.3, "int8"), False), (Choice(0.2, "int4/128"), False)],
+)
+def test_reconstruction_reproduces_the_real_passes(mlp, choice, exact):
+    """Feeding the reconstruction for one layer gives the output of the model built by the passes.
+
+    Exact for one technique; for quantized factors GPTQ's rounding cascades from float-rounding-level
+    differences of the factors (the pass computes them with other BLAS threading), so there the error
+    against the original must agree in size, not bit for bit."""
+    model, calib, evals = mlp
+    layers, _ = find_layers(model, Grid(factorize_float=True))
+    layer = next(layer for layer in layers if layer.name == "fc2")
+    stats = collect_input_stats(model, calib, [layer.x])
+    w, delta = reconstruct(layer, choice, stats[layer.x], Spectra())
+    sim = Simulator(model, layers, [layer])
+    simulated = sim.run(evals, sim.override(layer, w, delta))
+    original = sim.run(evals)
+    built, passes = bg.build(model, layers, {"fc2": choice}, calib)
+    # the graph computes the same function (ORT without its kernel fusions) ...
+    exact_session = runtime.make_session(built, optimization="disable")
+    real = [runtime.run(exact_session, f) for f in evals]
+    if exact:
+        err = compare(simulated, real)
+        assert err.max_rel_l2 < 2e-5, err
+    else:
+        d_sim, d_real = compare(simulated, original).d, compare(real, original).d
+        assert 0.7 < d_sim / d_real < 1.4, (d_sim, d_real)
+    # ... and ORT's fused kernels stay close (DequantizeLinear(uint8)+MatMul becomes MatMulNBits(bits=8,
+    # accuracy_level=4), which quantizes the activations too: the final verification measures that)
+    fused = runtime.make_session(built)
+    assert compare(simulated, [runtime.run(fused, f) for f in evals]).max_rel_l2 < 5e-2
+    # and the stored bytes are the ones predicted
+    growth = model_bytes(built) - model_bytes(model)
+    predicted = choice_bytes(layer, choice) - layer.fp32_bytes
+    assert abs(growth - predicted) < 1000, (growth, predicted)  # graph nodes and names
+    # the text of the passes is an ordinary pipeline that parses back to the same passes
+    text = str(Pipeline(passes))
+    assert str(Pipeline.parse(text)) == text
+
+
+@pytest.mark.parametrize("budget_text", ["cos>=0.995", "rel_l2<=0.02"])
+def test_search_meets_the_budget_in_the_verified_model(mlp, budget_text, tmp_path):
+    model, calib, evals = mlp
+    result = bg.search(model, budget_text, calibration=calib, evaluation=evals, base="", cache=tmp_path, baselines=True)
+    assert result.passed
+    b = bg.Budget.parse(budget_text)
+    # independent check of the returned model against the original on the evaluation data
+    report = validate(ir.to_proto(model), result.model, inputs=evals, tolerance=Tolerance(min_cosine=0.0))
+    measured = report.min_cosine if b.metric == "cos" else max(o.rel_l2 for o in report.outputs)
+    assert b.ok(measured), (measured, result.pipeline)
+    assert measured == pytest.approx(result.value, rel=1e-4, abs=1e-6)
+    # smaller than the trivially safe choice (int8 weights everywhere)
+    int8, _ = optimize(model, "qdq(mode=weight)", calibration=calib, validate_result=False)
+    assert result.bytes_after < model_bytes(int8)
+    assert result.bytes_after == model_bytes(result.model)
+    assert abs(result.bytes_after - result.predicted_bytes) < 0.05 * result.bytes_after
+    # the pipeline text re-runs without search to the same model
+    assert dict(result.model.metadata_props)["onnxpress.pipeline"] == result.pipeline
+    again, _ = optimize(model, result.pipeline, calibration=calib, validate_result=False)
+    assert model_bytes(again) == result.bytes_after
+    same = validate(result.model, again, inputs=evals, tolerance=Tolerance(atol=1e-5, rtol=1e-4))
+    assert same.passed
+    # the second run of the same search comes from the sensitivity cache and decides the same
+    cached = bg.search(model, budget_text, calibration=calib, evaluation=evals, base="", cache=tmp_path, baselines=False)
+    assert cached.pipeline == result.pipeline
+    assert len(list((tmp_path / "budget").glob("*.json"))) == 1
+
+
+def test_task_metric_budget_with_an_evaluate_function(mlp, tmp_path):
+    model, calib, evals = mlp
+    ref_session = runtime.make_session(model)
+    ref = np.concatenate([runtime.run(ref_session, f)["y"] for f in evals]).argmax(-1)
+    seen = []
+
+    def evaluate(candidate):
+        s = runtime.make_session(candidate)
+        pred = np.concatenate([runtime.run(s, f)["y"] for f in evals]).argmax(-1)
+        seen.append(1)
+        return {"agreement": float(np.mean(pred == ref))}
+
+    result = bg.search(model, "agreement>=0.97", calibration=calib, evaluate=evaluate, base="", cache=False, baselines=False)
+    assert result.passed and result.value >= 0.97
+    assert evaluate(result.model)["agreement"] == result.value
+    assert result.bytes_after < model_bytes(model) / 4  # well below fp32
+    assert len(seen) >= 3  # the path was searched with the real metric
+    png = result.plot(tmp_path / "pareto.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    data = result.to_dict()
+    json.dumps(data)
+    assert data["budget"]["metric"] == "agreement" and data["layers"] and data["candidates"]
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    for r in result.renderables():
+        console.print(r)
+    text = console.export_text()
+    assert "fc2" in text and result.pipeline[:40] in text.replace("\n", "")
+
+
+def test_task_metric_without_task_is_a_usage_error(mlp):
+    model, calib, _ = mlp
+    with pytest.raises(UsageError, match="task metric"):
+        bg.search(model, "accuracy_drop<=1%", calibration=calib, base="", cache=False)
+
+
+def test_unknown_metric_of_the_task_names_the_available_ones(mlp):
+    model, calib, _ = mlp
+    with pytest.raises(UsageError, match="reports: agreement"):
+        bg.search(model, "accuracy<=1", calibration=calib, evaluate=lambda m: {"agreement": 1.0}, base="", cache=False)
+
+
+def test_progress_callback_sees_every_stage(mlp):
+    model, calib, evals = mlp
+    stages: dict[str, tuple[int, int]] = {}
+    bg.search(model, "cos>=0.99", calibration=calib, evaluation=evals, base="", cache=False, baselines=False,
+              progress=lambda stage, done, total: stages.__setitem__(stage, (done, total)))
+    assert {"input statistics", "sensitivity (layer x candidate)", "build and verify"} <= set(stages)
+    done, total = stages["sensitivity (layer x candidate)"]
+    assert done == total > 10
+
+
+def test_protobuf_model_and_path_inputs_are_left_unchanged(mlp, tmp_path):
+    model, calib, evals = mlp
+    path = tmp_path / "m.onnx"
+    ir.save(model, path)
+    before = path.read_bytes()
+    result = bg.search(str(path), "cos>=0.999", calibration=calib, evaluation=evals, base="", cache=False, baselines=False)
+    assert path.read_bytes() == before
+    assert result.passed
+    proto = onnx.load(str(path))
+    copy = proto.SerializeToString()
+    bg.search(proto, "cos>=0.999", calibration=calib, evaluation=evals, base="", cache=False, baselines=False)
+    assert proto.SerializeToString() == copy
+
+
+def test_relative_increase_metrics_and_grid_validation():
+    out = bg._with_relative({"perplexity": 5.5, "reference_perplexity": 5.0, "ppl_increase": 0.5, "accuracy": 0.9})
+    assert out["ppl_increase_rel"] == pytest.approx(0.1) and out["ppl_increase"] == 0.5
+    assert "accuracy_increase_rel" not in out
+    with pytest.raises(ValueError, match="int4/B"):
+        Grid(quants=("int3",))
+    with pytest.raises(ValueError, match="ratio"):
+        Grid(ratios=(1.5,))
