@@ -149,13 +149,17 @@ def main(ctx: click.Context, debug: bool) -> None:
 @validation_options
 @click.option("--calibration", type=click.Path(exists=True, path_type=Path), help="Calibration data for data-aware passes (.npz with a leading sample axis, or a folder).")
 @click.option("--target", "target_name", type=click.Choice(["cpu", "cuda", "mobile"]), default="cpu", show_default=True, help="Where the model will run: sets pass defaults and the validating runtime (mobile also writes OUT.ort, OUT.required_operators.config, OUT.mobile.json).")
+@click.option("--budget", "budget_text", help="Search the smallest per-layer mix of factorization and quantization meeting e.g. 'cos>=0.99', 'accuracy_drop<=1%' (replaces -p).")
+@click.option("--task", type=click.Choice(["minilm", "digits", "lm"]), help="Task whose metric a --budget like accuracy_drop/ppl_increase/mean_cos refers to.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), help="With --budget: write the size-vs-fidelity Pareto plot (PNG).")
+@click.option("--jobs", type=int, default=1, show_default=True, help="With --budget: threads for onnxruntime and candidate maths.")
 @click.option("--bisect", is_flag=True, help="Validate after every pass and name the first pass that breaks the tolerance.")
 @click.option("--verify-each", is_flag=True, help="Run the onnx checker and strict shape inference after every pass that changed the model.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the full report as JSON.")
 @click.option("--force", is_flag=True, help="Allow the output to overwrite the input file.")
 @click.option("--keep-failed", is_flag=True, help="Write the output even when validation fails.")
 @click.option("--external-data/--no-external-data", default=None, help="Store tensors in OUTPUT.data (default: when the model is large or had external data).")
-def optimize(model, output, pipeline, do_validate, inputs, calibration, dims, provider, atol, rtol, min_cosine, target_name, bisect, verify_each, report_path, force, keep_failed, external_data):
+def optimize(model, output, pipeline, do_validate, inputs, calibration, dims, provider, atol, rtol, min_cosine, target_name, budget_text, task, plot_path, jobs, bisect, verify_each, report_path, force, keep_failed, external_data):
     """Rewrite MODEL with a pipeline of passes, validate it, and write OUTPUT."""
     from onnxpress import api, io
     from onnxpress.pipeline import Pipeline
@@ -168,6 +172,8 @@ def optimize(model, output, pipeline, do_validate, inputs, calibration, dims, pr
         targets.check_cuda()
         provider = "cuda"
     io.check_writable_output(output, (model,), force=force)
+    if budget_text:
+        return _optimize_with_budget(model, output, budget_text, calibration, task, plot_path, jobs, report_path, force, keep_failed, external_data)
     if report_path:
         io.check_writable_output(report_path, (model,), force=False)
     tolerance = _tolerance(atol, rtol, min_cosine, pipe.lossless)
@@ -248,6 +254,25 @@ def optimize(model, output, pipeline, do_validate, inputs, calibration, dims, pr
             f"validation failed: output '{worst.name}' max abs {worst.max_abs:.3g}, cosine {worst.cosine:.6f} "
             f"(tolerance {report.validation.tolerance.describe()})"
         )
+
+
+def _optimize_with_budget(model, output, budget_text, calibration, task, plot_path, jobs, report_path, force, keep_failed, external_data):
+    from onnxpress import budget, io
+
+    if plot_path:
+        io.check_writable_output(plot_path, (model,), force=False)
+    result = budget.search(str(model), budget_text, calibration=str(calibration) if calibration else None, task=task, jobs=jobs, progress=True)
+    for item in result.renderables():
+        console.print(item)
+    if plot_path:
+        result.plot(plot_path)
+    if report_path:
+        io.write_bytes_atomic(json.dumps(result.to_dict(), indent=2, default=str).encode(), report_path)
+    if result.passed or keep_failed:
+        io.save(result.model, output, external_data=external_data)
+        console.print(f"written {output}: {result.bytes_before / 1e6:.3f} MB -> {result.bytes_after / 1e6:.3f} MB; pipeline {result.pipeline}")
+    if not result.passed:
+        raise OnnxpressError(f"budget {budget_text} not met: measured {result.value:.6g}")
 
 
 @main.command(name="validate")

@@ -140,3 +140,23 @@ def test_target_cuda_without_gpu_is_one_clear_line(tmp_path, capsys, monkeypatch
     err = capsys.readouterr().err.strip()
     assert err.startswith("onnxpress: error:") and "CUDA" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_budget_cli_meets_budget_and_writes_pipeline(tmp_path, capsys):
+    from onnxpress.validate import Tolerance
+
+    src = tmp_path / "in.onnx"
+    model = mlp_model(k=32, h=64, n=16)
+    for i, node in enumerate(model.graph):
+        node.name = f"node{i}"  # the budget search names layers in its pipeline text by node name
+    onnxpress.save(model, src)
+    out = tmp_path / "out.onnx"
+    code = run(["optimize", str(src), "-o", str(out), "--budget", "cos>=0.99", "--plot", str(tmp_path / "p.png"), "--report", str(tmp_path / "r.json")])
+    assert code == 0
+    model = onnxpress.load(out)
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert model.metadata_props["onnxpress.pipeline"] == report["pipeline"]
+    assert report["bytes_after"] < report["bytes_before"]
+    assert (tmp_path / "p.png").stat().st_size > 1000
+    check = onnxpress.validate(str(src), str(out), dims={"N": 16}, tolerance=Tolerance(min_cosine=0.98))
+    assert check.passed
