@@ -292,6 +292,10 @@ def save(
     the new ``.data`` replaces the old one, so a kill between the renames leaves no output rather than the
     old model beside the new weights.  A SIGKILL can leave a ``.<name>.*.tmp`` file or folder behind.
     """
+    if isinstance(model, onnx.ModelProto):  # a pipeline ending in a proto-stage pass (sparsify)
+        if model.ByteSize() >= 2**31 - 1:
+            raise UsageError(f"{path}: a model with sparse initializers over 2 GB cannot be written as one protobuf")
+        return write_bytes_atomic(model.SerializeToString(), path)
     out = Path(path)
     folder = out.parent if str(out.parent) else Path(".")
     if external_data is None:

@@ -160,3 +160,17 @@ def test_budget_cli_meets_budget_and_writes_pipeline(tmp_path, capsys):
     assert (tmp_path / "p.png").stat().st_size > 1000
     check = onnxpress.validate(str(src), str(out), dims={"N": 16}, tolerance=Tolerance(min_cosine=0.98))
     assert check.passed
+
+
+def test_optimize_writes_sparsified_model(tmp_path):
+    import numpy as np
+
+    src = tmp_path / "in.onnx"
+    onnxpress.save(mlp_model(k=32, h=64, n=16), src)
+    out = tmp_path / "out.onnx"
+    code = run(["optimize", str(src), "-o", str(out), "-p", "prune(sparsity=0.8,min_size=16),sparsify(min_size=16)", "--min-cosine", "0.3"])
+    assert code == 0
+    proto = __import__("onnx").load(str(out))
+    assert len(proto.graph.sparse_initializer) >= 1
+    dense = onnxpress.load(out).graph.initializers["w1"].const_value.numpy()
+    assert np.mean(dense == 0) >= 0.8
