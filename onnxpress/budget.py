@@ -57,7 +57,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnxpress.budget_layers import FP32, Choice, Grid, InputStats, Layer, Spectra, choice_bytes, collect_input_stats, find_layers, node_label, reconstruct
+from onnxpress.budget_layers import FP32, Choice, Grid, Layer, Spectra, choice_bytes, collect_input_stats, find_layers, node_label, reconstruct
 from onnxpress.errors import UsageError
 
 CACHE_VERSION = 1
@@ -608,6 +608,13 @@ def search(
         t0 = time.perf_counter()
         with_bias = [layer for layer in layers if any(c.ratio is not None for c in layer.choices)]
         sim = Simulator(working, layers, with_bias, threads=jobs)
+        checked: dict[tuple[tuple[int, int], ...], float] = {}
+        if not budget.is_output_metric:
+            # fail fast on a metric the task does not report, or a budget the original model misses itself
+            original_value = _task_value(evaluate, sim.materialize({}), budget.metric)
+            if not budget.ok(original_value):
+                raise UsageError(f"the original model does not meet the budget itself: {budget.metric} = {original_value:.6g} (budget {budget})")
+            checked[()] = original_value
         digest = _digest(working, sens_feeds, json.dumps([CACHE_VERSION, dataclasses.asdict(grid)]))
         cache_path = _cache_file(cache, digest)
         cached: dict[str, float] = {}
@@ -693,7 +700,6 @@ def search(
         path = greedy_path(tables)
         base_weight_bytes = sum(t[0][0] for t in tables)
         working_bytes = model_bytes(working)
-        checked: dict[tuple[tuple[int, int], ...], float] = {}
         points: list[Point] = []
 
         def config_bytes(config: dict[int, int]) -> int:

@@ -261,7 +261,7 @@ def _optimize_with_budget(model, output, budget_text, calibration, task, plot_pa
 
     if plot_path:
         io.check_writable_output(plot_path, (model,), force=False)
-    result = budget.search(str(model), budget_text, calibration=str(calibration) if calibration else None, task=task, jobs=jobs, progress=True)
+    result = budget.search(str(model), budget_text, calibration=str(calibration) if calibration else None, task=task, jobs=jobs, progress=True, baselines=bool(plot_path))
     for item in result.renderables():
         console.print(item)
     if plot_path:

@@ -334,6 +334,24 @@ def test_unknown_metric_of_the_task_names_the_available_ones(mlp):
         bg.search(model, "accuracy<=1", calibration=calib, evaluate=lambda m: {"agreement": 1.0}, base="", cache=False)
 
 
+def test_budget_the_original_misses_is_a_usage_error(mlp):
+    model, calib, _ = mlp
+    with pytest.raises(UsageError, match="original model does not meet the budget itself: agreement = 0.9"):
+        bg.search(model, "agreement>=0.95", calibration=calib, evaluate=lambda m: {"agreement": 0.9}, base="", cache=False)
+
+
+@pytest.mark.slow
+def test_digits_cnn_accuracy_budget_holds_and_shrinks_8x():
+    from onnxpress.models import digits
+
+    path = digits.build("cnn")
+    result = bg.search(str(path), "accuracy_drop<=1%", calibration=digits.calibration_feeds("cnn"), task="digits", cache=False)
+    assert result.passed
+    check = digits.evaluate(result.model, kind="cnn", reference=str(path))
+    assert check["accuracy_drop"] <= 0.01 and check["accuracy_drop"] == pytest.approx(result.value)
+    assert result.ratio >= 8.0, result.ratio  # int8 everywhere is 3.7x
+
+
 def test_progress_callback_sees_every_stage(mlp):
     model, calib, evals = mlp
     stages: dict[str, tuple[int, int]] = {}
