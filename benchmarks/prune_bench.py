@@ -195,19 +195,9 @@ def cells(r: dict[str, Any]) -> list[str]:
 
 
 def machine() -> str:
-    import onnxruntime
+    from run_all import machine as describe  # benchmarks/ is on sys.path when a benchmark runs as a script
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import os
-
-    return f"{cpu}, {os.cpu_count()} cores, onnxruntime {onnxruntime.__version__}, {platform.system()} {platform.release()}"
+    return describe()
 
 
 def main() -> None:
