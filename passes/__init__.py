@@ -13,8 +13,10 @@ from onnxpress.passes.prune import Prune
 from onnxpress.passes.qdq import Qdq
 from onnxpress.passes.simplify import Simplify
 from onnxpress.passes.sparse import Sparsify
+from onnxpress.passes.strip_metadata import StripMetadata
 
 ALL = (
+    StripMetadata,
     Simplify,
     FoldConstants,
     DeduplicateInitializers,
@@ -27,4 +29,4 @@ ALL = (
 )
 
 # The default pipeline of `onnxpress optimize`: lossless, in an order where each pass feeds the next.
-DEFAULT_PIPELINE = "simplify,fold,cse,dedup,prune-unused"
+DEFAULT_PIPELINE = "strip-metadata,simplify,fold,cse,dedup,prune-unused"
