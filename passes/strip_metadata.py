@@ -2,34 +2,49 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterator, MutableMapping
+
 import onnx_ir as ir
-from onnx_ir.passes import common
 
-from onnxpress.pass_infra import Pass
-
-
-def _values(graph: ir.Graph | ir.Function):
-    yield from graph.inputs
-    yield from graph.outputs
-    if isinstance(graph, ir.Graph):
-        yield from graph.initializers.values()
-    for node in ir.traversal.RecursiveGraphIterator(graph):
-        yield from node.outputs
+from onnxpress.pass_infra import Pass, option
 
 
-def metadata_bytes(model: ir.Model) -> int:
-    """Bytes of the debug metadata this pass removes (keys + values + doc strings), for its report."""
-    total = 0
-    graphs: list[ir.Graph | ir.Function] = [model.graph, *model.functions.values()]
-    for graph in graphs:
+@dataclasses.dataclass(frozen=True)
+class StripMetadataOptions:
+    keep: tuple[str, ...] = option(
+        ("onnxpress.",), "metadata keys starting with one of these prefixes are kept (onnxpress's own marks: factorize/prune read them to stay idempotent)"
+    )
+
+
+def _annotated(model: ir.Model) -> Iterator[ir.Node | ir.Value | ir.Graph | ir.Function]:
+    """Every object of the model that carries ``metadata_props`` and a ``doc_string``, except the model."""
+    for graph in (model.graph, *model.functions.values()):
+        yield graph
+        yield from graph.inputs
+        yield from graph.outputs
+        if isinstance(graph, ir.Graph):
+            yield from graph.initializers.values()
         for node in ir.traversal.RecursiveGraphIterator(graph):
-            total += sum(len(k) + len(v) for k, v in node.metadata_props.items()) + len(node.doc_string or "")
+            yield node
+            yield from node.outputs
             for attr in node.attributes.values():
                 if attr.type == ir.AttributeType.GRAPH:
-                    total += sum(len(k) + len(v) for k, v in attr.value.metadata_props.items())
-        total += sum(len(k) + len(v) for k, v in graph.metadata_props.items()) + len(graph.doc_string or "")
-        for value in _values(graph):
-            total += sum(len(k) + len(v) for k, v in value.metadata_props.items()) + len(value.doc_string or "")
+                    yield attr.value
+                elif attr.type == ir.AttributeType.GRAPHS:
+                    yield from attr.value
+
+
+def _dropped(props: MutableMapping[str, str], keep: tuple[str, ...]) -> list[str]:
+    return [k for k in props if not k.startswith(keep)]
+
+
+def metadata_bytes(model: ir.Model, keep: tuple[str, ...] = StripMetadataOptions.keep) -> int:
+    """Bytes of debug metadata the pass removes (keys + values + doc strings): its report."""
+    total = 0
+    for obj in _annotated(model):
+        total += sum(len(k) + len(obj.metadata_props[k]) for k in _dropped(obj.metadata_props, keep))
+        total += len(obj.doc_string or "")
     return total
 
 
@@ -38,29 +53,22 @@ class StripMetadata(Pass):
 
     Applies to every model; pays most on exporter output (torch.onnx's dynamo exporter stores a stack trace,
     module hierarchy and FX node text on every node: ~0.5 MB on all-MiniLM-L6-v2). Lossless: no node,
-    tensor or attribute changes, only debug annotations. Model-level ``metadata_props`` (producer facts a
-    deployment may read, and onnxpress's own pipeline stamp) are kept. Built on onnx-ir's
-    ClearMetadataAndDocStringPass, plus the per-value annotations that pass leaves.
+    tensor or attribute changes, only debug annotations. Kept: model-level ``metadata_props`` (producer facts
+    a deployment may read, and onnxpress's pipeline stamp) and keys starting with a ``keep`` prefix
+    (onnxpress's own marks, which factorize and prune read so that a second run leaves their work alone).
     """
 
     name = "strip-metadata"
+    Options = StripMetadataOptions
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        removed = metadata_bytes(model)
+        keep = self.options.keep
+        removed = metadata_bytes(model, keep)
         if not removed:
             return ir.passes.PassResult(model, False)
-        common.ClearMetadataAndDocStringPass()(model)
-        for graph in (model.graph, *model.functions.values()):
-            graph.metadata_props.clear()
-            graph.doc_string = None
-            for value in _values(graph):
-                value.metadata_props.clear()
-                value.doc_string = None
-            for node in ir.traversal.RecursiveGraphIterator(graph):
-                node.doc_string = None
-                for attr in node.attributes.values():
-                    if attr.type == ir.AttributeType.GRAPH:
-                        attr.value.metadata_props.clear()
-                        attr.value.doc_string = None
+        for obj in _annotated(model):
+            for key in _dropped(obj.metadata_props, keep):
+                del obj.metadata_props[key]
+            obj.doc_string = None
         self.details.append({"metadata_bytes_removed": removed})
         return ir.passes.PassResult(model, True)

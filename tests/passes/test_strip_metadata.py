@@ -30,6 +30,19 @@ def test_strip_metadata_removes_debug_annotations_and_keeps_numbers():
     assert len(ir.to_proto(out).SerializeToString()) < len(ir.to_proto(model).SerializeToString()) - before // 2
 
 
+def test_strip_metadata_keeps_onnxpress_marks_so_factorize_stays_idempotent():
+    from onnxpress.passes.factorize import Factorize
+
+    factorized = Factorize(Factorize.Options(ratio=0.5, min_size=0))(mlp_model(k=32, h=64, n=32)).model
+    marks = {n.name: dict(n.metadata_props) for n in factorized.graph if n.metadata_props}
+    assert marks, "factorize marks its nodes"
+    for node in factorized.graph:
+        node.metadata_props["pkg.torch.onnx.stack_trace"] = "trace"
+    stripped = StripMetadata()(factorized).model
+    assert {n.name: dict(n.metadata_props) for n in stripped.graph if n.metadata_props} == marks
+    assert not Factorize(Factorize.Options(ratio=0.5, min_size=0))(stripped).modified
+
+
 def test_strip_metadata_on_clean_model_reports_no_change():
     result = StripMetadata()(mlp_model())
     assert not result.modified
