@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -694,17 +694,21 @@ class Prune(Pass):
         return ir.passes.PassResult(model, self._unstructured(model))
 
     # -- unstructured and N:M ------------------------------------------------------------------------
-    def _layers(self, model: ir.Model) -> list[_Layer]:
-        o = self.options
-        out: list[_Layer] = []
+    def _candidates(self, model: ir.Model) -> Iterator[tuple[ir.Node, str, bool]]:
+        """(node, label, excluded) of every plain MatMul/Gemm/Conv the include option selects."""
         for index, node in enumerate(model.graph):
             if node.op_type not in ("MatMul", "Gemm", "Conv") or not _is_plain(node):
                 continue
             label = _label(node, index)
             weight = node.inputs[1] if len(node.inputs) > 1 else None
-            included, excluded = _selected(o, [label, weight.name if weight is not None else ""])
-            if not included:
-                continue
+            included, excluded = _selected(self.options, [label, weight.name if weight is not None else ""])
+            if included:
+                yield node, label, excluded
+
+    def _layers(self, model: ir.Model) -> list[_Layer]:
+        o = self.options
+        out: list[_Layer] = []
+        for node, label, excluded in self._candidates(model):
             found = _classify_layer(node, o.min_size)
             if isinstance(found, str):
                 if found:
@@ -841,14 +845,7 @@ class Prune(Pass):
     def _structured(self, model: ir.Model) -> bool:
         o = self.options
         blocks: list[_Block] = []
-        for index, node in enumerate(model.graph):
-            if node.op_type not in ("MatMul", "Gemm", "Conv") or not _is_plain(node):
-                continue
-            label = _label(node, index)
-            weight = node.inputs[1] if len(node.inputs) > 1 else None
-            included, excluded = _selected(o, [label, weight.name if weight is not None else ""])
-            if not included:
-                continue
+        for node, label, excluded in self._candidates(model):
             if UNITS_MARK in node.metadata_props:
                 self.details.append({"layer": label, "op": node.op_type, "skipped": "already pruned (structured)"})
                 continue
