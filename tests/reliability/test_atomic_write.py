@@ -24,31 +24,22 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx_ir as ir
 import pytest
 
 import onnxpress
 from onnxpress.cli import run
+from seeded_chain import seeded_chain
 
 CHILD = textwrap.dedent(
     """
     import os, signal, sys
-    import numpy as np
-    import onnx_ir as ir
     import onnxpress
 
-    out, n, layers, seed, external, kill_at = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1", sys.argv[6]
-    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([1, n]))
-    nodes, inits, cur = [], [], x
-    for i in range(layers):
-        w = ir.Value(name=f"w{i}", const_value=ir.tensor(np.full((n, n), seed * 1000 + i, dtype=np.float32), name=f"w{i}"))
-        inits.append(w)
-        node = ir.node("MatMul", [cur, w], name=f"mm{i}")
-        nodes.append(node)
-        cur = node.outputs[0]
-    cur.name = "y"
-    cur.type, cur.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape([1, n])
-    model = ir.Model(ir.Graph([x], [cur], nodes=nodes, initializers=inits, opset_imports={"": 17}, name="g"), ir_version=10)
+    out, n, layers, seed, external, kill_at, here = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1", sys.argv[6], sys.argv[7]
+    sys.path.insert(0, here)
+    from seeded_chain import seeded_chain
+
+    model = seeded_chain(seed, n, layers)
     if kill_at != "none":
         target = os.path.abspath(out if kill_at == "model" else out + ".data")
         real_replace = os.replace
@@ -65,7 +56,7 @@ CHILD = textwrap.dedent(
 
 
 def child(out: Path, n: int, layers: int, seed: int, external: bool, kill_at: str = "none") -> subprocess.Popen:
-    args = [sys.executable, "-c", CHILD, str(out), str(n), str(layers), str(seed), "1" if external else "0", kill_at]
+    args = [sys.executable, "-c", CHILD, str(out), str(n), str(layers), str(seed), "1" if external else "0", kill_at, str(Path(__file__).parent)]
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -151,25 +142,11 @@ def test_kill_at_rename_of_single_file_keeps_old_output(tmp_path):
 # ---------------------------------------------------------------------------------------------- clean failures
 
 
-def _model(seed: float, n: int = 32, layers: int = 2) -> ir.Model:
-    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([1, n]))
-    nodes, inits, cur = [], [], x
-    for i in range(layers):
-        w = ir.Value(name=f"w{i}", const_value=ir.tensor(np.full((n, n), seed * 1000 + i, dtype=np.float32), name=f"w{i}"))
-        inits.append(w)
-        node = ir.node("MatMul", [cur, w], name=f"mm{i}")
-        nodes.append(node)
-        cur = node.outputs[0]
-    cur.name = "y"
-    cur.type, cur.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape([1, n])
-    return ir.Model(ir.Graph([x], [cur], nodes=nodes, initializers=inits, opset_imports={"": 17}, name="g"), ir_version=10)
-
-
 @pytest.mark.parametrize("error", [OSError("disk full"), KeyboardInterrupt()], ids=["exception", "ctrl-c"])
 @pytest.mark.parametrize("external", [True, False], ids=["external", "single-file"])
 def test_failure_while_writing_cleans_up_and_keeps_old_output(tmp_path, monkeypatch, error, external):
     out = tmp_path / "out.onnx"
-    onnxpress.save(_model(1.0), out, external_data=external)
+    onnxpress.save(seeded_chain(1.0), out, external_data=external)
     old = {p.name: sha(p) for p in tmp_path.iterdir()}
 
     def failing_save(model, path, **kwargs):
@@ -180,7 +157,7 @@ def test_failure_while_writing_cleans_up_and_keeps_old_output(tmp_path, monkeypa
 
     monkeypatch.setattr(ir, "save", failing_save)
     with pytest.raises(type(error)):
-        onnxpress.save(_model(2.0), out, external_data=external)
+        onnxpress.save(seeded_chain(2.0), out, external_data=external)
     assert {p.name: sha(p) for p in tmp_path.iterdir()} == old  # no temporary file, the old output intact
     assert output_state(out, 2) == "seed=1"
 
