@@ -1,84 +1,265 @@
 """`make bench`: every benchmark in one run on this machine, then benchmarks/RESULTS.md from their tables.
 
 Each benchmark script writes its own table to benchmarks/results/<name>.md (measured figures, the peer in
-the same run); this script runs them in order and concatenates the tables under a machine description.
-Run a subset with: python benchmarks/run_all.py qdq factorize
+the same run); this script runs them in order and writes RESULTS.md: a headline per benchmark (its key
+ratio, read from its table), the machine, then every table.
+
+    python benchmarks/run_all.py                    # all benchmarks (~30 min), then RESULTS.md
+    python benchmarks/run_all.py qdq tool_speed     # a subset, then RESULTS.md from all tables present
+    python benchmarks/run_all.py --from-results     # no runs: RESULTS.md from the existing results/*.md
+    python benchmarks/run_all.py --quick            # CI smoke: small sizes, into /tmp/onnxpress-bench-quick
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime
-import os
-import platform
+import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-# name -> (script, arguments); order: cheap first, so a partial run still yields tables
-BENCHMARKS = {
-    "tool_speed": ("tool_speed_bench.py", []),
-    "qdq": ("qdq_bench.py", []),
-    "factorize": ("factorize_bench.py", []),
-    "prune": ("prune_bench.py", []),
-    "budget": ("budget_bench.py", []),
-    "mobile": ("mobile_bench.py", []),
-    "scale": ("scale_bench.py", []),
+sys.path.insert(0, str(HERE))
+from common import machine, temp_cwd  # noqa: E402  (machine is re-exported: other benchmarks import it from here)
+
+__all__ = ["machine", "main"]
+
+QUICK_DIR = Path("/tmp/onnxpress-bench-quick")
+
+
+def _markdown(path: Path) -> list[str]:
+    return ["--markdown", str(path)]
+
+
+# name -> (script, arguments given the table's path, extra arguments for --quick); order: cheap first, so a
+# partial run still yields tables
+BENCHMARKS: dict[str, tuple[str, Callable[[Path], list[str]], list[str]]] = {
+    "tool_speed": ("tool_speed_bench.py", _markdown, ["--quick"]),
+    "qdq": ("qdq_bench.py", _markdown, ["--skip-minilm", "--runs", "3"]),
+    "factorize": ("factorize_bench.py", _markdown, ["--skip-minilm", "--skip-lm"]),
+    "prune": ("prune_bench.py", _markdown, ["--skip-minilm"]),
+    "budget": ("budget_bench.py", _markdown, ["--models", "digits"]),
+    "mobile": ("mobile_bench.py", _markdown, ["--skip-minilm", "--runs", "5"]),
+    "scale": ("scale_bench.py", lambda path: ["--out", str(path)], ["--sizes", "0.05"]),
 }
 
 
-def machine() -> str:
-    import numpy
-    import onnxruntime
+# -- headlines: the key figure of each table --------------------------------------------------------
+def parse_tables(text: str) -> list[list[dict[str, str]]]:
+    """Every GitHub markdown table in ``text`` as a list of rows (column name -> cell text)."""
+    tables: list[list[dict[str, str]]] = []
+    lines = text.splitlines()
+    i = 0
+    while i + 1 < len(lines):
+        if lines[i].lstrip().startswith("|") and re.fullmatch(r"\s*\|(\s*:?-+:?\s*\|)+\s*", lines[i + 1]):
+            header = _cells(lines[i])
+            rows = []
+            i += 2
+            while i < len(lines) and lines[i].lstrip().startswith("|"):
+                cells = _cells(lines[i])
+                rows.append(dict(zip(header, cells + [""] * (len(header) - len(cells)))))
+                i += 1
+            tables.append(rows)
+        else:
+            i += 1
+    return tables
 
-    cpu = "unknown CPU"
+
+def _cells(line: str) -> list[str]:
+    parts = re.split(r"(?<!\\)\|", line.strip())
+    return [p.strip().replace("\\|", "|") for p in parts[1:-1]]
+
+
+def _rows(text: str) -> list[dict[str, str]]:
+    return [row for table in parse_tables(text) for row in table]
+
+
+def _find(rows: list[dict[str, str]], **contains: str) -> dict[str, str]:
+    """The first row whose cells contain the given texts (column -> substring)."""
+    for row in rows:
+        if all(sub in row.get(col, "") for col, sub in contains.items()):
+            return row
+    raise LookupError(f"no row with {contains}")
+
+
+def _headline_tool_speed(text: str) -> str:
+    line = next(line for line in text.splitlines() if line.startswith("Headline:"))
+    return line.removeprefix("Headline:").strip()
+
+
+def _headline_qdq(text: str) -> str:
+    rows = _rows(text)
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (
-        f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {platform.system()} {platform.release()}; "
-        f"Python {platform.python_version()}, onnxruntime {onnxruntime.__version__}, numpy {numpy.__version__}"
-    )
+        ours = _find(rows, model="MiniLM", method="onnxpress qdq static int8")
+    except LookupError:  # a quick run: digits only
+        ours = _find(rows, model="digits-cnn", method="onnxpress qdq static int8")
+        peer = _find(rows, model="digits-cnn", method="ORT quantize_static")
+        return f"digits CNN static int8: {ours['task metric']} vs ORT quantize_static {peer['task metric']} ({ours['MB']} vs {peer['MB']} MB)."
+    peer = _find(rows, model="MiniLM", method="ORT quantize_static")
+    ours4 = _find(rows, model="MiniLM", method="onnxpress qdq int4")
+    peer4 = _find(rows, model="MiniLM", method="MatMulNBits")
+    return (f"MiniLM static int8: mean cos {ours['mean cos']} vs ORT quantize_static {peer['mean cos']} ({ours['MB']} vs {peer['MB']} MB); "
+            f"int4: {ours4['MB']} MB at {ours4['mean cos']} vs ORT MatMulNBits {peer4['MB']} MB at {peer4['mean cos']}.")
 
 
-def main(names: list[str]) -> int:
-    selected = names or list(BENCHMARKS)
-    failures = []
-    for name in selected:
-        script, extra = BENCHMARKS[name]
+def _headline_factorize(text: str) -> str:
+    rows = _rows(text)
+    if not any(r.get("model") == "minilm" for r in rows):  # a quick run: digits only
+        calibrated = _find(rows, model="digits", pipeline="factorize(ratio=0.25,calibrated=true)")
+        plain = _find(rows, model="digits", pipeline="factorize(ratio=0.25)")
+        return f"digits MLP, 27% of linear parameters kept: data-aware {calibrated['metric']} vs plain SVD {plain['metric']}."
+    calibrated = _find(rows, model="minilm", pipeline="factorize(ratio=0.75,calibrated=true)")
+    plain = _find(rows, model="minilm", pipeline="factorize(ratio=0.75)")
+    return (f"MiniLM, 25% fewer linear parameters: data-aware {calibrated['metric']} vs plain SVD {plain['metric']} "
+            f"(mean cos 0.98 target: see the table's targets).")
+
+
+def _headline_prune(text: str) -> str:
+    rows = _rows(text)
+    if not any(r.get("model") == "MiniLM" for r in rows):  # a quick run: digits only
+        best = _find(rows, model="digits-mlp", pipeline="Wanda + refit 80% per layer")
+        plain = _find(rows, model="digits-mlp", pipeline="magnitude 80%: ")
+        return f"digits MLP 80% unstructured: Wanda + refit per layer {best['metric']} vs plain magnitude {plain['metric']}."
+    best = _find(rows, model="MiniLM", pipeline="Wanda + refit 50%")
+    plain = _find(rows, model="MiniLM", pipeline="magnitude 50%")
+    return f"MiniLM 50% unstructured: Wanda + refit {best['metric']} vs plain magnitude {plain['metric']}."
+
+
+def _headline_budget(text: str) -> str:
+    rows = _rows(text)
+    parts = []
+    for model in ("minilm", "digits", "lm"):
+        try:
+            ours = _find(rows, model=model, method="onnxpress budget search")
+        except LookupError:
+            continue
+        peer = _find(rows, model=model, method="MatMulNBits")
+        parts.append(f"{model} ({ours['budget']}): {ours['MB']} MB, {ours['ratio']} smaller, target {ours['target'] or '-'}; "
+                     f"ORT MatMulNBits {peer['MB']} MB, meets budget: {peer['meets budget'] or '-'}")
+    if not parts:
+        raise LookupError("no budget rows")
+    return "; ".join(parts) + "."
+
+
+def _headline_mobile(text: str) -> str:
+    rows = _rows(text)
+    model = "MiniLM" if any(r.get("model") == "MiniLM" for r in rows) else "digits-cnn"  # a quick run: digits only
+    q = _find(rows, model=model, variant="qdq int8", style="basic")
+    fp = _find(rows, model=model, variant="fp32", style="basic")
+    return f"{model} .ort: int8 {q['.ort MB']} MB ({q['.ort task metric']}) vs fp32 {fp['.ort MB']} MB."
+
+
+def _headline_scale(text: str) -> str:
+    rows = _rows(text)
+    if not rows:
+        raise LookupError("no scale rows")
+    return "; ".join(f"{r.get('model', '?')}: {r.get('wall s', '?')} s, peak RSS {r.get('RSS / model bytes', '?')} the model's bytes" for r in rows) + "."
+
+
+HEADLINES: dict[str, Callable[[str], str]] = {
+    "tool_speed": _headline_tool_speed,
+    "qdq": _headline_qdq,
+    "factorize": _headline_factorize,
+    "prune": _headline_prune,
+    "budget": _headline_budget,
+    "mobile": _headline_mobile,
+    "scale": _headline_scale,
+}
+
+
+def headline(name: str, text: str) -> str:
+    try:
+        return HEADLINES[name](text)
+    except (LookupError, StopIteration, KeyError):
+        return "(no headline: the table's format was not recognised; see the table below)"
+
+
+def title(text: str, fallback: str) -> str:
+    first = next((line for line in text.splitlines() if line.startswith("#")), "")
+    return first.lstrip("#").strip() or fallback
+
+
+# -- RESULTS.md ----------------------------------------------------------------------------------------
+def write_results(results: Path, out: Path, ran: dict[str, tuple[int, float]] | None = None) -> Path:
+    """RESULTS.md from the tables in ``results``: headlines, machine, then every table, in BENCHMARKS order."""
+    tables = {name: (results / f"{name}.md").read_text() for name in BENCHMARKS if (results / f"{name}.md").exists()}
+    how = ("measured by `make bench` (`python benchmarks/run_all.py`)" if ran else
+           "assembled by `python benchmarks/run_all.py --from-results` from the tables in benchmarks/results/ (each names its own command)")
+    parts = [
+        "# onnxpress benchmark results",
+        "",
+        f"{how.capitalize()} on {datetime.date.today().isoformat()}. Machine: {machine()}.",
+        "Every table compares onnxpress with the peer tool measured in the same run on the same data; latency is the median of",
+        "repeated onnxruntime runs after warm-up; ratios are the headline, absolute times depend on the machine.",
+        "",
+        "## Headlines",
+        "",
+        "| benchmark | key figures (from its table) |",
+        "|---|---|",
+    ]
+    for name, text in tables.items():
+        parts.append(f"| [{name}](#{_anchor(title(text, name))}) | {headline(name, text).replace('|', chr(92) + '|')} |")
+    missing = [name for name in BENCHMARKS if name not in tables]
+    if missing:
+        parts += ["", f"Not measured yet (no results/<name>.md): {', '.join(missing)}."]
+    if ran:
+        parts += ["", "Run: " + ", ".join(f"{name} exit {code} in {seconds:.0f} s" for name, (code, seconds) in ran.items()) + "."]
+    parts.append("")
+    for name, text in tables.items():
+        body = text.strip()
+        if not body.startswith("#"):
+            body = f"# {name}\n\n{body}"
+        parts += [_demote(body), ""]
+    out.write_text("\n".join(parts))
+    return out
+
+
+def _demote(markdown: str) -> str:
+    """One level down for every heading (the tables' titles become sections of RESULTS.md)."""
+    return "\n".join("#" + line if re.match(r"#+ ", line) else line for line in markdown.splitlines())
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run the benchmarks and write benchmarks/RESULTS.md.")
+    parser.add_argument("names", nargs="*", help=f"benchmarks to run (default all): {', '.join(BENCHMARKS)}")
+    parser.add_argument("--from-results", action="store_true", help="run nothing: regenerate RESULTS.md from the existing results/*.md")
+    parser.add_argument("--quick", action="store_true", help=f"CI smoke run: small sizes, tables and RESULTS.md under {QUICK_DIR}")
+    args = parser.parse_args(argv)
+    unknown = [n for n in args.names if n not in BENCHMARKS]
+    if unknown:
+        parser.error(f"unknown benchmark(s) {', '.join(unknown)} (valid: {', '.join(BENCHMARKS)})")
+    root = QUICK_DIR if args.quick else HERE
+    results = root / "results"
+    if args.from_results:
+        print(f"wrote {write_results(results, root / 'RESULTS.md')}")
+        return 0
+    results.mkdir(parents=True, exist_ok=True)
+    ran: dict[str, tuple[int, float]] = {}
+    for name in args.names or list(BENCHMARKS):
+        script, table_args, quick_args = BENCHMARKS[name]
         path = HERE / script
         if not path.exists():
             print(f"== {name}: {script} not present, skipped")
             continue
-        print(f"== {name}: {script}", flush=True)
+        command = [sys.executable, str(path), *table_args(results / f"{name}.md"), *(quick_args if args.quick else [])]
+        print(f"== {name}: {' '.join(command[1:])}", flush=True)
         start = time.perf_counter()
-        proc = subprocess.run([sys.executable, str(path), *extra])
-        print(f"== {name}: exit {proc.returncode} in {time.perf_counter() - start:.0f} s", flush=True)
-        if proc.returncode:
-            failures.append(name)
-    parts = [
-        "# onnxpress benchmark results",
-        "",
-        f"Measured by `make bench` on {datetime.date.today().isoformat()}: {machine()}.",
-        "Every table compares onnxpress with the peer tool measured in the same run on the same data; latency is",
-        "the median of repeated onnxruntime runs after warm-up; ratios are the headline, absolute times depend on",
-        "the machine.",
-        "",
-    ]
-    for name in BENCHMARKS:
-        table = HERE / "results" / f"{name}.md"
-        if table.exists():
-            parts += [table.read_text().strip(), ""]
-    (HERE / "RESULTS.md").write_text("\n".join(parts))
-    print(f"wrote {HERE / 'RESULTS.md'}")
-    return 1 if failures else 0
+        # a temporary CWD: peers such as onnxruntime.quantization drop *.data / sym_shape_infer_temp.onnx into it
+        with temp_cwd(f"bench-{name}-") as cwd:
+            code = subprocess.run(command, cwd=cwd).returncode
+        ran[name] = (code, time.perf_counter() - start)
+        print(f"== {name}: exit {code} in {ran[name][1]:.0f} s", flush=True)
+    print(f"wrote {write_results(results, root / 'RESULTS.md', ran)}")
+    return 1 if any(code for code, _ in ran.values()) else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())
