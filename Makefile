@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench bench-quick clean
 
 install: $(VENV)/.installed
 
@@ -29,6 +29,10 @@ test-fast: install
 
 bench: install
 	$(PY) benchmarks/run_all.py
+
+# CI's smoke run of every benchmark at small sizes (tables go to /tmp/onnxpress-bench-quick, RESULTS.md untouched)
+bench-quick: install
+	$(PY) benchmarks/run_all.py --quick
 
 clean:
 	rm -rf $(VENV) .cache build dist *.egg-info
