@@ -252,6 +252,25 @@ def initializer_bytes(model: ir.Model) -> int:
     return total
 
 
+def release_external_tensors(model: ir.Model) -> int:
+    """Unmap the external tensors that were read (they map again lazily on next use); returns how many.
+
+    A read external tensor keeps its memory map, and every page it touched counts in the process's RSS
+    until the map closes: after a pass that reads every weight (dedup hashes them all) the whole model would
+    stay resident through the next passes. A tensor whose array is still held elsewhere stays mapped until
+    that array is dropped.
+    """
+    released = 0
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if isinstance(tensor, ir.ExternalTensor) and tensor.raw is not None:
+                with contextlib.suppress(BufferError):  # an array over the map is still alive
+                    tensor.release()
+                    released += 1
+    return released
+
+
 def has_external_data(model: ir.Model) -> bool:
     return any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
 

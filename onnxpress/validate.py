@@ -18,6 +18,10 @@ from onnxpress import runtime
 from onnxpress.errors import ValidationError
 
 LOSSLESS_TOLERANCE = (1e-4, 1e-3)  # atol, rtol: float rounding of reordered arithmetic
+# From this many weight bytes on, validation runs onnxruntime in low-memory mode (see ``validate``).
+LOW_MEMORY_BYTES = 512 * 1024 * 1024
+# ... and a candidate holding more than this in memory is offloaded to a temporary file first.
+OFFLOAD_BYTES = 64 * 1024 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +144,13 @@ def make_feeds(model: ir.Model, inputs: Any = None, dims: dict[str, int] | None 
     return [data_mod.load_feeds(inputs, model)]
 
 
+def _weight_bytes(model: Any) -> int:
+    """Initializer bytes of an ir.Model (external ones included); 0 for anything else (paths are loaded as IR)."""
+    if not isinstance(model, ir.Model):
+        return 0
+    return sum(v.const_value.nbytes for g in model.graphs() for v in g.initializers.values() if v.const_value is not None)
+
+
 def _as_ir(model: Any) -> ir.Model:
     if isinstance(model, ir.Model):
         return model
@@ -161,17 +172,30 @@ def validate(
     seed: int = 0,
     reference_outputs: list[dict[str, Any]] | None = None,
 ) -> ValidationReport:
-    """Run both models on the same inputs in onnxruntime and compare every output."""
+    """Run both models on the same inputs in onnxruntime and compare every output.
+
+    Models of ``LOW_MEMORY_BYTES`` or more run in ORT's low-memory mode (``runtime.session_options``): no graph
+    optimizations, so the check is of the model's own arithmetic. A large in-memory ``ir.Model`` candidate is
+    offloaded first: its initializers become lazy external tensors in a temporary folder that lives as long
+    as the model (same values; save it with ``onnxpress.save``, which copies them file to file).
+    """
     tolerance = tolerance or Tolerance()
     ref_ir = _as_ir(reference)
     feeds = make_feeds(ref_ir, inputs, dims, seed)
+    # A large model is validated in low-memory mode: ORT computes from its memory map of the weights, and a
+    # large in-memory candidate is first written to a temporary file (its tensors become lazy references to
+    # it), so that neither Python nor a second ORT copy holds the weights while a session runs.
+    low_memory = max(_weight_bytes(ref_ir), _weight_bytes(candidate)) >= LOW_MEMORY_BYTES
+    if low_memory and isinstance(candidate, ir.Model) and runtime.in_memory_bytes(candidate) >= OFFLOAD_BYTES:
+        candidate = runtime.offload_weights(candidate)
+    del ref_ir
     if reference_outputs is None:
         # One session at a time: for a large model two live sessions would hold the weights twice.
-        ref_session = runtime.make_session(reference, provider)
+        ref_session = runtime.make_session(reference, provider, low_memory=low_memory)
         output_names = [o.name for o in ref_session.get_outputs()]
         reference_outputs = [runtime.run(ref_session, f, output_names) for f in feeds]
         del ref_session
-    cand_session = runtime.make_session(candidate, provider)
+    cand_session = runtime.make_session(candidate, provider, low_memory=low_memory)
     output_names = list(reference_outputs[0])
     cand_names = {o.name for o in cand_session.get_outputs()}
     missing = [n for n in output_names if n not in cand_names]

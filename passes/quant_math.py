@@ -44,7 +44,10 @@ def quantize(x: np.ndarray, scale, zero_point, qmin: int, qmax: int) -> np.ndarr
 
 
 def dequantize(q: np.ndarray, scale, zero_point=0) -> np.ndarray:
-    return (np.asarray(q, dtype=np.float32) - np.asarray(zero_point, dtype=np.float32)) * np.asarray(scale, dtype=np.float32)
+    zero_point = np.asarray(zero_point, dtype=np.float32)
+    if not zero_point.any():  # symmetric: one cast-and-multiply pass instead of three full-size temporaries
+        return np.multiply(q, np.asarray(scale, dtype=np.float32), dtype=np.float32)
+    return (np.asarray(q, dtype=np.float32) - zero_point) * np.asarray(scale, dtype=np.float32)
 
 
 def fake_quant(x: np.ndarray, scale, zero_point, qmin: int, qmax: int) -> np.ndarray:
@@ -58,26 +61,152 @@ def fake_quant(x: np.ndarray, scale, zero_point, qmin: int, qmax: int) -> np.nda
 
 
 # -- weights -------------------------------------------------------------------------------------
+# Work on weights in blocks of about this many elements: the temporaries of one block stay in cache, and a
+# large tensor never gets a full-size float temporary (the old search made ~5 per grid point).
+_BLOCK_ELEMENTS = 1 << 18
+# Below this many values per channel (or in the whole tensor) the MSE clip search evaluates every grid point
+# exactly; above it, a model of the error ranks the grid and only the best few are evaluated exactly.
+_EXACT_SEARCH_VALUES = 512
+_EXACT_SEARCH_TENSOR = 1 << 16
+# How many of the model's best grid points are evaluated exactly (with three, the chosen scales matched the
+# full search's error to 1e-5 on Gaussian, Laplace and Student-t weights).
+_EXACT_CANDIDATES = 3
+
+
+def _channel_matrix(w: np.ndarray, axis: int | None) -> tuple[np.ndarray, bool]:
+    """A 2-D view of ``w`` with one channel per row (``True``) or per column (``False``); a copy only when
+    the channel axis is neither the first nor the last one."""
+    if axis is None:
+        return w.reshape(-1, 1), False
+    axis = axis % w.ndim
+    if axis == 0:
+        return w.reshape(w.shape[0], -1), True
+    if axis == w.ndim - 1:
+        return w.reshape(-1, w.shape[-1]), False
+    return np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1), True
+
+
+def _blocks(m: np.ndarray, rows_are_channels: bool):
+    """Blocks ``(values [n, c], channel slice)``: every block holds the channels of its slice as columns.
+
+    Row-channel matrices are cut between channels (whole channels per block, transposed views); column-channel
+    matrices are cut between rows (every channel in every block, partial values)."""
+    step = max(1, _BLOCK_ELEMENTS // max(m.shape[1], 1))
+    for i in range(0, m.shape[0], step):
+        if rows_are_channels:
+            yield m[i : i + step].T, slice(i, i + step)
+        else:
+            yield m[i : i + step], slice(None)
+
+
+def _absmax(m: np.ndarray, rows_are_channels: bool) -> np.ndarray:
+    out = np.zeros(m.shape[0] if rows_are_channels else m.shape[1], np.float32)
+    for block, sl in _blocks(m, rows_are_channels):
+        if block.size:
+            np.maximum(out[sl], np.abs(block).max(axis=0), out=out[sl])
+    return out
+
+
+def _squared_error(m: np.ndarray, rows_are_channels: bool, scale: np.ndarray, qmax: int) -> np.ndarray:
+    """Per channel: sum of ``(fake_quant(w) - w)^2`` with symmetric ``scale`` (float32 maths, float64 totals)."""
+    err = np.zeros(scale.shape[0])
+    for block, sl in _blocks(m, rows_are_channels):
+        s = scale[sl]
+        d = block / s
+        np.rint(d, out=d)
+        np.clip(d, -qmax, qmax, out=d)
+        d *= s
+        d -= block
+        d *= d
+        # A float32 sum is exact enough over a few thousand terms and several times faster than a float64 one.
+        err[sl] += d.sum(axis=0, dtype=np.float64 if d.shape[0] > 4096 else None)
+    return err
+
+
+def _modelled_clip_errors(m: np.ndarray, rows_are_channels: bool, absmax: np.ndarray, ratios: np.ndarray, scales: np.ndarray, qmax: int) -> np.ndarray:
+    """Per (ratio, channel): the squared error of clipping at ``ratios * absmax``, exact for the clipped values
+    and ``step^2 / 12`` for every value inside the range (uniform rounding error).
+
+    ``ratios`` descend from 1 in equal steps; the values above the smallest ratio (the tail, a few percent) are
+    binned between consecutive ratios with their count, sum and sum of squares, so that the clipped part of
+    every candidate is a sum over the bins above it: one pass over the data for the whole grid.
+    """
+    grid, channels = scales.shape
+    bins = grid - 1
+    lowest = float(ratios[-1])
+    width = (1.0 - lowest) / bins
+    floor = (absmax * np.float32(lowest)).astype(np.float32)
+    safe_absmax = np.maximum(absmax, np.float32(_TINY))
+    indices, magnitudes = [], []
+    # Contiguous row blocks of m, read flat (a 1-D nonzero is several times faster than a 2-D one).
+    step = max(1, _BLOCK_ELEMENTS // max(m.shape[1], 1))
+    for i in range(0, m.shape[0], step):
+        block = m[i : i + step]
+        limit = floor[i : i + step, None] if rows_are_channels else floor
+        flat = np.flatnonzero(np.abs(block) > limit)
+        if not flat.size:
+            continue
+        a = np.abs(block.reshape(-1)[flat])
+        cols = (flat // m.shape[1] + i) if rows_are_channels else (flat % m.shape[1])
+        # bin j holds |w| / absmax in [lowest + j * width, lowest + (j + 1) * width)
+        j = ((a / safe_absmax[cols] - np.float32(lowest)) * np.float32(1.0 / width)).astype(np.int32)
+        np.clip(j, 0, bins - 1, out=j)
+        indices.append(cols.astype(np.int32) * np.int32(bins) + j)
+        magnitudes.append(a)
+    index = np.concatenate(indices) if indices else np.zeros(0, np.int32)
+    a = np.concatenate(magnitudes).astype(np.float64) if magnitudes else np.zeros(0)
+    sums = np.stack([np.bincount(index, weights, minlength=channels * bins) for weights in (None, a, a * a)])
+    # suffix sums over the bins: above[k, j, c] = sum over bins >= j (ratio order ascending)
+    above = np.cumsum(sums.reshape(3, channels, bins)[:, :, ::-1], axis=2)[:, :, ::-1].transpose(0, 2, 1)
+    values = m.shape[1] if rows_are_channels else m.shape[0]
+    errors = np.empty((grid, channels))
+    for g, ratio in enumerate(ratios):
+        step = scales[g].astype(np.float64)
+        clip = qmax * step
+        j = int(round((ratio - lowest) / width))  # the candidate clips the bins from j upwards
+        if j >= bins:
+            count = s1 = s2 = 0.0
+        else:
+            count, s1, s2 = above[0, j], above[1, j], above[2, j]
+        errors[g] = (values - count) * step * step / 12.0 + np.maximum(s2 - 2.0 * clip * s1 + clip * clip * count, 0.0)
+    return errors
+
+
 def weight_scales(w: np.ndarray, axis: int | None, qmax: int = 127, clip: str = "none", grid: int = 20) -> np.ndarray:
     """Symmetric scales: one per slice along ``axis`` (None: per tensor).
 
-    ``clip="mse"`` searches a clip ratio in [0.5, 1] per channel that minimises the squared weight error.
+    ``clip="mse"`` searches a clip ratio on a grid in [0.5, 1] per channel that minimises the squared weight
+    error. Small tensors evaluate every grid point exactly. Large ones rank the grid with a model of the error
+    (exact for clipped values, ``step^2/12`` inside the range) and evaluate exactly only the best three and
+    absmax itself, so the result is never worse than absmax and within rounding noise of the full search at
+    a fraction of its cost (a 2048x8192 matrix: ~0.5 s instead of ~5 s).
     """
     w = np.asarray(w, dtype=np.float32)
-    rows = w.reshape(1, -1) if axis is None else np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
-    absmax = np.abs(rows).max(axis=1)
+    m, rows_are_channels = _channel_matrix(w, axis)
+    absmax = _absmax(m, rows_are_channels)
+    plain = symmetric_scale(absmax, qmax)
     if clip == "none":
-        return symmetric_scale(absmax, qmax)
+        return plain
     if clip != "mse":
         raise ValueError(f"unknown weight clip method '{clip}'")
-    best_err = np.full(rows.shape[0], np.inf)
-    best = symmetric_scale(absmax, qmax)
-    for ratio in np.linspace(1.0, 0.5, grid):
-        scale = symmetric_scale(absmax * ratio, qmax)[:, None]
-        err = ((fake_quant(rows, scale, 0, -qmax, qmax) - rows) ** 2).sum(axis=1)
+    ratios = np.linspace(1.0, 0.5, grid)
+    scales = np.stack([symmetric_scale(absmax * r, qmax) for r in ratios])  # [grid, channels]
+    values = m.shape[1] if rows_are_channels else m.shape[0]
+    if values < _EXACT_SEARCH_VALUES or w.size <= _EXACT_SEARCH_TENSOR or grid < 3:
+        candidates = [np.full(len(absmax), g) for g in range(1, grid)]
+    else:
+        modelled = _modelled_clip_errors(m, rows_are_channels, absmax, ratios, scales, qmax)
+        candidates = list(np.argsort(modelled, axis=0, kind="stable")[:_EXACT_CANDIDATES])
+    channel = np.arange(len(absmax))
+    best, best_err = plain, _squared_error(m, rows_are_channels, plain, qmax)
+    for pick in candidates:
+        if not np.any(pick):  # ratio 1 everywhere: already evaluated
+            continue
+        scale = scales[pick, channel]
+        err = _squared_error(m, rows_are_channels, scale, qmax)
         better = err < best_err
         best_err = np.where(better, err, best_err)
-        best = np.where(better, scale[:, 0], best)
+        best = np.where(better, scale, best)
     return best.astype(np.float32)
 
 
@@ -91,9 +220,23 @@ def per_axis_shape(scale: np.ndarray, ndim: int, axis: int | None) -> np.ndarray
 
 
 def quantize_weight(w: np.ndarray, axis: int | None, qmax: int = 127, clip: str = "none") -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric per-channel (or per-tensor) int8 weight: (int8 codes, float32 scales)."""
+    """Symmetric per-channel (or per-tensor) int8 weight: (int8 codes, float32 scales).
+
+    The codes are those of ``quantize`` (round half to even, float32 division), written block by block straight
+    into int8: no int64 or full-size float temporaries.
+    """
+    w = np.asarray(w, dtype=np.float32)
     scale = weight_scales(w, axis, qmax, clip)
-    q = quantize(w, per_axis_shape(scale, w.ndim, axis), 0, -qmax, qmax).astype(np.int8)
+    q = np.empty(w.shape, np.int8)
+    m, rows_are_channels = _channel_matrix(w, axis)
+    qm, _ = _channel_matrix(q, axis)
+    if not np.shares_memory(qm, q):  # channel axis in the middle: the view is a copy, quantize at once
+        return quantize(w, per_axis_shape(scale, w.ndim, axis), 0, -qmax, qmax).astype(np.int8), scale
+    for (block, sl), (codes, _) in zip(_blocks(m, rows_are_channels), _blocks(qm, rows_are_channels)):
+        d = block / scale[sl]
+        np.rint(d, out=d)
+        np.clip(d, -qmax, qmax, out=d)
+        codes[...] = d
     return q, scale
 
 
@@ -318,8 +461,22 @@ def smooth_factors(act_absmax: np.ndarray, weight_absmax: np.ndarray, alpha: flo
 
 # -- error measures --------------------------------------------------------------------------------
 def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
-    denom = float(np.linalg.norm(expected))
-    return float(np.linalg.norm(np.asarray(actual, np.float64) - expected)) / denom if denom else 0.0
+    """``||actual - expected|| / ||expected||`` in float64, block by block (no full-size float64 copies)."""
+    a = np.asarray(actual)
+    b = np.asarray(expected)
+    if a.shape != b.shape:  # broadcasting: small by assumption, the plain formula
+        denom = float(np.linalg.norm(b.astype(np.float64)))
+        return float(np.linalg.norm(a.astype(np.float64) - b)) / denom if denom else 0.0
+    a, b = a.reshape(-1), b.reshape(-1)
+    num = den = 0.0
+    for i in range(0, b.size, _BLOCK_ELEMENTS):
+        # Plain ufuncs, not np.dot: a threaded BLAS call per block spins its threads on a busy machine.
+        # The difference of two float32 blocks is computed in float32 (exact to 2^-24 of itself), sums in float64.
+        eb = b[i : i + _BLOCK_ELEMENTS]
+        d = np.subtract(a[i : i + _BLOCK_ELEMENTS], eb, dtype=np.result_type(a.dtype, eb.dtype, np.float32))
+        num += float(np.square(d, out=d).sum(dtype=np.float64))
+        den += float(np.square(eb, dtype=d.dtype).sum(dtype=np.float64))
+    return float(np.sqrt(num) / np.sqrt(den)) if den else 0.0
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:

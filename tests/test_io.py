@@ -161,3 +161,44 @@ def test_save_replaces_existing_output_atomically(tmp_path):
     onnxpress.save(mlp_model(), out)
     assert onnxpress.load(out).graph is not None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx"]
+
+
+def test_release_external_tensors_unmaps_and_maps_again(tmp_path):
+    from onnxpress.io import release_external_tensors
+
+    model = onnxpress.load(_external_model(tmp_path))
+    tensor = model.graph.initializers["w"].const_value
+    assert release_external_tensors(model) == 0  # nothing read yet
+    first = tensor.numpy().copy()
+    assert tensor.raw is not None
+    assert release_external_tensors(model) == 1 and tensor.raw is None
+    np.testing.assert_array_equal(tensor.numpy(), first)  # read again on demand
+    held = tensor.numpy()  # an array over the map keeps it open, without error
+    assert release_external_tensors(model) == 0
+    np.testing.assert_array_equal(held, first)
+
+
+def test_model_bytes_of_large_in_memory_tensors_is_the_serialized_size(tmp_path):
+    """model_bytes measures big in-memory initializers through stand-ins (no whole-model serialization); the
+    result must still be the exact serialized size, for in-memory, external and mixed models."""
+    from onnxpress.api import model_bytes
+
+    rng = np.random.default_rng(0)
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([2]))
+    arrays = [rng.standard_normal((512, 1024)).astype(np.float32), rng.integers(-127, 128, (1024, 2048)).astype(np.int8), np.ones(3, np.float32)]
+    inits = [ir.Value(name=f"w{i}", const_value=ir.tensor(a, name=f"w{i}")) for i, a in enumerate(arrays)]
+    nodes = [ir.node("Identity", [v], name=f"id{i}") for i, v in enumerate(inits)]
+    model = ir.Model(ir.Graph([x], [n.outputs[0] for n in nodes], nodes=nodes, initializers=inits, opset_imports={"": 17}, name="g"), ir_version=10)
+    assert model_bytes(model) == len(ir.to_proto(model).SerializeToString())
+    assert all(not isinstance(v.const_value, ir.ExternalTensor) for v in inits)  # the stand-ins are gone again
+    path = tmp_path / "m.onnx"
+    ir.save(model, path, external_data="m.onnx.data")
+    loaded = onnxpress.load(path)
+
+    def serialized(m):
+        proto = ir.to_proto(m)
+        return proto.ByteSize() + sum(int({e.key: e.value for e in t.external_data}["length"]) for t in proto.graph.initializer if t.external_data)
+
+    assert model_bytes(loaded) == serialized(loaded) >= os.path.getsize(tmp_path / "m.onnx.data")
+    loaded.graph.initializers["w1"].const_value = ir.tensor(np.ones((4096, 300), np.int8), name="w1")  # mixed
+    assert model_bytes(loaded) == serialized(loaded)

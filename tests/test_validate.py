@@ -117,3 +117,40 @@ def test_calibration_batches(tmp_path):
     np.savez(tmp_path / "wrong.npz", x=x.astype(np.int64))
     with pytest.raises(UsageError, match="dtype"):
         load_calibration(tmp_path / "wrong.npz", model)
+
+
+def test_low_memory_validation_offloads_a_large_candidate(monkeypatch):
+    """Above the size limits the candidate's weights move to a temporary file (same values, lazy tensors)
+    and both sessions run in ORT's low-memory mode; the verdict is the same."""
+    import gc
+    import importlib
+    import os
+
+    from onnxpress import runtime
+
+    validate_mod = importlib.import_module("onnxpress.validate")
+
+    reference = mlp_model(k=64, h=128, n=8)
+    candidate = ir.from_proto(ir.to_proto(reference))
+    before = {name: v.const_value.numpy().copy() for name, v in candidate.graph.initializers.items()}
+    plain = validate_mod.validate(reference, candidate, dims={"N": 3})
+    monkeypatch.setattr(validate_mod, "LOW_MEMORY_BYTES", 0)
+    monkeypatch.setattr(validate_mod, "OFFLOAD_BYTES", 0)
+    low = validate_mod.validate(reference, candidate, dims={"N": 3})
+    assert plain.passed and low.passed and low.outputs[0].max_abs == plain.outputs[0].max_abs == 0.0
+    tensors = {name: v.const_value for name, v in candidate.graph.initializers.items()}
+    external = [name for name, t in tensors.items() if isinstance(t, ir.ExternalTensor)]
+    assert set(external) == {"w1", "w2"}  # the 1 KB threshold keeps the small biases inline
+    for name, array in before.items():
+        np.testing.assert_array_equal(tensors[name].numpy(), array)
+    folder = str(tensors["w1"].base_dir)
+    assert os.path.isdir(folder)
+    for t in tensors.values():
+        if isinstance(t, ir.ExternalTensor):
+            t.release()
+    del candidate, tensors, t
+    gc.collect()
+    assert not os.path.exists(folder)  # the temporary folder goes with the model
+    # low-memory sessions give the same numbers as the default ones
+    so = runtime.session_options(low_memory=True)
+    assert so.get_session_config_entry("session.disable_prepacking") == "1"

@@ -142,3 +142,55 @@ def test_smooth_factors_keep_the_product_and_flatten_outlier_channels():
     xs = x / s
     assert np.abs(xs).max(axis=0).max() / np.abs(xs).max(axis=0).min() < ratio_before / 4
     np.testing.assert_allclose(qm.smooth_factors(np.ones(3), np.array([1.0, 2.0, 4.0]), 0.0), [1.0, 0.5, 0.25], rtol=1e-6)
+
+
+def _full_grid_scales(w: np.ndarray, qmax: int, grid: int = 20) -> np.ndarray:
+    """The reference search: every clip ratio of the grid evaluated exactly, per column."""
+    absmax = np.abs(w).max(axis=0)
+    best, best_err = None, np.full(w.shape[1], np.inf)
+    for ratio in np.linspace(1.0, 0.5, grid):
+        scale = qm.symmetric_scale(absmax * ratio, qmax)
+        err = ((qm.fake_quant(w, scale, 0, -qmax, qmax) - w) ** 2).sum(axis=0, dtype=np.float64)
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best = np.where(better, scale, scale if best is None else best)
+    return best
+
+
+@pytest.mark.parametrize("dist", ["t3", "laplace", "normal"])
+@pytest.mark.parametrize("qmax", [127, 63])
+def test_fast_mse_weight_clip_matches_the_full_grid_search(dist, qmax):
+    # Large enough (1024 values per channel, 256k values) for the modelled ranking plus exact check.
+    rng = np.random.default_rng(11)
+    draw = {"t3": lambda s: rng.standard_t(3, size=s), "laplace": lambda s: rng.laplace(size=s), "normal": lambda s: rng.standard_normal(s)}[dist]
+    w = draw((1024, 256)).astype(np.float32)
+    assert w.size > qm._EXACT_SEARCH_TENSOR and w.shape[0] >= qm._EXACT_SEARCH_VALUES  # the fast path runs
+
+    def errors(scale):
+        return ((qm.fake_quant(w, scale, 0, -qmax, qmax) - w) ** 2).sum(axis=0, dtype=np.float64)
+
+    fast = qm.weight_scales(w, 1, qmax, "mse")
+    e_fast, e_grid = errors(fast), errors(_full_grid_scales(w, qmax))
+    e_absmax = errors(qm.weight_scales(w, 1, qmax, "none"))
+    assert np.all(e_fast <= e_absmax)  # never worse than no clipping, channel by channel
+    assert e_fast.sum() <= e_grid.sum() * (1 + 1e-3)  # the full search's error, within rounding noise
+    assert np.mean(e_fast <= e_grid * (1 + 1e-2)) >= 0.99
+    # the same search along other axes and per tensor (channel axis first, in the middle, none)
+    w3 = draw((64, 32, 64)).astype(np.float32)
+    for axis in (0, 1, None):
+        scale = qm.weight_scales(w3, axis, qmax, "mse")
+        assert scale.shape == ((w3.shape[axis],) if axis is not None else (1,))
+        moved = (w3.reshape(1, -1) if axis is None else np.moveaxis(w3, axis, 0).reshape(w3.shape[axis], -1)).T
+        ref = _full_grid_scales(moved, qmax)
+        sq = lambda s: ((qm.fake_quant(moved, s, 0, -qmax, qmax) - moved) ** 2).sum(dtype=np.float64)  # noqa: E731
+        assert sq(scale) <= sq(ref) * (1 + 1e-3)
+
+
+def test_quantize_weight_blocks_give_the_codes_of_quantize():
+    rng = np.random.default_rng(12)
+    for shape, axis in (((700, 600), 1), ((600, 700), 0), ((8, 700, 90), 1), ((300, 900), None), ((16, 3, 3, 3), 0)):
+        w = (rng.standard_t(3, size=shape)).astype(np.float32)
+        q, scale = qm.quantize_weight(w, axis, 127, "mse")
+        expected = qm.quantize(w, qm.per_axis_shape(scale, w.ndim, axis), 0, -127, 127).astype(np.int8)
+        assert q.dtype == np.int8
+        np.testing.assert_array_equal(q, expected)
