@@ -29,13 +29,12 @@ class Simplify(Pass):
     Options = SimplifyOptions
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        import onnxsim
-
         from onnxpress.io import initializer_bytes
 
         if initializer_bytes(model) > _PROTO_LIMIT // 2 or _has_external(model):
             self.details.append({"skipped": "model has external data or is near 2 GB; onnxsim needs an in-memory proto"})
             return ir.passes.PassResult(model, False)
+        import onnxsim  # only now: it imports torch (seconds, ~0.3 GB) even for a model it would skip
         proto = ir.to_proto(model)
         before = _structure_text(proto.graph)
         skipped = ["fuse_bn_into_conv"] if self.options.skip_fuse_bn else None
