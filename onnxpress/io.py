@@ -123,6 +123,9 @@ def check_tensors(proto: onnx.ModelProto) -> None:
             need = (count * ir.DataType(tensor.data_type).bitwidth + 7) // 8
             if len(tensor.raw_data) != need:
                 raise ModelLoadError(f"{where}: raw data holds {len(tensor.raw_data)} bytes, its shape {list(tensor.dims)} and type need {need}")
+            if any(len(getattr(tensor, f)) for f in ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")):
+                raise ModelLoadError(f"{where} is malformed: it holds both raw data and typed data")
+            continue  # fully checked; onnx's checker would only copy the data (the whole model, per load)
         try:
             onnx.checker.check_tensor(tensor)
         except Exception as exc:  # onnx.checker.ValidationError: undefined type, too few values, ...

@@ -202,3 +202,13 @@ def test_model_bytes_of_large_in_memory_tensors_is_the_serialized_size(tmp_path)
     assert model_bytes(loaded) == serialized(loaded) >= os.path.getsize(tmp_path / "m.onnx.data")
     loaded.graph.initializers["w1"].const_value = ir.tensor(np.ones((4096, 300), np.int8), name="w1")  # mixed
     assert model_bytes(loaded) == serialized(loaded)
+
+
+def test_tensor_with_raw_and_typed_data_is_refused():
+    from onnxpress.io import check_tensors
+
+    w = onnx.numpy_helper.from_array(np.ones((2, 2), np.float32), "w")
+    w.float_data.extend([1.0, 2.0, 3.0, 4.0])
+    graph = onnx.helper.make_graph([], "g", [], [], initializer=[w])
+    with pytest.raises(ModelLoadError, match="both raw data and typed data"):
+        check_tensors(onnx.helper.make_model(graph))
