@@ -136,6 +136,19 @@ def factorize_matrix(w: np.ndarray, rank: int, second_moment: np.ndarray | None 
     return factors(w, spectrum(w, s2), rank)
 
 
+def conv_matrix(w: np.ndarray) -> np.ndarray:
+    """A Conv filter bank [O, C, kh, kw] as the K x N matrix of ``patches @ W`` (K = C*kh*kw, N = O)."""
+    return w.reshape(w.shape[0], -1).T
+
+
+def conv_factors(w: np.ndarray, u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Factors U (K x r), V (r x N) of ``conv_matrix(w)`` as two filter banks: a [r, C, kh, kw] conv (same
+    strides, pads, dilations) followed by a [O, r, 1, 1] pointwise conv. Their composition is ``U @ V``."""
+    o, c, kh, kw = w.shape
+    r = u.shape[1]
+    return np.ascontiguousarray(u.T.reshape(r, c, kh, kw)), np.ascontiguousarray(v.T.reshape(o, r, 1, 1))
+
+
 def _spectral_norm(a: np.ndarray) -> float:
     gram = a.T @ a if a.shape[1] <= a.shape[0] else a @ a.T
     return float(np.sqrt(max(np.linalg.eigvalsh(gram)[-1], 0.0))) if gram.size else 0.0
@@ -236,6 +249,7 @@ class FactorizeOptions:
     center: bool = option(True, "calibrated: truncate on the input covariance and carry the mean error in a bias (folded into an existing bias Add/Gemm C, else one Add)")
     damping: float = option(0.01, "calibrated: ridge added to the input second moment, as a fraction of its mean diagonal")
     min_size: int = option(4096, "layers whose weight has fewer parameters are left alone")
+    conv: bool = option(False, "also factorize Conv (group 1): a KxK conv with r filters, then a 1x1 conv back to the output channels (plain SVD of the [O, C*kh*kw] filter matrix)")
     include: tuple[str, ...] = option((), "only nodes whose name contains one of these substrings (empty: all)")
     exclude: tuple[str, ...] = option((), "skip nodes whose name contains one of these substrings")
 
@@ -320,10 +334,14 @@ class Factorize(Pass):
     lossless = False
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        modified = self._convs(model) if self.options.conv else False
+        return ir.passes.PassResult(model, self._linear(model) or modified)
+
+    def _linear(self, model: ir.Model) -> bool:
         o = self.options
         targets = self._targets(model)
         if not targets:
-            return ir.passes.PassResult(model, False)
+            return False
         groups = _group(targets, o.share)
         with _blas_threads(1):  # layers run in parallel, one BLAS thread each (no oversubscription)
             moments = self._moments(model, groups) if o.calibrated else {}
@@ -345,7 +363,41 @@ class Factorize(Pass):
             if u is not None:
                 _rewrite(model.graph, g, u, v, delta)
                 modified = True
-        return ir.passes.PassResult(model, modified)
+        return modified
+
+    # -- Conv: plain SVD of the filter matrix ------------------------------------------------------------
+    def _convs(self, model: ir.Model) -> bool:
+        o = self.options
+        modified = False
+        for index, node in enumerate(list(model.graph)):
+            if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or MARK in node.metadata_props:
+                continue
+            label = node.name or node.outputs[0].name or f"Conv_{index}"
+            if (o.include and not any(sub in label for sub in o.include)) or any(sub in label for sub in o.exclude):
+                continue
+            found = _classify_conv(node, o.min_size)
+            if isinstance(found, str):
+                if found:
+                    self.details.append({"layer": label, "op": "Conv", "skipped": found})
+                continue
+            w = found
+            mat = conv_matrix(w.astype(np.float64))
+            sp = spectrum(mat)
+            rank = self._ranks([mat], [sp])[0] if o.allocation == "layer" else rank_for_ratio(*mat.shape, o.ratio)
+            k, n = mat.shape
+            row: dict[str, Any] = {"layer": label, "op": "Conv", "K": k, "N": n, "rank": rank}
+            if self.options.calibrated:
+                row["note"] = "Conv: plain SVD (no calibrated statistics for Conv)"
+            if rank is None or rank * (k + n) >= k * n:
+                self.details.append({**row, "skipped": "the chosen rank saves no parameters"})
+                continue
+            u, v = factors(mat, sp, rank)
+            spec, fro = weight_errors(mat, u, v)
+            row.update({"params_before": k * n, "params_after": int(u.size + v.size), "spectral_error": round(spec, 6), "frobenius_error": round(fro, 6)})
+            self.details.append(row)
+            _rewrite_conv(model.graph, node, label, *conv_factors(w, u.astype(np.float32), v.astype(np.float32)))
+            modified = True
+        return modified
 
     # -- what to factorize -----------------------------------------------------------------------------
     def _targets(self, model: ir.Model) -> list[_Target]:
@@ -542,6 +594,47 @@ def _classify(node: ir.Node, min_size: int) -> tuple[np.ndarray, ir.Value, bool]
         if prod.op_type == "Transpose" and source is not None and (len(source.uses()) > 1 or source.is_graph_output()):
             return f"weight '{source.name}' is shared with other nodes (factorizing one use saves nothing)"
     return array, x, trans_x
+
+
+def _classify_conv(node: ir.Node, min_size: int) -> np.ndarray | str:
+    """The float filter bank [O, C, kh, kw] of a group-1 2-D Conv, or why it is skipped ('' : silently)."""
+    if len(node.inputs) < 2 or node.inputs[1] is None:
+        return ""
+    weight = node.inputs[1]
+    tensor = weight.const_value if weight.is_initializer() and not weight.is_graph_input() else None
+    if tensor is None or tensor.dtype != _FLOAT:
+        return ""
+    w = tensor.numpy()
+    if w.ndim != 4:
+        return "only 2-D convolutions are factorized"
+    group = node.attributes.get("group")
+    if group is not None and group.as_int() != 1:
+        return "grouped/depthwise convolution"
+    if w.size < min_size:
+        return ""
+    if len(weight.uses()) > 1:
+        return "weight shared with other nodes"
+    return w
+
+
+def _rewrite_conv(graph: ir.Graph, node: ir.Node, label: str, first_w: np.ndarray, second_w: np.ndarray) -> None:
+    """Conv(x, W, b) -> Conv(Conv(x, W1), W2, b): W1 [r, C, kh, kw] keeps the spatial attributes, W2 is 1x1."""
+    old_weight = node.inputs[1]
+    base = old_weight.name or label
+    w1 = _const(graph, f"{base}/U", first_w)
+    mid = ir.Value(name=f"{node.outputs[0].name}/factorize_mid", type=ir.TensorType(_FLOAT))
+    attrs = {key: attr.value for key, attr in node.attributes.items() if key != "group"}
+    attrs.pop("kernel_shape", None)  # inferred from the new weights
+    first = ir.node("Conv", [node.inputs[0], w1], attrs, outputs=[mid], name=f"{label}/factorize_U")
+    first.metadata_props[MARK] = f"U rank={first_w.shape[0]}"
+    graph.insert_before(node, first)
+    for key in list(node.attributes):
+        node.attributes.pop(key)
+    node.replace_input_with(0, mid)
+    node.replace_input_with(1, _const(graph, f"{base}/V", second_w))
+    node.name = f"{label}/factorize_V"
+    node.metadata_props[MARK] = f"V rank={first_w.shape[0]}"
+    _drop_if_unused(graph, old_weight)
 
 
 def _unique_initializer(graph: ir.Graph, name: str) -> str:

@@ -438,3 +438,61 @@ def test_center_carries_the_input_mean_in_the_bias():
     y = outputs(out, feed)
     assert np.linalg.norm(y - ref) / np.linalg.norm(ref) == pytest.approx(errors[True], rel=1e-3)
     assert not F(rank=2, calibrated=True)(out).modified
+
+
+# -- Conv: channel SVD into a KxK conv with r filters and a 1x1 conv ----------------------------------
+def conv_model(w: np.ndarray, bias: np.ndarray, attrs: str = "pads=[1, 1, 1, 1], strides=[2, 2]") -> ir.Model:
+    o, c, kh, kw = w.shape
+    return text_model(
+        f"""{HEADER} g (float[N,{c},12,12] x) => (float[N,{o},6,6] y) <{init('w', w)}, {init('b', bias)}>
+        {{ y = Conv<{attrs}>(x, w, b) }}"""
+    )
+
+
+def test_conv_matrix_and_factors_compose_to_the_filter_bank():
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((6, 4, 3, 3))
+    mat = fz.conv_matrix(w)
+    assert mat.shape == (36, 6)
+    u, v = fz.factors(mat, fz.spectrum(mat), 6)
+    first, second = fz.conv_factors(w, u, v)
+    assert first.shape == (6, 4, 3, 3) and second.shape == (6, 6, 1, 1)
+    # composing the two filter banks (1x1 after KxK) gives the original bank
+    composed = np.einsum("or,rckl->ockl", second[:, :, 0, 0], first)
+    np.testing.assert_allclose(composed, w, atol=1e-10)
+
+
+def test_conv_of_low_rank_filters_is_exact_and_smaller():
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((16, 4)) @ rng.standard_normal((4, 8 * 9))).reshape(16, 8, 3, 3).astype(np.float32)
+    model = conv_model(w, rng.standard_normal(16).astype(np.float32))
+    out, modified = run(F(rank=4, conv=True), model)
+    assert modified and op_types(out) == ["Conv", "Conv"]
+    check_full(out)
+    feed = {"x": rng.standard_normal((2, 8, 12, 12)).astype(np.float32)}
+    np.testing.assert_allclose(outputs(out, feed), outputs(model, feed), rtol=1e-4, atol=1e-4)
+    params = sum(v.const_value.size for v in out.graph.initializers.values())
+    assert params == 4 * 72 + 16 * 4 + 16 < w.size
+    assert not run(F(rank=4, conv=True), out)[1]  # marked: a second run leaves it alone
+
+
+def test_conv_error_identity_and_skips():
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((16, 8, 3, 3)).astype(np.float32)
+    p = F(ratio=0.5, conv=True)
+    out, modified = run(p, conv_model(w, np.zeros(16, np.float32)))
+    assert modified
+    row = p.details[-1]
+    s = np.linalg.svd(fz.conv_matrix(w.astype(np.float64)), compute_uv=False)
+    expected = np.sqrt(np.sum(s[row["rank"]:] ** 2)) / np.linalg.norm(s)
+    assert row["frobenius_error"] == pytest.approx(expected, abs=1e-5)
+    # conv=false (default) leaves Conv alone; depthwise convs are skipped with the reason
+    assert not run(F(ratio=0.5), conv_model(w, np.zeros(16, np.float32)))[1]
+    dw = rng.standard_normal((8, 1, 3, 3)).astype(np.float32)
+    q = F(ratio=0.5, conv=True)
+    depthwise = text_model(
+        f"""{HEADER} g (float[N,8,12,12] x) => (float[N,8,12,12] y) <{init('w', dw)}>
+        {{ y = Conv<group=8, pads=[1, 1, 1, 1]>(x, w) }}"""
+    )
+    assert not run(q, depthwise)[1]
+    assert q.details[-1]["skipped"] == "grouped/depthwise convolution"
