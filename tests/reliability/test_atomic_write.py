@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 
 import onnxpress
