@@ -34,7 +34,7 @@ def test_static_mlp_quantizes_weights_and_matmul_inputs():
     model = mlp()
     cal = feeds_for("x", (16, 32))
     val = feeds_for("x", (16, 32), batches=1, seed=9)[0]
-    out, modified = apply_and_check(Qdq(mode="static"), model, min_cosine=0.999, calibration=cal, inputs=val)
+    out, modified = apply_and_check(Qdq(mode="static", weight_type="uint8"), model, min_cosine=0.999, calibration=cal, inputs=val)
     assert modified
     ops = op_types(out)
     assert ops.count("QuantizeLinear") == 2  # x and the ReLU output; the bias Add stays float
@@ -315,10 +315,145 @@ def test_digits_accuracy_drop_at_most_half_a_point(kind, mode):
     assert not modified
 
 
-def test_digits_mlp_int4_stays_close():
-    """Gemm is left float by int4 (MatMulNBits covers MatMul); reported as skipped, model unchanged and valid."""
+@pytest.mark.parametrize("fmt", ["matmulnbits", "qdq"])
+def test_digits_mlp_int4_gemm_keeps_accuracy(fmt):
+    """int4 covers the MLP's Gemm layers (transB=1 from torch): top-1 within 0.5 points of fp32, full checker passes."""
     digits = pytest.importorskip("onnxpress.models.digits")
     model = ir.load(digits.build("mlp"))
-    p = Qdq(mode="int4")
+    p = Qdq(mode="int4", int4_format=fmt)
     out, modified = run_pass(p, model, digits.calibration_feeds("mlp"))
-    assert not modified and all("int4 covers MatMul only" in r["skipped"] for r in p.details)
+    assert modified
+    if fmt == "matmulnbits":
+        assert "Gemm" not in op_types(out) and op_types(out).count("MatMulNBits") >= 3
+    else:
+        assert op_types(out).count("DequantizeLinear") >= 3
+    metrics = digits.evaluate(ir.to_proto(out), "mlp")
+    assert metrics["accuracy_drop"] <= 0.005 and metrics["agreement"] >= 0.98, metrics
+    check_full(out)
+
+
+def scaled_gemm_model(trans_b: int, k: int = 64) -> ir.Model:
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((16, k) if trans_b else (k, 16)).astype(np.float32)
+    return text_model(
+        f"""
+        <ir_version: 10, opset_import: ["" : 17]>
+        g (float[N,{k}] x) => (float[N,16] y)
+        <{init("w", w)}, {init("b", rng.standard_normal(16))}>
+        {{
+            y = Gemm<transB={trans_b}, alpha=0.5, beta=2.0>(x, w, b)
+        }}
+        """
+    )
+
+
+@pytest.mark.parametrize("fmt", ["matmulnbits", "qdq"])
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_int4_gemm_handles_trans_b_alpha_and_beta(fmt, trans_b):
+    cal = feeds_for("x", (16, 64))
+    p = Qdq(mode="int4", int4_format=fmt)
+    out, modified = apply_and_check(p, scaled_gemm_model(trans_b), min_cosine=0.985, calibration=cal, inputs=feeds_for("x", (8, 64), 1, seed=3)[0])
+    assert modified
+    ops = op_types(out)
+    if fmt == "matmulnbits":
+        assert ops == ["MatMulNBits", "Add"]  # alpha folded into the block scales, beta * C into the Add
+        node = out.graph.node(0)
+        assert (node.attributes.get_int("K"), node.attributes.get_int("N")) == (64, 16)
+    else:
+        assert ops == ["DequantizeLinear", "Gemm"]
+        (dq,) = [n for n in out.graph if n.op_type == "DequantizeLinear"]
+        assert dq.attributes.get_int("axis") == (1 if trans_b else 0)  # blocks run along K in the node's layout
+        assert dq.inputs[0].const_value.shape == ((16, 64) if trans_b else (64, 16))
+        assert dq.inputs[1].const_value.shape == ((16, 2) if trans_b else (2, 16))
+    run_pass(p, scaled_gemm_model(trans_b), cal)
+    (row,) = [r for r in p.details if r.get("op") == "Gemm"]
+    assert row["method"] == "gptq" and row["output_cosine"] > 0.99
+
+
+def test_int4_gemm_with_a_computed_bias_scales_it_by_beta():
+    rng = np.random.default_rng(5)
+    model = text_model(
+        f"""
+        <ir_version: 10, opset_import: ["" : 17]>
+        g (float[N,32] x, float[16] c) => (float[N,16] y)
+        <{init("w", rng.standard_normal((32, 16)))}>
+        {{
+            y = Gemm<beta=3.0>(x, w, c)
+        }}
+        """
+    )
+    feeds = {"x": rng.standard_normal((8, 32)).astype(np.float32), "c": rng.standard_normal(16).astype(np.float32)}
+    out, _ = apply_and_check(Qdq(mode="int4", weight_method="rtn"), model, min_cosine=0.98, inputs=feeds)
+    assert op_types(out) == ["MatMulNBits", "Mul", "Add"]
+
+
+def test_include_quantizes_only_the_named_nodes_or_op_types():
+    model = mlp()
+    for i, n in enumerate(model.graph):
+        n.name = n.name or f"n{i}"
+    first, second = [n.name for n in model.graph if n.op_type == "MatMul"]
+    cal = feeds_for("x", (16, 32))
+    p = Qdq(mode="static", include=(second,))
+    out, modified = run_pass(p, model, cal)
+    assert modified
+    quantized = [n.name for n in out.graph if n.op_type == "MatMul" and n.inputs[1].producer() is not None]
+    assert quantized == [second]
+    assert "w1" in out.graph.initializers and "w2" not in out.graph.initializers  # the first weight stays float
+    assert [r["layer"] for r in p.details if r.get("skipped") == "not in include"] == [first]
+    # op types work too, and exclude wins over include
+    out, modified = run_pass(Qdq(mode="weight", include=("MatMul",), exclude=(first,)), model)
+    assert modified and "w1" in out.graph.initializers and "w2" not in out.graph.initializers
+    out, modified = run_pass(Qdq(mode="weight", include=("Conv",)), model)
+    assert not modified
+    assert str(Pipeline.parse("qdq(include=[MatMul,lm_head])")) == "qdq(include=[MatMul,lm_head])"
+
+
+def test_weight_type_auto_follows_the_cpu():
+    from onnxpress.passes import qdq as qdq_module
+
+    p = Qdq(mode="weight")
+    out, _ = run_pass(p, mlp())
+    expected = qdq_module.resolved_weight_type(p.options)
+    assert expected == ("int8" if qdq_module.cpu_has_int8_dot() else "uint8")
+    weights = [v.const_value.dtype for name, v in out.graph.initializers.items() if name.endswith("_quantized")]
+    assert set(weights) == {ir.DataType.INT8 if expected == "int8" else ir.DataType.UINT8}
+    assert {r["weight_type"] for r in p.details} == {expected}
+    assert qdq_module.resolved_weight_type(Qdq(weight_type="uint8", reduce_range=True).options) == "uint8"  # explicit wins
+    assert qdq_module.resolved_weight_type(Qdq(reduce_range=True).options) == "int8"  # 7-bit weights cannot saturate
+
+
+def test_bias_correction_removes_the_mean_output_error():
+    """Activations with a large common offset: weight rounding shifts every output by about the same amount;
+    bias correction folds the mean shift into the float bias (held-out data: lower error, bias changed)."""
+    offset = np.linspace(-3, 3, 32).astype(np.float32)
+    rng = np.random.default_rng(11)
+    cal = [{"x": (rng.standard_normal((64, 32)) * 0.3 + offset).astype(np.float32)} for _ in range(4)]
+    val = {"x": (rng.standard_normal((256, 32)) * 0.3 + offset).astype(np.float32)}
+    errs, biases = {}, {}
+    for on in (False, True):
+        p = Qdq(mode="static", bias_correction=on, smooth="off", weight_method="rtn", per_channel=False)
+        out, _ = run_pass(p, mlp(), cal)
+        errs[on] = validate(ir.to_proto(mlp()), out, inputs=val, tolerance=Tolerance(min_cosine=0.99)).outputs[0].rel_l2
+        biases[on] = out.graph.initializers["b1"].const_value.numpy().copy()
+        first, second = [r for r in p.details if "output_rel_error" in r]  # only the first MatMul has a bias Add
+        assert ("output_rel_error_before_bias_correction" in first) == on and "output_rel_error_before_bias_correction" not in second
+        if on:
+            assert first["output_rel_error"] < first["output_rel_error_before_bias_correction"]
+    assert errs[True] < 0.8 * errs[False]
+    assert not np.array_equal(biases[True], biases[False])
+
+
+def test_weight_only_keeps_a_layers_activation_float_but_quantizes_its_weight():
+    model = mlp()
+    for i, n in enumerate(model.graph):
+        n.name = n.name or f"n{i}"
+    first, second = [n.name for n in model.graph if n.op_type == "MatMul"]
+    cal = feeds_for("x", (16, 32))
+    out, _ = apply_and_check(Qdq(mode="static", weight_only=(first,)), model, min_cosine=0.999, calibration=cal, inputs=cal[0])
+    assert op_types(out).count("QuantizeLinear") == 1  # only the second MatMul's input
+    by_name = {n.name: n for n in out.graph}
+    assert by_name[first].inputs[0].name == "x"  # float activation
+    assert by_name[first].inputs[1].producer().op_type == "DequantizeLinear"  # int8 weight
+    assert by_name[second].inputs[0].producer().op_type == "DequantizeLinear"
+    out, _ = run_pass(Qdq(mode="static", weight_only=("MatMul",)), model, cal)
+    assert "QuantizeLinear" not in op_types(out) and op_types(out).count("DequantizeLinear") == 2
