@@ -14,7 +14,8 @@ Export: input ``input_ids`` int64 [batch, sequence] (both dynamic, sequence <= 1
 
 Task metric: perplexity on held-out text (``exp`` of the mean next-byte cross-entropy over 64 windows of
 128 bytes).  A uniform guess over 256 byte values has perplexity 256; the fp32 model is asserted to stay
-below ``FP32_MAX_PERPLEXITY``.  ``ppl_increase`` is the candidate's perplexity minus the fp32 model's;
+below ``FP32_MAX_PERPLEXITY``.  ``ppl_increase`` is the candidate's perplexity minus the fp32 model's,
+``ppl_increase_rel`` the same relative to the fp32 perplexity (0.1: 10% higher; what budgets bound);
 ``top1_agreement`` the share of positions whose most likely next byte matches the fp32 model's.
 
 Run as a script to train/build it and print its figures: ``python -m onnxpress.models lm``.
@@ -292,17 +293,29 @@ def _perplexity(logits: list[np.ndarray], feeds: list[dict[str, np.ndarray]]) ->
     return float(np.exp(nll.mean()))
 
 
+@functools.lru_cache(maxsize=2)
+def _fp32_logits(path: str, digest: str) -> tuple[np.ndarray, ...]:
+    """The fp32 build's logits on the evaluation feeds, computed once per build (``digest`` keys a rebuild):
+    a search evaluates many candidates against the same reference."""
+    return tuple(_logits(path, evaluation_feeds()))
+
+
 def evaluate(model_or_path: Any, reference: Any = None) -> dict[str, float]:
     """Held-out perplexity, its increase over ``reference`` (default: the fp32 build), top-1 agreement."""
     feeds = evaluation_feeds()
     logits = _logits(model_or_path, feeds)
-    ref_logits = _logits(build() if reference is None else reference, feeds)
+    if reference is None:
+        path = build()
+        ref_logits = list(_fp32_logits(str(path), common.file_digest(path)))
+    else:
+        ref_logits = _logits(reference, feeds)
     ppl = _perplexity(logits, feeds)
     ref_ppl = _perplexity(ref_logits, feeds)
     agree = np.concatenate([(a.argmax(-1) == b.argmax(-1)).ravel() for a, b in zip(logits, ref_logits)])
     return {
         "perplexity": ppl,
         "ppl_increase": ppl - ref_ppl,
+        "ppl_increase_rel": ppl / ref_ppl - 1.0,
         "reference_perplexity": ref_ppl,
         "top1_agreement": float(agree.mean()),
         "tokens": int(sum(f[INPUT].shape[0] * (f[INPUT].shape[1] - 1) for f in feeds)),

@@ -30,7 +30,10 @@ from onnxpress.passes import factorize as fz
 from onnxpress.passes import quant_math as qm
 from onnxpress.passes import qdq as qdq_pass
 
-QUANTS = ("int8", "int4/32", "int4/128")  # the quantizations of the default grid ("int4/B": blocks of B)
+# the quantizations of the default grid ("int4/B": blocks of B); a block size is tried on a layer only where
+# it stores fewer bytes than the smaller ones (K = 384 pads blocks of 256 to 512: more bytes, more error)
+QUANTS = ("int8", "int4/32", "int4/128", "int4/256", "int4/512")
+MATMUL_MAX_BLOCK = 256  # MatMulNBits' CPU kernels take blocks of 16..256; GatherBlockQuantized takes larger
 RATIOS = (0.5, 0.3, 0.2, 0.1, 0.05)  # calibrated factorization ratios of the default grid
 FACTOR_QUANTS = ("int8", "int4/32")  # how the factors of a factorized layer are quantized
 FACTORIZE_MIN_SIZE = fz.FactorizeOptions().min_size
@@ -152,7 +155,7 @@ def find_layers(model: ir.Model, grid: Grid) -> tuple[list[Layer], list[dict[str
     A node must be named (the pipeline options select layers by name).
     """
     int8_targets, skipped8 = qdq_pass.find_targets(model, qdq_pass.QdqOptions(mode="weight"))
-    int4_targets, _ = qdq_pass.find_targets(model, qdq_pass.QdqOptions(mode="int4"))
+    int4_targets, skipped4 = qdq_pass.find_targets(model, qdq_pass.QdqOptions(mode="int4"))
     by_index8 = {t.index: t for t in int8_targets}
     int4_ok = {t.index for t in int4_targets}
     skipped: list[dict[str, Any]] = [dict(row) for row in skipped8]
@@ -173,10 +176,10 @@ def find_layers(model: ir.Model, grid: Grid) -> tuple[list[Layer], list[dict[str
             layer.has_bias = _has_own_bias(node, layer.matrix.shape[1])
         quants = [q for q in grid.quants if q == "int8" or index in int4_ok]
         if index not in int4_ok and any(q != "int8" for q in grid.quants):
-            layer.skipped["int4"] = "qdq int4 covers MatMul and Gather only" if node.op_type in ("Gemm", "Conv") else "not accepted by qdq(mode=int4)"
+            layer.skipped["int4"] = next((row["skipped"] for row in skipped4 if row.get("layer") == node_label(node, index)), "not accepted by qdq(mode=int4)")
         if node.op_type == "Gather" and w.shape[1] % 2:
             quants = [q for q in quants if q == "int8"]
-        layer.choices = [Choice(None, q) for q in quants]
+        layer.choices = [Choice(None, q) for q in _useful_quants(layer, quants)]
         if node.op_type in ("MatMul", "Gemm"):
             found = fz._classify(node, FACTORIZE_MIN_SIZE)
             if isinstance(found, str):
@@ -192,11 +195,30 @@ def find_layers(model: ir.Model, grid: Grid) -> tuple[list[Layer], list[dict[str
                         layer.choices.append(Choice(r, None))
                     # Factors are quantized as qdq sees them after factorize: U (K x r) and V (r x N) are MatMul/Gemm weights.
                     for q in grid.factor_quants:
-                        if q == "int8" or node.op_type == "MatMul":
+                        if q == "int8" or index in int4_ok:
                             layer.choices.append(Choice(r, q))
         if layer.choices:
             layers.append(layer)
     return layers, skipped
+
+
+def _useful_quants(layer: Layer, quants: Sequence[str]) -> list[str]:
+    """The quantizations worth measuring on ``layer``: int4 block sizes the op's kernel takes, each storing
+    fewer bytes than every smaller block size (a larger block only ever adds error)."""
+    out: list[str] = []
+    smallest = float("inf")
+    for q in sorted(quants, key=lambda q: (q != "int8", int(q.split("/")[1]) if "/" in q else 0)):
+        if q == "int8":
+            out.append(q)
+            continue
+        block = int(q.split("/")[1])
+        if layer.op != "Gather" and block > MATMUL_MAX_BLOCK:
+            continue
+        nbytes = choice_bytes(layer, Choice(None, q))
+        if nbytes < smallest:
+            out.append(q)
+            smallest = nbytes
+    return out
 
 
 # =====================================================================================================
@@ -333,6 +355,29 @@ class Spectra:
             sp = fz.spectrum(layer.matrix, fz.damped(s, FACTORIZE_DAMPING))
             self.cache[layer.name] = sp
         return sp
+
+
+def output_energy(layer: Layer, stats: InputStats) -> float:
+    """tr(W^T S W): the layer's mean squared output (S the input second moment), the scale of local errors."""
+    w = layer.matrix.astype(np.float64)
+    return float(np.einsum("kn,kn->", w, np.asarray(stats.second_moment, np.float64) @ w))
+
+
+def local_error(layer: Layer, weight: np.ndarray, stats: InputStats) -> float:
+    """The layer's own relative output error of a reconstruction: tr(D^T S D) / tr(W^T S W), D = W' - W
+    (``weight`` in the node's layout). Cheap (no model run): the sensitivity analysis scales it into a
+    prediction of the model-output error."""
+    d = (weight.T if layer.trans_b else weight).astype(np.float64) - layer.matrix.astype(np.float64)
+    return float(np.einsum("kn,kn->", d, np.asarray(stats.second_moment, np.float64) @ d)) / max(output_energy(layer, stats), 1e-30)
+
+
+def lowrank_tail(layer: Layer, stats: InputStats, spectra: Spectra, ratio: float) -> float:
+    """The local error of calibrated factorization at ``ratio`` before its factors are quantized: the output
+    energy of the discarded directions (squared singular values past the rank; the bias correction removes
+    the mean part) relative to tr(W^T S W)."""
+    k, n = layer.matrix.shape
+    s = spectra.of(layer, stats).s.astype(np.float64)
+    return float(np.sum(s[fz.rank_for_ratio(k, n, ratio) :] ** 2)) / max(output_energy(layer, stats), 1e-30)
 
 
 def reconstruct(layer: Layer, choice: Choice, stats: InputStats | None, spectra: Spectra) -> tuple[np.ndarray, np.ndarray | None]:

@@ -39,6 +39,8 @@ def summary_table(result: BudgetResult) -> Any:
     table.add_row("pipeline", escape(result.pipeline))
     table.add_row("time", ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items()))
     table.add_row("builds", f"{len(result.attempts)} (checks on the path: {sum(1 for p in result.points if p.kind == 'path')})")
+    measured = sum(1 for c in result.candidates if c.get("measured", True))
+    table.add_row("candidates", f"{len(result.candidates)} ({measured} measured in onnxruntime, {len(result.candidates) - measured} predicted from the layer's gain)")
     for note in result.notes:
         table.add_row("note", escape(note))
     return table
@@ -114,9 +116,12 @@ def plot(result: BudgetResult, path: Path) -> Path:
 
     chosen = {(r.name, r.choice) for r in result.layers}
     for tech, colour in _COLOURS.items():
-        pts = [c for c in result.candidates if c["technique"].split("/")[0] == tech]
+        pts = [c for c in result.candidates if c["technique"].split("/")[0] == tech and c.get("measured", True)]
         if pts:
             bx.scatter([(c["bytes_before"] - c["bytes"]) / 1e3 for c in pts], [max(c["d"], 1e-12) for c in pts], s=14, c=colour, alpha=0.7, label=tech)
+        guessed = [c for c in result.candidates if c["technique"].split("/")[0] == tech and not c.get("measured", True)]
+        if guessed:
+            bx.scatter([(c["bytes_before"] - c["bytes"]) / 1e3 for c in guessed], [max(c["d"], 1e-12) for c in guessed], s=14, marker="+", c=colour, alpha=0.5, label=f"{tech} (predicted)")
     picked = [c for c in result.candidates if (c["layer"], c["choice"]) in chosen]
     if picked:
         bx.scatter([(c["bytes_before"] - c["bytes"]) / 1e3 for c in picked], [max(c["d"], 1e-12) for c in picked], s=70, facecolors="none", edgecolors="black", label="chosen per layer")

@@ -384,3 +384,88 @@ def test_relative_increase_metrics_and_grid_validation():
         Grid(quants=("int3",))
     with pytest.raises(ValueError, match="ratio"):
         Grid(ratios=(1.5,))
+
+
+# -- predicted candidates, session scoring, qdq selection -------------------------------------------------
+def test_local_error_and_lowrank_tail_are_relative_output_errors(mlp):
+    from onnxpress.budget_layers import local_error, lowrank_tail
+
+    model, calib, _ = mlp
+    layers, _ = find_layers(model, Grid())
+    layer = next(layer for layer in layers if layer.name == "fc2")
+    st = collect_input_stats(model, calib, [layer.x])[layer.x]
+    assert local_error(layer, layer.w, st) == 0.0
+    assert local_error(layer, np.zeros_like(layer.w), st) == pytest.approx(1.0)
+    assert local_error(layer, 2 * layer.w, st) == pytest.approx(1.0)
+    sp = Spectra()
+    tails = [lowrank_tail(layer, st, sp, r) for r in (0.5, 0.3, 0.1)]
+    assert 0.0 <= tails[0] <= tails[1] <= tails[2] <= 1.0
+    # the discarded energy is the local error of the float factorization, up to the centring and damping
+    w, _ = reconstruct(layer, Choice(0.3, None), st, sp)
+    assert local_error(layer, w, st) >= tails[1] * 0.9
+
+
+def test_predicted_search_measures_fewer_candidates_and_still_meets_the_budget(mlp):
+    model, calib, evals = mlp
+    full = bg.search(model, "cos>=0.995", calibration=calib, evaluation=evals, base="", cache=False, predict=False)
+    fast = bg.search(model, "cos>=0.995", calibration=calib, evaluation=evals, base="", cache=False, predict=True)
+    assert fast.passed and full.passed
+    assert all(c["measured"] for c in full.candidates)
+    measured = [c for c in fast.candidates if c["measured"]]
+    assert len(measured) < len(full.candidates)
+    # every choice the result uses was measured; predictions are in the same range as the measurements
+    chosen = {(row.name, row.choice) for row in fast.layers if row.choice != "fp32"}
+    assert chosen <= {(c["layer"], c["choice"]) for c in measured}
+    truth = {(c["layer"], c["choice"]): c["d"] for c in full.candidates}
+    for c in fast.candidates:
+        if not c["measured"] and truth.get((c["layer"], c["choice"]), 0) > 1e-6:
+            assert 0.1 < c["d"] / truth[(c["layer"], c["choice"])] < 10, c
+    assert fast.bytes_after <= 1.05 * full.bytes_after
+
+
+def test_an_evaluate_that_accepts_sessions_scores_the_simulation_session(mlp):
+    model, calib, evals = mlp
+    layers, _ = find_layers(model, Grid())
+    layer = next(layer for layer in layers if layer.name == "fc2")
+    sim = Simulator(model, layers, [])
+    w, _ = reconstruct(layer, Choice(None, "int4/32"), None, Spectra())
+    over = sim.override(layer, w, None)
+    session = sim.session_with(over)
+    assert [v.name for v in session.get_inputs()] == ["x"]
+    materialized = runtime.make_session(sim.materialize(over))
+    for f in evals:
+        # the same function; ORT may fuse constant weights differently (float rounding)
+        np.testing.assert_allclose(runtime.run(session, f)["y"], runtime.run(materialized, f)["y"], rtol=1e-4, atol=1e-6)
+    kinds = []
+
+    def evaluate(candidate):
+        kinds.append(type(candidate).__name__)
+        s = candidate if hasattr(candidate, "get_outputs") else runtime.make_session(candidate)
+        return {"out_norm": float(sum(np.abs(runtime.run(s, f)["y"]).sum() for f in evals))}
+
+    evaluate.accepts_session = True
+    ref = evaluate(model)["out_norm"]
+    result = bg.search(model, f"out_norm>={0.97 * ref}", calibration=calib, evaluate=evaluate, base="", cache=False)
+    assert result.passed
+    assert "OverrideSession" in kinds and kinds[-1] != "OverrideSession"  # the built model is verified as a model
+
+
+def test_qdq_selection_uses_the_shorter_of_include_and_exclude():
+    targets = [("a1", "MatMul"), ("a2", "MatMul"), ("a3", "MatMul"), ("g", "Gather")]
+    assert bg._selection(["a1"], ["a2", "a3", "g"], targets) == {"include": ("a1",)}
+    assert bg._selection(["a1", "a2", "a3"], ["g"], targets) == {"exclude": ("Gather",)}  # op types stand for all their nodes
+    assert bg._selection(["a1", "a2", "g"], ["a3"], targets) == {"exclude": ("a3",)}
+    assert bg._selection(["a1"], ["a2", "a3", "g"], targets, has_include=False) == {"exclude": ("Gather", "a2", "a3")}
+
+
+def test_larger_int4_blocks_are_candidates_only_where_they_store_fewer_bytes():
+    from onnxpress.budget_layers import QUANTS, Layer, _useful_quants
+
+    def layer(op, shape):
+        return Layer(0, "n", op, "w", np.zeros(shape, np.float32))
+
+    # K = 384: blocks of 256 pad to 512 rows (more bytes than blocks of 128); 512 exceeds MatMulNBits' kernels
+    assert _useful_quants(layer("MatMul", (384, 384)), QUANTS) == ["int8", "int4/32", "int4/128"]
+    assert _useful_quants(layer("MatMul", (1536, 384)), QUANTS) == ["int8", "int4/32", "int4/128", "int4/256"]
+    # embedding rows of 384: one block per row still saves scales (GatherBlockQuantized takes any block)
+    assert _useful_quants(layer("Gather", (1000, 384)), QUANTS) == ["int8", "int4/32", "int4/128", "int4/256", "int4/512"]

@@ -49,7 +49,7 @@ def test_fp32_perplexity_far_below_uniform(lm_path):
     scores = lm.evaluate(lm_path)
     # uniform guessing over 256 byte values has perplexity 256
     assert scores["perplexity"] < lm.FP32_MAX_PERPLEXITY <= lm.VOCAB / 16
-    assert scores["ppl_increase"] == 0.0 and scores["top1_agreement"] == 1.0
+    assert scores["ppl_increase"] == 0.0 and scores["ppl_increase_rel"] == 0.0 and scores["top1_agreement"] == 1.0
     assert scores["tokens"] == lm.EVAL_WINDOWS * (lm.CONTEXT - 1)
     info = common.build_info(lm_path)
     assert info["perplexity"] == pytest.approx(scores["perplexity"], rel=1e-6)
@@ -80,3 +80,4 @@ def test_metric_sees_damage(lm_path):
             value.const_value = ir.Tensor((w + rng.normal(0, 2 * w.std(), w.shape)).astype(np.float32), name=value.name)
     scores = lm.evaluate(model)
     assert scores["ppl_increase"] > 0.1 and scores["top1_agreement"] < 0.99
+    assert scores["ppl_increase_rel"] == pytest.approx(scores["ppl_increase"] / scores["reference_perplexity"], rel=1e-9)
