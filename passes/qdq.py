@@ -6,6 +6,7 @@ numpy functions; this module picks what to quantize, calibrates, and rewrites th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -504,6 +505,13 @@ def make_plan(model: ir.Model, targets: list[_Target], o: QdqOptions, feeds) -> 
             row.update(_layer_error(t, stats, weights, plan_weights[-1], acts, o, shift))
         rows.append(row)
         row_targets.append(t.index)
+        # Done with this layer's float copies: drop them and unmap its weight, so a large model's weights are
+        # not all resident at once while the plan is made (1 GB scale point: qdq peak 1.81 -> 0.92 GB).
+        weights.pop(t.index, None)
+        w = orig = deq = None
+        if t.weight is not None and isinstance(t.weight.const_value, ir.ExternalTensor):
+            with contextlib.suppress(BufferError):
+                t.weight.const_value.release()
     return _Plan(acts, plan_weights, by_index, rows, row_targets, bias_shifts)
 
 
