@@ -8,7 +8,7 @@ prints one table; a size-vs-fidelity plot is written to out/demo.png.
 Then the accuracy-budget search (``onnxpress.budget.search``) runs on the digits CNN with the budget
 ``accuracy_drop<=1%`` and writes its Pareto plot (size vs accuracy drop of the configurations tried, the
 chosen point marked) to out/budget-digits.png. The digits CNN keeps the demo to a few minutes: the same
-search on MiniLM takes ~13 minutes on 2 cores (``onnxpress optimize MODEL --budget "mean_cos>=0.98"
+search on MiniLM takes ~3-6 minutes on 2 cores (``onnxpress optimize MODEL --budget "mean_cos>=0.98"
 --task minilm --plot pareto.png``, or ``benchmarks/budget_bench.py``).
 
     python -m onnxpress.demo [--out DIR] [--only budget|pipelines]
@@ -93,7 +93,7 @@ def budget_demo(out_dir: Path, console: Console | None = None, *, cache: Any = T
     console = console or Console()
     console.rule(f"accuracy budget: {BUDGET} on the digits CNN")
     console.print(
-        "The digits CNN keeps this part to a few minutes; the same search on MiniLM takes ~13 minutes on 2 cores:\n"
+        "The digits CNN keeps this part to a few minutes; the same search on MiniLM takes ~3-6 minutes on 2 cores:\n"
         "  onnxpress optimize MODEL.onnx -o small.onnx --budget \"mean_cos>=0.98\" --task minilm --plot pareto.png",
         highlight=False,
     )
