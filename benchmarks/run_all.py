@@ -132,11 +132,12 @@ def _headline_budget(text: str) -> str:
     rows = _rows(text)
     parts = []
     for model in ("minilm", "digits", "lm"):
+        own = [r for r in rows if r.get("model") == model]  # exact: "lm" is a substring of "minilm"
         try:
-            ours = _find(rows, model=model, method="onnxpress budget search")
+            ours = _find(own, method="onnxpress budget search")
         except LookupError:
             continue
-        peer = _find(rows, model=model, method="MatMulNBits")
+        peer = _find(own, method="MatMulNBits")
         parts.append(f"{model} ({ours['budget']}): {ours['MB']} MB, {ours['ratio']} smaller, target {ours['target'] or '-'}; "
                      f"ORT MatMulNBits {peer['MB']} MB, meets budget: {peer['meets budget'] or '-'}")
     if not parts:
