@@ -28,6 +28,7 @@ from common import machine, temp_cwd  # noqa: E402  (machine is re-exported: oth
 __all__ = ["machine", "main"]
 
 QUICK_DIR = Path("/tmp/onnxpress-bench-quick")
+NOTES = HERE / "notes"  # hand-written analysis per benchmark, appended to its section of RESULTS.md
 
 
 def _markdown(path: Path) -> list[str]:
@@ -214,6 +215,10 @@ def write_results(results: Path, out: Path, ran: dict[str, tuple[int, float]] | 
         if not body.startswith("#"):
             body = f"# {name}\n\n{body}"
         parts += [_demote(body), ""]
+        notes = NOTES / f"{name}.md"
+        if notes.exists():  # hand-kept analysis beside the generated table (a rerun overwrites results/, not notes/)
+            parts += [f"*Notes on {name} kept by hand in benchmarks/notes/{name}.md (development runs, analysis against the issue's targets):*", "",
+                      _demote(notes.read_text().strip()), ""]
     out.write_text("\n".join(parts))
     return out
 
