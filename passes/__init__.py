@@ -8,6 +8,7 @@ from onnxpress.passes.cse import CommonSubexpressionElimination
 from onnxpress.passes.dedup import DeduplicateInitializers
 from onnxpress.passes.factorize import Factorize
 from onnxpress.passes.fold import FoldConstants
+from onnxpress.passes.fuse_gelu import FuseGelu
 from onnxpress.passes.prune_unused import PruneUnused
 from onnxpress.passes.prune import Prune
 from onnxpress.passes.qdq import Qdq
@@ -22,6 +23,7 @@ ALL = (
     DeduplicateInitializers,
     PruneUnused,
     CommonSubexpressionElimination,
+    FuseGelu,
     Qdq,
     Factorize,
     Prune,
