@@ -39,7 +39,7 @@ def _markdown(path: Path) -> list[str]:
 # partial run still yields tables
 BENCHMARKS: dict[str, tuple[str, Callable[[Path], list[str]], list[str]]] = {
     "tool_speed": ("tool_speed_bench.py", _markdown, ["--quick"]),
-    "qdq": ("qdq_bench.py", _markdown, ["--skip-minilm", "--runs", "3"]),
+    "qdq": ("qdq_bench.py", lambda path: ["--profile", *_markdown(path)], ["--skip-minilm", "--runs", "3"]),
     "factorize": ("factorize_bench.py", _markdown, ["--skip-minilm", "--skip-lm"]),
     "prune": ("prune_bench.py", _markdown, ["--skip-minilm"]),
     "budget": ("budget_bench.py", _markdown, ["--models", "digits"]),
