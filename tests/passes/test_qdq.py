@@ -387,11 +387,17 @@ def test_int4_gemm_with_a_computed_bias_scales_it_by_beta():
     assert op_types(out) == ["MatMulNBits", "Mul", "Add"]
 
 
-def test_include_quantizes_only_the_named_nodes_or_op_types():
+def named_mlp() -> tuple[ir.Model, str, str]:
+    """mlp() with every node named, and the names of its two MatMuls."""
     model = mlp()
     for i, n in enumerate(model.graph):
         n.name = n.name or f"n{i}"
     first, second = [n.name for n in model.graph if n.op_type == "MatMul"]
+    return model, first, second
+
+
+def test_include_quantizes_only_the_named_nodes_or_op_types():
+    model, first, second = named_mlp()
     cal = feeds_for("x", (16, 32))
     p = Qdq(mode="static", include=(second,))
     out, modified = run_pass(p, model, cal)
@@ -444,10 +450,7 @@ def test_bias_correction_removes_the_mean_output_error():
 
 
 def test_weight_only_keeps_a_layers_activation_float_but_quantizes_its_weight():
-    model = mlp()
-    for i, n in enumerate(model.graph):
-        n.name = n.name or f"n{i}"
-    first, second = [n.name for n in model.graph if n.op_type == "MatMul"]
+    model, first, second = named_mlp()
     cal = feeds_for("x", (16, 32))
     out, _ = apply_and_check(Qdq(mode="static", weight_only=(first,)), model, min_cosine=0.999, calibration=cal, inputs=cal[0])
     assert op_types(out).count("QuantizeLinear") == 1  # only the second MatMul's input
