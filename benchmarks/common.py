@@ -46,7 +46,17 @@ def machine() -> str:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MB (Linux reports ru_maxrss in KiB)."""
+    """Peak resident set size of this process so far, in MB.
+
+    VmHWM (/proc/self/status) belongs to this process's own address space. ru_maxrss does not: Linux carries the
+    parent's peak across fork + exec into the child's, so every child of a benchmark that had loaded MiniLM
+    reported the parent's ~1.2 GB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / 1e6
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6
 
 
@@ -54,7 +64,8 @@ def peak_rss_mb() -> float:
 class ChildRun:
     returncode: int
     wall_s: float  # from start to exit, interpreter start-up and imports included
-    peak_rss_mb: float  # of this child alone (os.wait4), not the maximum over all children so far
+    peak_rss_mb: float  # os.wait4: this child's, but Linux folds in the parent's peak at fork+exec: prefer what
+    # the child reports of itself with peak_rss_mb()
     stdout: str
     stderr: str
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -67,7 +66,7 @@ def _memory() -> dict[str, int]:
 def child(src: str, out: str, pipeline: str) -> None:
     """One measured run, in its own process so peak RSS belongs to it alone.
 
-    Peak RSS is the kernel's high-water mark (ru_maxrss: anonymous memory plus mapped file pages); a thread
+    Peak RSS is the high-water mark of its address space (VmHWM: anonymous memory plus mapped file pages); a thread
     samples the two parts every 20 ms to say which one the peak is made of."""
     import threading
 
@@ -89,7 +88,11 @@ def child(src: str, out: str, pipeline: str) -> None:
     seconds = time.perf_counter() - start
     done.set()
     sampler.join()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # VmHWM, not ru_maxrss: Linux folds the parent's peak (it generated the model) into a child's ru_maxrss at exec
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import peak_rss_mb
+
+    peak = peak_rss_mb() * 1e6
     print(json.dumps({"code": code, "seconds": seconds, "peak_rss": peak, "peak_anon": peaks["RssAnon"], "peak_file": peaks["RssFile"]}))
 
 
@@ -125,7 +128,7 @@ def main() -> None:
         "",
         "Command: `python benchmarks/scale_bench.py --sizes " + args.sizes + "` (each size in its own process; "
         "synthetic blocks MatMul d->4d, Relu, MatMul 4d->d, Add, LayerNormalization with d = 2048, float32 "
-        "external data). Peak RSS is ru_maxrss; anon / file are the sampled peaks of RssAnon and RssFile "
+        "external data). Peak RSS is the process's VmHWM; anon / file are the sampled peaks of RssAnon and RssFile "
         "(file = mapped pages of the weight files). Target: peak RSS <= 1.5x the model's bytes.",
         "",
         "| model | weights bytes | output bytes | exit | wall s | s per GB | peak RSS | peak anon | peak file | RSS / model bytes | <= 1.5x |",

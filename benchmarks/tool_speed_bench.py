@@ -6,7 +6,7 @@ quantize_static, onnxsim and the onnxscript optimizer, all measured in the same 
 Every method runs in its own child process (one per repeat, methods interleaved so machine load hits all
 alike). "tool s" is the work itself, timed inside the child after its imports: load, run, save (onnxpress:
 plus its validation in onnxruntime). "process s" is the whole command, interpreter start-up and imports
-included. Peak RSS is each child's own (os.wait4). Target (issue 8): lossless pipeline + validation <= 2x
+included. Peak RSS is each child's own VmHWM (reported by the child). Target (issue 8): lossless pipeline + validation <= 2x
 quantize_static's time. Then ``optimize`` is profiled with cProfile (top cumulative entries).
 """
 
@@ -148,9 +148,21 @@ def profile_child(src: str, out: str, stats_path: str) -> None:
 
 
 # -- parent side ---------------------------------------------------------------------------------
+# `onnxpress optimize ...` as the console script runs it, then the process's own peak RSS (VmHWM) as a JSON line:
+# the wait4 figure of a child carries the benchmark parent's peak (Linux keeps it across fork + exec).
+_CLI_WRAPPER = (
+    "import json, sys\n"
+    "from onnxpress.cli import run\n"
+    f"sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\n"
+    "from common import peak_rss_mb\n"
+    "code = run(sys.argv[1:])\n"
+    "print(json.dumps({'peak_rss_mb': peak_rss_mb()}))\n"
+    "sys.exit(code)\n"
+)
+
+
 def _cli_command() -> list[str]:
-    script = Path(sys.executable).with_name("onnxpress")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "onnxpress"]
+    return [sys.executable, "-c", _CLI_WRAPPER]
 
 
 def hotspots(stats_path: str, top: int = 10) -> tuple[float, list[tuple[str, int, float, float, str]]]:
@@ -234,11 +246,12 @@ def main() -> int:
                 if done.returncode:
                     console.print(f"[red]{label} failed (exit {done.returncode}):[/red] {done.stderr.strip().splitlines()[-1:] }")
                     return 1
-                info = json.loads(done.stdout.strip().splitlines()[-1]) if label != CLI else {}
-                runs[label].append({"process_s": done.wall_s, "peak_rss_mb": done.peak_rss_mb, "tool_s": info.get("seconds", done.wall_s),
+                info = json.loads(done.stdout.strip().splitlines()[-1])
+                rss = info.get("peak_rss_mb", done.peak_rss_mb)
+                runs[label].append({"process_s": done.wall_s, "peak_rss_mb": rss, "tool_s": info.get("seconds", done.wall_s),
                                     "out_mb": file_mb(out), **{k: v for k, v in info.items() if k not in ("seconds", "peak_rss_mb")}})
                 console.print(f"  run {r + 1}/{repeats} {label}: tool {runs[label][-1]['tool_s']:.1f} s, process {done.wall_s:.1f} s, "
-                              f"peak RSS {done.peak_rss_mb:.0f} MB", highlight=False)
+                              f"peak RSS {rss:.0f} MB", highlight=False)
                 for path in out.parent.iterdir():  # free the disk between runs
                     path.unlink()
         profile = None
@@ -286,7 +299,7 @@ def main() -> int:
         f"calibrated on the same {len(feeds)} batches of `minilm.calibration_feeds()` (a CalibrationDataReader), run in a temporary CWD.",
         f"Each method runs {repeats}x in its own process, methods interleaved. **tool s**: the work timed inside the process after "
         "imports (load, run, save; onnxpress also validates in onnxruntime). **process s**: the whole command with interpreter "
-        "start-up and imports. **peak RSS**: the process's own maximum (os.wait4), the largest over the runs.",
+        "start-up and imports. **peak RSS**: the process's own maximum (VmHWM, reported by the process itself), the largest over the runs.",
         "",
         markdown_table(columns, rows),
         "",
