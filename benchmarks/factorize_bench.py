@@ -144,7 +144,7 @@ def main() -> None:
             "",
             f"Command: `.venv/bin/python benchmarks/factorize_bench.py --markdown {args.markdown}`. Machine: {machine()}.",
             "`linear kept`: share of the parameters of all MatMul/Gemm weights that remain. `ratio`: fraction of each",
-            "layer's parameters kept. MiniLM: 80 calibration sentences, 250 evaluation sentences, cosine of sentence",
+            "layer's parameters kept. MiniLM: 256 calibration sentences (all, up to 256), 250 evaluation sentences, cosine of sentence",
             "embeddings against fp32, `nn`: nearest-neighbour agreement. Digits: MLP 64-256-256-10, 64 calibration images,",
             "450 held-out images. `pass s`: time of the pass alone (calibrated: includes the one ORT run over the calibration data).",
             "",
