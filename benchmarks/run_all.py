@@ -207,6 +207,9 @@ def write_results(results: Path, out: Path, ran: dict[str, tuple[int, float]] | 
     missing = [name for name in BENCHMARKS if name not in tables]
     if missing:
         parts += ["", f"Not measured yet (no results/<name>.md): {', '.join(missing)}."]
+    png = plot_size_vs_fidelity(tables, results / PLOT)
+    if png is not None:
+        parts += ["", f"![MiniLM size vs fidelity, every method](results/{PLOT})" if results.parent == out.parent else f"Plot: {png}"]
     if ran:
         parts += ["", "Run: " + ", ".join(f"{name} exit {code} in {seconds:.0f} s" for name, (code, seconds) in ran.items()) + "."]
     parts.append("")
@@ -221,6 +224,71 @@ def write_results(results: Path, out: Path, ran: dict[str, tuple[int, float]] | 
                       _demote(notes.read_text().strip()), ""]
     out.write_text("\n".join(parts))
     return out
+
+
+# -- the size vs fidelity plot of every MiniLM method in the tables -------------------------------------
+PLOT = "size_vs_fidelity.png"
+
+
+def minilm_points(tables: dict[str, str]) -> list[tuple[str, str, float, float]]:
+    """(benchmark, method, MB, mean cosine) of every MiniLM row that has both, read from the tables."""
+    points = []
+    for name, text in tables.items():
+        for row in _rows(text):
+            if row.get("model", "").lower() != "minilm":
+                continue
+            label = row.get("method") or row.get("pipeline") or ""
+            cos = row.get("mean cos") or row.get("value") if row.get("metric", "") in ("", "mean_cos") else None
+            if cos is None:
+                found = re.search(r"cos(?: mean)? ([0-9.]+)", row.get("metric", ""))
+                cos = found.group(1) if found else None
+            try:
+                mb, value = float(row.get("MB", "")), float(cos or "")
+            except ValueError:
+                continue
+            points.append((name, label, mb, value))
+    return points
+
+
+def plot_size_vs_fidelity(tables: dict[str, str], path: Path) -> Path | None:
+    """One scatter of MB vs mean embedding cosine: onnxpress's methods and the peers', every benchmark."""
+    points = minilm_points(tables)
+    if not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, zoom) = plt.subplots(1, 2, figsize=(14, 6), gridspec_kw={"width_ratios": [3, 2]})
+    markers = {"qdq": "o", "factorize": "s", "prune": "^", "budget": "*", "mobile": "D"}
+    # Named in the zoom panel: the peers and onnxpress's small models; offsets alternate to keep labels apart
+    named = {"ORT quantize_dynamic per-channel": "ORT dynamic int8", "ORT MatMulNBits RTN b32 + Gather": "ORT MatMulNBits 4-bit",
+             "onnxpress qdq static int8": "onnxpress static int8", "onnxpress qdq weight int8": "onnxpress weight int8",
+             "onnxpress qdq int4 (MatMulNBits)": "onnxpress int4", "onnxpress budget search": "onnxpress --budget cos>=0.98"}
+    offsets = [(6, 6), (6, -12), (-70, 8), (-40, -14)]
+    small = [p for p in points if p[2] <= 26 and p[3] >= 0.95]
+    for panel, pts in ((ax, points), (zoom, small)):
+        for name, label, mb, cos in pts:
+            peer = label.startswith("ORT")
+            color = "tab:red" if peer else ("tab:gray" if label == "fp32" else "tab:blue")
+            panel.scatter(mb, cos, marker=markers.get(name, "o"), color=color, s=110 if name == "budget" else 36, alpha=0.8)
+            if panel is zoom and label in named:
+                panel.annotate(named.pop(label), (mb, cos), textcoords="offset points", xytext=offsets[len(named) % 4], fontsize=8)
+        panel.set_xlabel("model size (MB)")
+        panel.grid(True, alpha=0.3)
+    for name, marker in markers.items():
+        if any(p[0] == name for p in points):
+            ax.scatter([], [], marker=marker, color="tab:blue", label=name)
+    ax.legend(title="benchmark (red: peer)", loc="lower center", fontsize=8)
+    ax.set_ylabel("mean sentence-embedding cosine to fp32")
+    ax.set_ylim(max(0.0, min(p[3] for p in points) - 0.02), 1.005)
+    ax.set_title("all-MiniLM-L6-v2: every method in benchmarks/results")
+    zoom.set_title("zoom: models <= 26 MB (blue: onnxpress, red: peers)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def _demote(markdown: str) -> str:
