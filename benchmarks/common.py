@@ -98,6 +98,20 @@ def temp_cwd(prefix: str = "onnxpress-bench-") -> Iterator[Path]:
             os.chdir(previous)
 
 
+def latency_session(path: str | os.PathLike, threads: int = 2) -> Any:
+    """An onnxruntime CPU session for latency timing: ``threads`` intra-op threads that do not spin between runs.
+
+    With ORT's default spin-waiting, the workers of the session that just ran keep the cores busy while the next
+    session runs, which inflates and scrambles interleaved timings of several models (measured: the same MiniLM
+    model 17.8 ms alone, 29 ms among ten spinning sessions)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
 def median_latency_ms(session: Any, feed: Mapping[str, Any], runs: int = 20, warmup: int = 3) -> float:
     """Median milliseconds of ``session.run(None, feed)`` over ``runs`` runs after ``warmup`` runs."""
     for _ in range(warmup):

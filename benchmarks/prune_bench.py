@@ -73,7 +73,9 @@ def latency(path: Path, feed: dict[str, np.ndarray], runs: int) -> float:
 
 def paired_latency(base: Path, path: Path, feed: dict[str, np.ndarray], runs: int) -> tuple[float, float]:
     """Median ms of the fp32 model and the candidate, timed alternately so both see the same machine load."""
-    sessions = [runtime.make_session(str(p), threads=2) for p in (base, path)]
+    from common import latency_session  # benchmarks/ is on sys.path when a benchmark runs as a script
+
+    sessions = [latency_session(p) for p in (base, path)]
     for s in sessions:
         for _ in range(3):
             runtime.run(s, feed)

@@ -16,6 +16,7 @@ import contextlib
 import io
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -156,8 +157,12 @@ def _disk(path: Path) -> int:
 
 
 def latencies(paths: dict[str, Path], shapes: list[tuple[int, int]], runs: int, make_feed) -> dict[str, list[float]]:
-    """Median ms per model and shape; rounds interleave the models so background load is shared fairly."""
-    sessions = {k: runtime.make_session(str(p), threads=2) for k, p in paths.items()}
+    """Median ms per model and shape; rounds interleave the models so background load is shared fairly (sessions
+    whose threads do not spin between runs, see ``common.latency_session``)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import latency_session
+
+    sessions = {k: latency_session(p) for k, p in paths.items()}
     out: dict[str, list[float]] = {k: [] for k in paths}
     for shape in shapes:
         feed = make_feed(*shape)
