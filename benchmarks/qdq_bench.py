@@ -145,15 +145,9 @@ def build_all(src: Path, feeds, tmp: Path, with_int4: bool = True) -> dict[str, 
 
 # -- measurements ----------------------------------------------------------------------------------
 def size_mb(path: Path) -> float:
-    return model_bytes(onnx.load(str(path), load_external_data=False)) / 1e6 if not _has_external(path) else _disk(path) / 1e6
-
-
-def _has_external(path: Path) -> bool:
-    return any(p.name != path.name and p.name.startswith(path.stem) for p in path.parent.iterdir())
-
-
-def _disk(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.parent.iterdir() if p.name.startswith(path.stem))
+    """The model's bytes: the proto plus the external data its tensors name (not every file beside it that shares
+    its stem: the fp32 export's cached evaluation outputs sit beside it)."""
+    return model_bytes(onnx.load(str(path), load_external_data=False)) / 1e6
 
 
 def latencies(paths: dict[str, Path], shapes: list[tuple[int, int]], runs: int, make_feed) -> dict[str, list[float]]:
