@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +58,29 @@ def peak_rss_mb() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6
+
+
+def _status_kb(key: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def build_peak_rss_mb(fn: Callable[[], Any]) -> tuple[Any, float | None]:
+    """(fn(), MB the process's peak RSS rose above its RSS before the call) — the memory a tool run in-process
+    needed. Linux resets the VmHWM peak when "5" is written to /proc/self/clear_refs; None where it cannot."""
+    before = _status_kb("VmRSS")
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        before = None
+    result = fn()
+    peak = _status_kb("VmHWM")
+    return result, (None if before is None or peak is None else max(0.0, (peak - before) * 1024 / 1e6))
 
 
 @dataclass(frozen=True)

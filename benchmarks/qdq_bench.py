@@ -121,7 +121,7 @@ def peer_int4(src: Path, feeds, out: Path) -> Path:
     return out
 
 
-def build_all(src: Path, feeds, tmp: Path, with_int4: bool = True) -> dict[str, tuple[Path, float]]:
+def build_all(src: Path, feeds, tmp: Path, with_int4: bool = True) -> dict[str, tuple[Path, float, float | None]]:
     jobs: dict[str, Callable[[], Path]] = {
         "fp32": lambda: src,
         "ORT quantize_dynamic per-channel": lambda: peer_dynamic(src, feeds, tmp / "dyn.onnx"),
@@ -133,12 +133,15 @@ def build_all(src: Path, feeds, tmp: Path, with_int4: bool = True) -> dict[str, 
         if ("int4" in label and not with_int4) or (label == STATIC_TUNED and not with_int4):  # digits: no MiniLM layer names
             continue
         jobs[label] = lambda text=text, label=label: ours(text, src, feeds, tmp / f"{abs(hash(label))}.onnx")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import build_peak_rss_mb
+
     built = {}
     for label, job in jobs.items():
         start = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()), _in_dir(tmp):
-            path = job()
-        built[label] = (path, time.perf_counter() - start)
+            path, rss = build_peak_rss_mb(job)
+        built[label] = (path, time.perf_counter() - start, rss)
         print(f"  built {label} in {built[label][1]:.1f} s", flush=True)
     return built
 
@@ -212,14 +215,14 @@ def minilm_suite(runs: int, profile: bool = False) -> tuple[list[dict[str, Any]]
     notes = []
     with tempfile.TemporaryDirectory(prefix="qdq-bench-") as tmp:
         built = build_all(src, cal, Path(tmp))
-        lat = latencies({k: p for k, (p, _) in built.items()}, [(8, 64), (1, 128)], runs, make_feed)
+        lat = latencies({k: p for k, (p, *_) in built.items()}, [(8, 64), (1, 128)], runs, make_feed)
         ref = minilm.embed(str(src), ev)  # the harness's task metric: mean-pooled, normalised sentence embeddings
         fp32_mb = size_mb(src)
-        for label, (path, seconds) in built.items():
+        for label, (path, seconds, rss) in built.items():
             m = minilm.compare_embeddings(minilm.embed(str(path), ev), ref)
             mb = size_mb(path)
             rows.append({
-                "model": "MiniLM", "method": label, "MB": mb, "ratio": fp32_mb / mb, "build_s": seconds,
+                "model": "MiniLM", "method": label, "MB": mb, "ratio": fp32_mb / mb, "build_s": seconds, "rss_mb": rss,
                 "b8s64_ms": lat[label][0], "b1s128_ms": lat[label][1], "mean_cos": m["mean_cos"], "min_cos": m["min_cos"],
                 "nn": m["nn_agreement"], "metric": "",
             })
@@ -279,12 +282,12 @@ def digits_suite() -> list[dict[str, Any]]:
             built = build_all(src, cal, Path(tmp), with_int4=False)
             fp32_mb = size_mb(src)
             ref = np.concatenate(common_logits(src, digits.evaluation_feeds(kind)))
-            for label, (path, seconds) in built.items():
+            for label, (path, seconds, rss) in built.items():
                 m = digits.evaluate(str(path), kind, reference=str(src))
                 out = np.concatenate(common_logits(path, digits.evaluation_feeds(kind)))
                 mean_cos, min_cos, _ = compare_embeddings(ref, out)
                 rows.append({
-                    "model": f"digits-{kind}", "method": label, "MB": size_mb(path), "ratio": fp32_mb / size_mb(path), "build_s": seconds,
+                    "model": f"digits-{kind}", "method": label, "MB": size_mb(path), "ratio": fp32_mb / size_mb(path), "build_s": seconds, "rss_mb": rss,
                     "b8s64_ms": float("nan"), "b1s128_ms": float("nan"), "mean_cos": mean_cos, "min_cos": min_cos, "nn": float("nan"),
                     "metric": f"top-1 {m['accuracy'] * 100:.2f}% (drop {m['accuracy_drop'] * 100:+.2f} pt)",
                 })
@@ -297,7 +300,7 @@ def common_logits(path: Path, feeds) -> list[np.ndarray]:
 
 
 # -- output ----------------------------------------------------------------------------------------
-COLUMNS = ["model", "method", "MB", "ratio", "build s", "ms b8xs64", "ms b1xs128", "mean cos", "min cos", "NN", "task metric"]
+COLUMNS = ["model", "method", "MB", "ratio", "build s", "build +RSS MB", "ms b8xs64", "ms b1xs128", "mean cos", "min cos", "NN", "task metric"]
 
 
 def cells(r: dict[str, Any]) -> list[str]:
@@ -305,7 +308,7 @@ def cells(r: dict[str, Any]) -> list[str]:
         return "-" if v is None or (isinstance(v, float) and np.isnan(v)) else format(v, fmt)
 
     return [
-        r["model"], r["method"], f(r["MB"], ".2f"), f(r["ratio"], ".2f") + "x", f(r["build_s"], ".1f"), f(r["b8s64_ms"], ".1f"),
+        r["model"], r["method"], f(r["MB"], ".2f"), f(r["ratio"], ".2f") + "x", f(r["build_s"], ".1f"), f(r.get("rss_mb"), ".0f"), f(r["b8s64_ms"], ".1f"),
         f(r["b1s128_ms"], ".1f"), f(r["mean_cos"], ".5f"), f(r["min_cos"], ".4f"), f(r["nn"] * 100 if r["nn"] == r["nn"] else r["nn"], ".1f") + ("%" if r["nn"] == r["nn"] else ""), r["metric"],
     ]
 
@@ -404,7 +407,7 @@ def main() -> None:
         command = "`.venv/bin/python benchmarks/qdq_bench.py" + (" --profile" if args.profile else "") + f" --markdown {args.markdown}`"
         text = (
             f"# qdq vs onnxruntime.quantization\n\nCommand: {command} (peers built and timed in the same run, same calibration "
-            f"feeds, latencies interleaved). Machine: {machine()}.\n\n" + "\n".join(lines) + "\n\n" + "\n\n".join(notes) + "\n\n" + "\n".join(summary) + "\n"
+            f"feeds, latencies interleaved). `build +RSS MB`: how far the process's peak RSS rose above its RSS before that build (VmHWM reset through /proc/self/clear_refs; a lower bound of the tool's memory: pages the allocator kept from earlier builds are not counted again). Machine: {machine()}.\n\n" + "\n".join(lines) + "\n\n" + "\n\n".join(notes) + "\n\n" + "\n".join(summary) + "\n"
         )
         from onnxpress.io import write_bytes_atomic
 
