@@ -248,11 +248,8 @@ def load(path: str | os.PathLike) -> ir.Model:
 
 
 def initializer_bytes(model: ir.Model) -> int:
-    total = 0
-    for value in model.graph.initializers.values():
-        if value.const_value is not None:
-            total += value.const_value.nbytes
-    return total
+    """Bytes of every initializer in the model and its subgraphs, external ones included."""
+    return sum(v.const_value.nbytes for g in model.graphs() for v in g.initializers.values() if v.const_value is not None)
 
 
 def release_external_tensors(model: ir.Model) -> int:
@@ -275,7 +272,8 @@ def release_external_tensors(model: ir.Model) -> int:
 
 
 def has_external_data(model: ir.Model) -> bool:
-    return any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
+    """Whether any initializer of the model or its subgraphs is an external (lazily mapped) tensor."""
+    return any(isinstance(v.const_value, ir.ExternalTensor) for g in model.graphs() for v in g.initializers.values())
 
 
 def check_writable_output(path: str | os.PathLike, inputs: tuple[str | os.PathLike, ...] = (), force: bool = False) -> Path:

@@ -16,6 +16,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxpress.errors import ValidationError
+from onnxpress.io import has_external_data
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -89,10 +90,6 @@ def in_memory_bytes(model: ir.Model) -> int:
     )
 
 
-def _has_external(model: ir.Model) -> bool:
-    return any(isinstance(v.const_value, ir.ExternalTensor) for g in model.graphs() for v in g.initializers.values())
-
-
 @contextlib.contextmanager
 def model_source(model: Any) -> Iterator[Any]:
     """Yields something onnxruntime can open: bytes for small models, a path for big or external ones."""
@@ -101,7 +98,7 @@ def model_source(model: Any) -> Iterator[Any]:
         return
     if isinstance(model, ir.Model):
         # Decide on the IR: serializing a large model only to measure it would copy every tensor twice.
-        if not _has_external(model) and in_memory_bytes(model) < INLINE_LIMIT_BYTES:
+        if not has_external_data(model) and in_memory_bytes(model) < INLINE_LIMIT_BYTES:
             yield ir.to_proto(model).SerializeToString()
             return
         ir_model = model

@@ -16,6 +16,7 @@ import onnx_ir as ir
 from onnxpress import data as data_mod
 from onnxpress import runtime
 from onnxpress.errors import ValidationError
+from onnxpress.io import initializer_bytes
 
 LOSSLESS_TOLERANCE = (1e-4, 1e-3)  # atol, rtol: float rounding of reordered arithmetic
 # From this many weight bytes on, validation runs onnxruntime in low-memory mode (see ``validate``).
@@ -146,9 +147,7 @@ def make_feeds(model: ir.Model, inputs: Any = None, dims: dict[str, int] | None 
 
 def _weight_bytes(model: Any) -> int:
     """Initializer bytes of an ir.Model (external ones included); 0 for anything else (paths are loaded as IR)."""
-    if not isinstance(model, ir.Model):
-        return 0
-    return sum(v.const_value.nbytes for g in model.graphs() for v in g.initializers.values() if v.const_value is not None)
+    return initializer_bytes(model) if isinstance(model, ir.Model) else 0
 
 
 def _as_ir(model: Any) -> ir.Model:

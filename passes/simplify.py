@@ -29,9 +29,9 @@ class Simplify(Pass):
     Options = SimplifyOptions
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        from onnxpress.io import initializer_bytes
+        from onnxpress.io import has_external_data, initializer_bytes
 
-        if initializer_bytes(model) > _PROTO_LIMIT // 2 or _has_external(model):
+        if initializer_bytes(model) > _PROTO_LIMIT // 2 or has_external_data(model):
             self.details.append({"skipped": "model has external data or is near 2 GB; onnxsim needs an in-memory proto"})
             return ir.passes.PassResult(model, False)
         import onnxsim  # only now: it imports torch (seconds, ~0.3 GB) even for a model it would skip
@@ -50,10 +50,6 @@ class Simplify(Pass):
         model.functions.clear()
         model.functions.update(new.functions)
         return ir.passes.PassResult(model, True)
-
-
-def _has_external(model: ir.Model) -> bool:
-    return any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
 
 
 def _structure_text(graph: onnx.GraphProto) -> str:
