@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -753,6 +754,7 @@ def _position(graph: ir.Graph, node: ir.Node) -> int:
     raise KeyError(node.name)
 
 
+@functools.cache  # asked once per quantized layer; the CPU does not change within a process
 def cpu_has_int8_dot() -> bool:
     """Whether this CPU multiplies u8 x s8 without int16 saturation: x86 with VNNI/AMX, or any non-x86 CPU."""
     import platform
