@@ -369,12 +369,7 @@ class Factorize(Pass):
     def _convs(self, model: ir.Model) -> bool:
         o = self.options
         modified = False
-        for index, node in enumerate(list(model.graph)):
-            if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or MARK in node.metadata_props:
-                continue
-            label = node.name or node.outputs[0].name or f"Conv_{index}"
-            if (o.include and not any(sub in label for sub in o.include)) or any(sub in label for sub in o.exclude):
-                continue
+        for node, label in self._selected(model, ("Conv",)):
             found = _classify_conv(node, o.min_size)
             if isinstance(found, str):
                 if found:
@@ -400,20 +395,27 @@ class Factorize(Pass):
         return modified
 
     # -- what to factorize -----------------------------------------------------------------------------
-    def _targets(self, model: ir.Model) -> list[_Target]:
+    def _selected(self, model: ir.Model, ops: tuple[str, ...]) -> list[tuple[ir.Node, str]]:
+        """(node, label) of the standard-domain ``ops`` nodes not yet factorized that include/exclude select;
+        excluded ones get a report row. A list: callers rewrite the graph while they walk it."""
         o = self.options
-        out: list[_Target] = []
+        out: list[tuple[ir.Node, str]] = []
         for index, node in enumerate(model.graph):
-            if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
-                continue
+            if node.op_type not in ops or node.domain not in ("", "ai.onnx") or MARK in node.metadata_props:
+                continue  # MARK: already factorized
             label = node.name or node.outputs[0].name or f"{node.op_type}_{index}"
-            if MARK in node.metadata_props:
-                continue  # already factorized
             if o.include and not any(sub in label for sub in o.include):
                 continue
             if any(sub in label for sub in o.exclude):
                 self.details.append({"layer": label, "op": node.op_type, "skipped": "excluded by option"})
                 continue
+            out.append((node, label))
+        return out
+
+    def _targets(self, model: ir.Model) -> list[_Target]:
+        o = self.options
+        out: list[_Target] = []
+        for node, label in self._selected(model, ("MatMul", "Gemm")):
             found = _classify(node, o.min_size)
             if isinstance(found, str):
                 if found:
