@@ -107,14 +107,20 @@ def _absmax(m: np.ndarray, rows_are_channels: bool) -> np.ndarray:
     return out
 
 
+def _symmetric_codes(block: np.ndarray, scale: np.ndarray, qmax: int) -> np.ndarray:
+    """``clip(rint(block / scale), -qmax, qmax)`` in float32, in one fresh array (the codes of ``quantize``)."""
+    d = block / scale
+    np.rint(d, out=d)
+    np.clip(d, -qmax, qmax, out=d)
+    return d
+
+
 def _squared_error(m: np.ndarray, rows_are_channels: bool, scale: np.ndarray, qmax: int) -> np.ndarray:
     """Per channel: sum of ``(fake_quant(w) - w)^2`` with symmetric ``scale`` (float32 maths, float64 totals)."""
     err = np.zeros(scale.shape[0])
     for block, sl in _blocks(m, rows_are_channels):
         s = scale[sl]
-        d = block / s
-        np.rint(d, out=d)
-        np.clip(d, -qmax, qmax, out=d)
+        d = _symmetric_codes(block, s, qmax)
         d *= s
         d -= block
         d *= d
@@ -233,10 +239,7 @@ def quantize_weight(w: np.ndarray, axis: int | None, qmax: int = 127, clip: str 
     if not np.shares_memory(qm, q):  # channel axis in the middle: the view is a copy, quantize at once
         return quantize(w, per_axis_shape(scale, w.ndim, axis), 0, -qmax, qmax).astype(np.int8), scale
     for (block, sl), (codes, _) in zip(_blocks(m, rows_are_channels), _blocks(qm, rows_are_channels)):
-        d = block / scale[sl]
-        np.rint(d, out=d)
-        np.clip(d, -qmax, qmax, out=d)
-        codes[...] = d
+        codes[...] = _symmetric_codes(block, scale[sl], qmax)
     return q, scale
 
 
