@@ -13,7 +13,6 @@ import platform
 import resource
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -147,16 +146,6 @@ def median_latency_ms(session: Any, feed: Mapping[str, Any], runs: int = 20, war
     return statistics.median(times)
 
 
-def ort_session(path: str | os.PathLike, threads: int = 2) -> Any:
-    """A CPU onnxruntime session with a fixed thread count, so methods compare on equal terms."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
-
-
 def file_mb(path: str | os.PathLike) -> float:
     """MB on disk of a model file plus the external-data files beside it that it names."""
     import onnx
@@ -179,7 +168,3 @@ def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
     return "\n".join(lines)
-
-
-def python() -> str:
-    return sys.executable

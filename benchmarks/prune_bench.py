@@ -12,7 +12,6 @@ the passes. The ``sparsify`` rows report the pruned layers' stored bytes (dense 
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import tempfile
 import time
@@ -28,6 +27,9 @@ from rich.table import Table
 from onnxpress import runtime
 from onnxpress.pass_infra import PassContext
 from onnxpress.pipeline import Pipeline
+
+# benchmarks/ is on sys.path: Python puts a script's folder first
+from common import latency_session, machine, median_latency_ms  # noqa: E402
 
 COLUMNS = ("model", "pipeline", "zeros", "MB", "metric", "ms (2 thr)", "speed-up", "pass s", "note")
 
@@ -60,21 +62,11 @@ def pruned_share(details: list[dict[str, Any]]) -> str:
 
 
 def latency(path: Path, feed: dict[str, np.ndarray], runs: int) -> float:
-    session = runtime.make_session(str(path), threads=2)
-    for _ in range(3):
-        runtime.run(session, feed)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        runtime.run(session, feed)
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+    return median_latency_ms(latency_session(path), feed, runs)
 
 
 def paired_latency(base: Path, path: Path, feed: dict[str, np.ndarray], runs: int) -> tuple[float, float]:
     """Median ms of the fp32 model and the candidate, timed alternately so both see the same machine load."""
-    from common import latency_session  # benchmarks/ is on sys.path when a benchmark runs as a script
-
     sessions = [latency_session(p) for p in (base, path)]
     for s in sessions:
         for _ in range(3):
@@ -194,12 +186,6 @@ def cells(r: dict[str, Any]) -> list[str]:
         return "-" if v is None else format(v, fmt)
 
     return [r["model"], r["pipeline"], r["zeros"], f("MB", ".2f"), r["metric"], f("ms (2 thr)", ".1f"), f("speed-up", ".2f"), f("pass s", ".1f"), r.get("note", "")]
-
-
-def machine() -> str:
-    from run_all import machine as describe  # benchmarks/ is on sys.path when a benchmark runs as a script
-
-    return describe()
 
 
 def main() -> None:

@@ -15,8 +15,6 @@ import argparse
 import contextlib
 import io
 import os
-import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +28,10 @@ from onnxpress import runtime
 from onnxpress.api import model_bytes
 from onnxpress.pass_infra import PassContext
 from onnxpress.pipeline import Pipeline
+
+# benchmarks/ is on sys.path: Python puts a script's folder first
+from common import build_peak_rss_mb, latency_session, machine  # noqa: E402
+
 
 def _registered(name: str) -> bool:
     from onnxpress.registry import registry
@@ -133,9 +135,6 @@ def build_all(src: Path, feeds, tmp: Path, with_int4: bool = True) -> dict[str, 
         if ("int4" in label and not with_int4) or (label == STATIC_TUNED and not with_int4):  # digits: no MiniLM layer names
             continue
         jobs[label] = lambda text=text, label=label: ours(text, src, feeds, tmp / f"{abs(hash(label))}.onnx")
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from common import build_peak_rss_mb
-
     built = {}
     for label, job in jobs.items():
         start = time.perf_counter()
@@ -156,9 +155,6 @@ def size_mb(path: Path) -> float:
 def latencies(paths: dict[str, Path], shapes: list[tuple[int, int]], runs: int, make_feed) -> dict[str, list[float]]:
     """Median ms per model and shape; rounds interleave the models so background load is shared fairly (sessions
     whose threads do not spin between runs, see ``common.latency_session``)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from common import latency_session
-
     sessions = {k: latency_session(p) for k, p in paths.items()}
     out: dict[str, list[float]] = {k: [] for k in paths}
     for shape in shapes:
@@ -311,18 +307,6 @@ def cells(r: dict[str, Any]) -> list[str]:
         r["model"], r["method"], f(r["MB"], ".2f"), f(r["ratio"], ".2f") + "x", f(r["build_s"], ".1f"), f(r.get("rss_mb"), ".0f"), f(r["b8s64_ms"], ".1f"),
         f(r["b1s128_ms"], ".1f"), f(r["mean_cos"], ".5f"), f(r["min_cos"], ".4f"), f(r["nn"] * 100 if r["nn"] == r["nn"] else r["nn"], ".1f") + ("%" if r["nn"] == r["nn"] else ""), r["metric"],
     ]
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    import onnxruntime
-
-    return f"{cpu}, {os.cpu_count()} cores, onnxruntime {onnxruntime.__version__}, {platform.system()} {platform.release()}"
 
 
 def against_targets(rows: list[dict[str, Any]]) -> list[str]:

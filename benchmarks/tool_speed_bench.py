@@ -268,7 +268,7 @@ def main() -> int:
     peer_tool, peer_process = med(QUANTIZE_STATIC, "tool_s"), med(QUANTIZE_STATIC, "process_s")
     ratio = med(LOSSLESS_VALIDATED, "tool_s") / peer_tool
     cli_ratio = med(CLI, "process_s") / peer_process
-    columns = ("method", "tool s (median)", "process s (median)", "peak RSS MB", "ratio vs quantize_static (tool s)", "ratio vs quantize_static (process s)", "output MB", f"runs (tool s)")
+    columns = ("method", "tool s (median)", "process s (median)", "peak RSS MB", "ratio vs quantize_static (tool s)", "ratio vs quantize_static (process s)", "output MB", "runs (tool s)")
     rows = []
     for label in runs:
         tool = "-" if label == CLI else f"{med(label, 'tool_s'):.2f}"
