@@ -367,8 +367,7 @@ def local_error(layer: Layer, weight: np.ndarray, stats: InputStats) -> float:
     """The layer's own relative output error of a reconstruction: tr(D^T S D) / tr(W^T S W), D = W' - W
     (``weight`` in the node's layout). Cheap (no model run): the sensitivity analysis scales it into a
     prediction of the model-output error."""
-    d = (weight.T if layer.trans_b else weight).astype(np.float64) - layer.matrix.astype(np.float64)
-    return float(np.einsum("kn,kn->", d, np.asarray(stats.second_moment, np.float64) @ d)) / max(output_energy(layer, stats), 1e-30)
+    return qm.relative_output_error(layer.matrix, weight.T if layer.trans_b else weight, stats.second_moment) ** 2
 
 
 def lowrank_tail(layer: Layer, stats: InputStats, spectra: Spectra, ratio: float) -> float:

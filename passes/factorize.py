@@ -25,6 +25,7 @@ import onnx_ir as ir
 
 from onnxpress.errors import UsageError
 from onnxpress.pass_infra import Pass, option
+from onnxpress.passes import quant_math as qm
 
 MARK = "onnxpress.factorize"  # node metadata key set on both products of a factorized layer
 _FLOAT = ir.DataType.FLOAT
@@ -166,12 +167,7 @@ def weight_errors(w: np.ndarray, u: np.ndarray, v: np.ndarray) -> tuple[float, f
 
 def output_error(w: np.ndarray, u: np.ndarray, v: np.ndarray, second_moment: np.ndarray) -> float:
     """Relative output error sqrt(E||x(W - UV)||^2 / E||xW||^2) for inputs with second moment S = E[x^T x]."""
-    w = np.asarray(w, np.float64)
-    d = w - u @ v
-    s = np.asarray(second_moment, np.float64)
-    num = float(np.sum(d * (s @ d)))
-    den = float(np.sum(w * (s @ w)))
-    return float(np.sqrt(max(num, 0.0) / den)) if den > 0 else 0.0
+    return qm.relative_output_error(w, np.asarray(u, np.float64) @ np.asarray(v, np.float64), second_moment)
 
 
 def centered(second_moment: np.ndarray, mean: np.ndarray) -> np.ndarray:

@@ -463,6 +463,17 @@ def smooth_factors(act_absmax: np.ndarray, weight_absmax: np.ndarray, alpha: flo
 
 
 # -- error measures --------------------------------------------------------------------------------
+def relative_output_error(w: np.ndarray, w_new: np.ndarray, second_moment: np.ndarray) -> float:
+    """Relative output error of replacing a layer's weight ``w`` (K x N) by ``w_new``:
+    sqrt(E||x(W' - W)||^2 / E||xW||^2) for inputs x with second moment S = E[x^T x] (0 when E||xW||^2 is 0)."""
+    w = np.asarray(w, np.float64)
+    d = np.asarray(w_new, np.float64) - w
+    s = np.asarray(second_moment, np.float64)
+    num = float(np.sum(d * (s @ d)))
+    den = float(np.sum(w * (s @ w)))
+    return float(np.sqrt(max(num, 0.0) / den)) if den > 0 else 0.0
+
+
 def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
     """``||actual - expected|| / ||expected||`` in float64, block by block (no full-size float64 copies)."""
     a = np.asarray(actual)

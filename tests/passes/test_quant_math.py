@@ -194,3 +194,17 @@ def test_quantize_weight_blocks_give_the_codes_of_quantize():
         expected = qm.quantize(w, qm.per_axis_shape(scale, w.ndim, axis), 0, -127, 127).astype(np.int8)
         assert q.dtype == np.int8
         np.testing.assert_array_equal(q, expected)
+
+
+def test_relative_output_error_weighs_the_error_by_the_input_second_moment():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((6, 4))
+    w_new = w + 0.1 * rng.standard_normal((6, 4))
+    # identity second moment: the plain Frobenius relative error
+    assert qm.relative_output_error(w, w_new, np.eye(6)) == pytest.approx(np.linalg.norm(w_new - w) / np.linalg.norm(w))
+    # inputs that never use row 0: an error there costs nothing
+    s = np.diag([0.0, 1, 1, 1, 1, 1])
+    only_row0 = w.copy()
+    only_row0[0] += 5.0
+    assert qm.relative_output_error(w, only_row0, s) == 0.0
+    assert qm.relative_output_error(np.zeros((6, 4)), w, np.eye(6)) == 0.0  # no output energy: defined as 0
