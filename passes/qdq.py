@@ -126,7 +126,10 @@ class Qdq(Pass):
       MatMulIntegerToFloat, u8s8 with int8 weights). Activations get calibrated per-tensor ranges
       (minmax/percentile/entropy/MSE); SmoothQuant moves outlier channels of an activation into the weights
       through one ``Mul(x, 1/s)`` before the QuantizeLinear (a per-channel QuantizeLinear would save the node
-      but ORT's CPU kernel for it is ~4x slower on MiniLM). Bias correction adds each layer's mean output error
+      but ORT's CPU kernel for it is 6-8x slower on MiniLM), or, where ``x`` comes from a MatMul/Gemm through
+      only its bias Add and Relu/LeakyRelu, by dividing that layer's weight columns and bias (no node at all).
+      Gemm biases become int32 at ``a_scale * w_scale`` (ORT fuses DQ -> Gemm into QGemm only when every input
+      is dequantized). Bias correction adds each layer's mean output error
       on the calibration sample to its float bias. Only the inputs of MatMul/Gemm/Conv are quantized by
       default: Softmax, LayerNormalization, residual Add, GELU and attention's activation x activation
       MatMuls stay float (``quantize_activations_of`` adds them); ``weight_only`` keeps chosen layers' inputs
@@ -329,8 +332,12 @@ class _ActParams:
     name: str
     scale: float
     zero_point: int
-    smooth: np.ndarray | None  # per last-axis channel divisor folded into the QuantizeLinear scale
+    smooth: np.ndarray | None  # per last-axis channel divisor: x / s is what gets quantized
     consumers: list[tuple[int, int]]  # (target index, input index)
+    # the MatMul/Gemm target whose weight columns and bias carry the 1/s (no Mul at run time; see _fold_producer)
+    fold_into: int | None = None
+    # restricted plans only: the producer is rewritten but not this activation's consumers, so x * s restores x
+    compensate: bool = False
 
 
 @dataclasses.dataclass
@@ -354,9 +361,15 @@ class _Plan:
         t = self.targets[index]
         node = nodes[index]
         rebound = dataclasses.replace(t, node=node, weight=node.inputs[t.weight_input] if t.weight is not None else None)
-        acts = [dataclasses.replace(a, consumers=[c for c in a.consumers if c[0] == index]) for a in self.acts]
+        acts = []
+        for a in self.acts:
+            consumers = [c for c in a.consumers if c[0] == index]
+            if consumers:  # the producer a fold would scale is not rewritten here: use the Mul
+                acts.append(dataclasses.replace(a, consumers=consumers, fold_into=a.fold_into if a.fold_into == index else None))
+            elif a.fold_into == index:  # this layer's outputs carry 1/s for consumers not rewritten here
+                acts.append(dataclasses.replace(a, consumers=[], compensate=True))
         shifts = {index: self.bias_shifts[index]} if index in self.bias_shifts else {}
-        return _Plan([a for a in acts if a.consumers], [w for w in self.weights if w.target == index], {index: rebound}, [], [], shifts)
+        return _Plan(acts, [w for w in self.weights if w.target == index], {index: rebound}, [], [], shifts)
 
 
 def _channel_rows(array: np.ndarray, kind: str) -> np.ndarray:
@@ -429,6 +442,7 @@ def make_plan(model: ir.Model, targets: list[_Target], o: QdqOptions, feeds) -> 
     act_rows: dict[str, dict[str, Any]] = {}
     smooth_of: dict[str, np.ndarray] = {}
     hinv_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    target_of = {id(t.node): t for t in targets}
     for name, cs in consumers.items():
         st = stats[name]
         smoothable = [by_index[c[0]] for c in cs]
@@ -440,12 +454,20 @@ def make_plan(model: ir.Model, targets: list[_Target], o: QdqOptions, feeds) -> 
                 smooth_of[name] = smooth
                 for t in smoothable:
                     weights[t.index] = weights[t.index] * smooth[:, None]
+        fold_into = None
+        if smooth is not None:
+            producer = _fold_producer(act_values[name], len(cs), target_of)
+            if producer is not None and producer.index in weights and all(c[0] != producer.index for c in cs):
+                weights[producer.index] = weights[producer.index] / smooth[None, :]
+                fold_into = producer.index
         lo, hi, clipped = _act_range(st, smooth, o.calibrate, o.percentile, a_qmin, a_qmax)
         scale, zp = qm.affine_params(lo, hi, a_qmin, a_qmax)
-        acts.append(_ActParams(name, float(scale), int(zp), smooth, cs))
+        acts.append(_ActParams(name, float(scale), int(zp), smooth, cs, fold_into))
         act_rows[name] = {
             "scale": float(scale), "zero_point": int(zp), "range": [round(lo, 6), round(hi, 6)], "clipped_fraction": clipped,
-            "smooth": None if smooth is None else {"max": float(smooth.max()), "min": float(smooth.min())},
+            "smooth": None if smooth is None else {
+                "max": float(smooth.max()), "min": float(smooth.min()), "folded_into": None if fold_into is None else by_index[fold_into].label,
+            },
         }
     plan_weights: list[_WeightParams] = []
     bias_shifts: dict[int, np.ndarray] = {}
@@ -638,7 +660,11 @@ def _layer_outputs(t: _Target, stats, wp: _WeightParams, acts: list[_ActParams],
     wq = _dequantized(wp, t, o)
     if t.kind == "gemm" and t.in_axis == 1 and wp.kind == "int8":
         wq = wq.T
-    return xq @ wq, ref
+    out = xq @ wq
+    fold = next((a for a in acts if a.fold_into == t.index), None)
+    if fold is not None:  # the weight columns carry a consumer's 1/s: compare in the float model's units
+        out = out * fold.smooth
+    return out, ref
 
 
 def _dequantized(wp: _WeightParams, t: _Target, o: QdqOptions) -> np.ndarray:
@@ -703,6 +729,10 @@ def apply_plan(model: ir.Model, plan: _Plan, o: QdqOptions) -> None:
     a_dtype = ir.DataType.UINT8 if o.activation_type == "uint8" else ir.DataType.INT8
     a_np = np.uint8 if o.activation_type == "uint8" else np.int8
     for act in plan.acts:
+        if act.fold_into is not None:
+            _fold_smoothing(graph, plan.targets[act.fold_into], act)
+        if act.compensate:
+            continue
         cons = [(plan.targets[ti], ii) for ti, ii in act.consumers]
         x = cons[0][0].node.inputs[cons[0][1]]
         base = x.name
@@ -710,7 +740,7 @@ def apply_plan(model: ir.Model, plan: _Plan, o: QdqOptions) -> None:
         zp = _const(graph, f"{base}_zero_point", np.array(act.zero_point, a_np))
         first = min((t.node for t, _ in cons), key=lambda n: _position(graph, n))
         q_in = x
-        if act.smooth is not None:
+        if act.smooth is not None and act.fold_into is None:
             # SmoothQuant: x / s (per last-axis channel) is what gets quantized; the weights carry s.
             inv = _const(graph, f"{base}_smooth_inv", (1.0 / act.smooth).astype(np.float32))
             q_in = ir.Value(name=f"{base}_smoothed", type=ir.TensorType(_FLOAT), shape=_shape(x))
@@ -721,18 +751,26 @@ def apply_plan(model: ir.Model, plan: _Plan, o: QdqOptions) -> None:
             dq_out = ir.Value(name=f"{base}_dequantized_{k}", type=ir.TensorType(_FLOAT), shape=_shape(x))
             graph.insert_before(t.node, ir.node("DequantizeLinear", [q_out, scale, zp], outputs=[dq_out], name=f"{base}_DequantizeLinear_{k}"))
             t.node.replace_input_with(ii, dq_out)
+    folded = {a.fold_into: a.smooth for a in plan.acts if a.fold_into is not None}
     for index, shift in plan.bias_shifts.items():
         # before the weight rewrites: _bias_of looks at the layer's node as it is in the float graph
         found = _bias_of(plan.targets[index])
         if found is not None:
             bias, factor = found
             value = bias.const_value.numpy()
+            if index in folded:  # the shift is in the float model's units, this bias already carries 1/s
+                shift = shift / folded[index]
             bias.const_value = ir.tensor((value + shift.reshape(value.shape) / np.float32(factor)).astype(np.float32), name=bias.name)
+    act_of = {consumer: act for act in plan.acts for consumer in act.consumers}
     for wp in plan.weights:
         t = plan.targets[wp.target]
         old = t.weight
         if wp.kind == "int8":
             _apply_int8(graph, t, wp, resolved_weight_type(o))
+            if t.kind == "gemm" and (t.index, 0) in act_of:
+                outcome = _quantize_gemm_bias(graph, t, wp, act_of[(t.index, 0)])
+                if outcome and t.index in plan.row_targets:
+                    plan.rows[plan.row_targets.index(t.index)]["bias"] = outcome
         elif wp.kind == "int4":
             _apply_int4(model, t, wp, o)
         elif wp.kind == "gather8":
@@ -741,6 +779,72 @@ def apply_plan(model: ir.Model, plan: _Plan, o: QdqOptions) -> None:
             _apply_gather4(model, t, wp, o)
         if old is not None and not old.uses() and old.name in graph.initializers:
             graph.initializers.pop(old.name)
+
+
+# f(x / s) = f(x) / s channel by channel for every s > 0: a SmoothQuant 1/s can move in front of these
+_POSITIVE_HOMOGENEOUS = {"Relu", "LeakyRelu"}
+
+
+def _fold_producer(x: ir.Value, n_consumers: int, target_of: dict[int, _Target]) -> _Target | None:
+    """The MatMul/Gemm target whose output channels reach ``x`` unmixed, or None.
+
+    ``x`` must be used only by the ``n_consumers`` smoothed layers, and the path back to the producer may pass
+    only the producer's own bias Add and Relu/LeakyRelu, each value on it used once. SmoothQuant's ``1/s`` then
+    goes into the producer's weight columns and bias instead of a ``Mul`` at run time, which also keeps
+    ``Relu -> QuantizeLinear`` next to each other: ORT drops that Relu and fuses the Gemm into QGemm, where the
+    Mul in between left a float FusedGemm (Gemm + Relu) that dequantizes its weight on every run.
+    """
+    if x.is_graph_output() or len(x.uses()) != n_consumers:
+        return None
+    v = x
+    while True:
+        node = v.producer()
+        if node is None or node.domain not in ("", "ai.onnx"):
+            return None
+        if node.op_type in _POSITIVE_HOMOGENEOUS:
+            v = node.inputs[0]
+        elif node.op_type == "Add":
+            for operand in node.inputs:
+                t = target_of.get(id(operand.producer())) if operand is not None and operand.producer() is not None else None
+                if t is not None and t.kind == "matmul" and t.weight is not None and _bias_of(t) is not None:
+                    return t
+            return None
+        else:
+            t = target_of.get(id(node))
+            if t is None or t.kind not in ("matmul", "gemm") or t.weight is None:
+                return None
+            if t.kind == "gemm" and len(node.inputs) > 2 and node.inputs[2] is not None and _bias_of(t) is None:
+                return None
+            return t
+        if v is None or v.is_graph_output() or len(v.uses()) != 1:
+            return None
+
+
+def _fold_smoothing(graph: ir.Graph, producer: _Target, act: _ActParams) -> None:
+    """Divide the producer's bias by ``s`` (its weight columns were divided in the plan); ``compensate``: then
+    multiply the smoothed activation by ``s`` again for consumers that stay float."""
+    found = _bias_of(producer)
+    if found is not None:
+        bias = found[0]
+        value = bias.const_value.numpy()
+        bias.const_value = ir.tensor((value / act.smooth.reshape(value.shape)).astype(np.float32), name=bias.name)
+    if act.compensate:
+        x = _value_named(graph, act.name)
+        restored = ir.Value(name=f"{x.name}_unsmoothed", type=x.type, shape=_shape(x))
+        factor = _const(graph, f"{x.name}_smooth", act.smooth.astype(np.float32))
+        users = list(x.uses())
+        node = ir.node("Mul", [x, factor], outputs=[restored], name=f"{x.name}_Unsmooth")
+        graph.insert_after(x.producer(), node)
+        for user, index in users:
+            user.replace_input_with(index, restored)
+
+
+def _value_named(graph: ir.Graph, name: str) -> ir.Value:
+    for node in graph:
+        for out in node.outputs:
+            if out.name == name:
+                return out
+    raise KeyError(name)
 
 
 def _shape(value: ir.Value) -> ir.Shape | None:
@@ -789,6 +893,43 @@ def _apply_int8(graph: ir.Graph, t: _Target, wp: _WeightParams, weight_type: str
     attrs = {"axis": axis} if axis >= 0 else {}
     graph.insert_before(t.node, ir.node("DequantizeLinear", [q, scale, zp], attrs, outputs=[out], name=f"{w.name}_DequantizeLinear"))
     t.node.replace_input_with(t.weight_input, out)
+
+
+def _quantize_gemm_bias(graph: ir.Graph, t: _Target, wp: _WeightParams, act: _ActParams) -> str | None:
+    """Give a static-mode Gemm an int32 bias behind DequantizeLinear; returns what became of the bias (None: none).
+
+    ORT fuses ``DQ(A), DQ(B), DQ(C) -> Gemm`` into one integer QGemm only when every input comes from a
+    DequantizeLinear: with a float C the Gemm stays float and dequantizes its weight on every run (MiniLM after
+    ``simplify``, whose Gemms carry their bias: 55 ms per batch instead of 16, slower than fp32). C becomes
+    int32 codes at scale ``a_scale * w_scale`` per output channel, the layout ORT's own quantizer writes and
+    QGemm adds to its int32 accumulator; the rounding error (at most half of that scale) is far below the
+    activation's own quantization step.
+    """
+    node = t.node
+    c = node.inputs[2] if len(node.inputs) > 2 else None
+    if c is None:
+        return None
+    alpha, beta = node.attributes.get_float("alpha", 1.0), node.attributes.get_float("beta", 1.0)
+    n = wp.arrays["q"].shape[0 if t.in_axis == 1 else 1]
+    if alpha != 1.0 or beta != 1.0:
+        return "float (alpha/beta != 1: ORT keeps this Gemm in float)"
+    if not _is_float_initializer(c) or c.const_value.numpy().size != n or c.const_value.numpy().ndim != 1:
+        return "float (not a constant [N] float bias: ORT keeps this Gemm in float)"
+    scale = (np.float32(act.scale) * np.asarray(wp.arrays["scale"], np.float32)).reshape(-1)
+    scale = np.broadcast_to(scale, (n,)).astype(np.float32)
+    bias = c.const_value.numpy().astype(np.float64)
+    codes = np.round(bias / np.maximum(scale, np.finfo(np.float32).tiny))
+    if np.abs(codes).max(initial=0.0) > np.iinfo(np.int32).max:
+        return "float (int32 bias would overflow)"
+    q = _const(graph, f"{c.name}_quantized", codes.astype(np.int32))
+    s = _const(graph, f"{c.name}_scale", scale)
+    zp = _const(graph, f"{c.name}_zero_point", np.zeros(n, np.int32))
+    out = ir.Value(name=f"{c.name}_dequantized", type=ir.TensorType(_FLOAT), shape=ir.Shape([n]))
+    graph.insert_before(node, ir.node("DequantizeLinear", [q, s, zp], {"axis": 0}, outputs=[out], name=f"{c.name}_DequantizeLinear"))
+    node.replace_input_with(2, out)
+    if not c.uses() and c.name in graph.initializers:
+        graph.initializers.pop(c.name)
+    return "int32 (QGemm)"
 
 
 def _replace_node(graph: ir.Graph, old: ir.Node, new_nodes: list[ir.Node], new_out: ir.Value) -> None:

@@ -103,9 +103,89 @@ def test_gemm_per_channel_axis_follows_trans_b(trans_b, axis):
     model = gemm_model(trans_b)
     cal = feeds_for("x", (16, 32))
     out, _ = apply_and_check(Qdq(mode="static"), model, min_cosine=0.9995, calibration=cal, inputs=cal[0])
-    (dq_w,) = [n for n in out.graph if n.op_type == "DequantizeLinear" and n.inputs[0].const_value is not None and n.inputs[0].const_value.size > 1]
+    (dq_w,) = [n for n in out.graph if n.op_type == "DequantizeLinear" and n.inputs[0].name == "w_quantized"]
     assert dq_w.attributes.get_int("axis") == axis
     assert dq_w.inputs[1].const_value.shape == (16,)  # one scale per output channel
+
+
+def ort_kernels(model: ir.Model) -> list[str]:
+    """The op types ORT runs after its graph optimizations (CPU)."""
+    import os
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    so = runtime.session_options()
+    with tempfile.TemporaryDirectory() as tmp:
+        so.optimized_model_filepath = os.path.join(tmp, "opt.onnx")
+        ort.InferenceSession(ir.to_proto(model).SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
+
+
+@pytest.mark.parametrize("trans_b", [1, 0])
+def test_static_gemm_bias_becomes_int32_so_ort_runs_qgemm(trans_b):
+    """A float C keeps ORT's Gemm in float (weights dequantized every run); an int32 C at a_scale * w_scale fuses."""
+    cal = feeds_for("x", (16, 32))
+    apply_and_check(Qdq(mode="static"), gemm_model(trans_b), min_cosine=0.9995, calibration=cal, inputs=cal[0])
+    p = Qdq(mode="static")
+    out, _ = run_pass(p, gemm_model(trans_b), cal)
+    (dq_c,) = [n for n in out.graph if n.op_type == "DequantizeLinear" and n.inputs[0].name == "b_quantized"]
+    codes, scale = dq_c.inputs[0].const_value.numpy(), dq_c.inputs[1].const_value.numpy()
+    assert codes.dtype == np.int32 and scale.shape == (16,)
+    a_scale = next(n for n in out.graph if n.op_type == "QuantizeLinear").inputs[1].const_value.numpy()
+    w_scale = next(n for n in out.graph if n.op_type == "DequantizeLinear" and n.inputs[0].name == "w_quantized").inputs[1].const_value.numpy()
+    np.testing.assert_allclose(scale, a_scale * w_scale, rtol=1e-6)
+    assert p.details[0]["bias"] == "int32 (QGemm)"
+    kernels = ort_kernels(out)
+    assert "QGemm" in kernels and "Gemm" not in kernels and "FusedGemm" not in kernels
+
+
+def gemm_relu_gemm_model(outliers: float = 30.0) -> ir.Model:
+    """Gemm(transB) + bias -> Relu -> Gemm + bias; a few hidden channels are far larger than the rest."""
+    rng = np.random.default_rng(5)
+    w1 = rng.standard_normal((64, 32)).astype(np.float32)
+    w1[[5, 40]] *= outliers
+    return text_model(
+        f"""
+        <ir_version: 10, opset_import: ["" : 17]>
+        g (float[N,32] x) => (float[N,16] y)
+        <{init("w1", w1)}, {init("b1", rng.standard_normal(64))}, {init("w2", rng.standard_normal((64, 16)))}, {init("b2", rng.standard_normal(16))}>
+        {{
+            h = Gemm<transB=1>(x, w1, b1)
+            r = Relu(h)
+            y = Gemm(r, w2, b2)
+        }}
+        """
+    )
+
+
+def test_smoothing_folds_into_the_producing_gemm_through_relu():
+    """SmoothQuant's 1/s of the Relu output goes into the first Gemm's weight rows and bias: no Mul at run time,
+    and Relu -> QuantizeLinear stays adjacent, so ORT fuses both layers into QGemm (with a Mul between them the
+    first stays a float FusedGemm)."""
+    model = gemm_relu_gemm_model()
+    cal = feeds_for("x", (64, 32), batches=8)
+    held_out = feeds_for("x", (64, 32), batches=1, seed=9)[0]
+    apply_and_check(Qdq(mode="static", smooth="fixed", smooth_alpha=0.5), model, min_cosine=0.999, calibration=cal, inputs=held_out)
+    p = Qdq(mode="static", smooth="fixed", smooth_alpha=0.5)
+    out, _ = run_pass(p, model, cal)
+    assert [n.inputs[0].name for n in out.graph if n.op_type == "Mul"] == ["x"]  # the graph input keeps its Mul
+    second = next(r for r in p.details if r.get("weight") == "w2")
+    assert second["activations"]["r"]["smooth"]["folded_into"] == next(r for r in p.details if r.get("weight") == "w1")["layer"]
+    assert ort_kernels(out).count("QGemm") == 2 and "FusedGemm" not in ort_kernels(out)
+
+
+def test_fold_through_matmul_bias_add_and_per_layer_report():
+    """MatMul + Add(bias) -> Relu producer: the fold also scales the Add's bias; report_errors quantizes each layer
+    alone, so the producer alone must undo its 1/s (x * s) for the float consumer: every layer stays faithful."""
+    cal = feeds_for("x", (16, 32))
+    apply_and_check(Qdq(mode="static", smooth="fixed", smooth_alpha=0.5), mlp(), min_cosine=0.999, calibration=cal, inputs=cal[0])
+    p = Qdq(mode="static", smooth="fixed", smooth_alpha=0.5, report_errors=True)
+    out, _ = run_pass(p, mlp(), cal)
+    assert [n.inputs[0].name for n in out.graph if n.op_type == "Mul"] == ["x"]
+    rows = [r for r in p.details if "skipped" not in r]
+    assert len(rows) == 2 and all(0.999 < r["model_cosine_alone"] <= 1.0 for r in rows)
 
 
 def conv_model() -> ir.Model:
@@ -277,19 +357,9 @@ def test_api_optimize_with_calibration_feeds():
 
 def test_ort_runs_the_quantized_model_with_integer_kernels():
     """ORT fuses the static pattern into MatMulIntegerToFloat (the CPU speedup relies on it)."""
-    import os
-    import tempfile
-
-    import onnx
-    import onnxruntime as ort
-
     cal = feeds_for("x", (16, 32))
     out, _ = run_pass(Qdq(mode="static"), mlp(), cal)
-    so = runtime.session_options()
-    with tempfile.TemporaryDirectory() as tmp:
-        so.optimized_model_filepath = os.path.join(tmp, "opt.onnx")
-        ort.InferenceSession(ir.to_proto(out).SerializeToString(), so, providers=["CPUExecutionProvider"])
-        fused = [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
+    fused = ort_kernels(out)
     # MatMul -> MatMulIntegerToFloat; MatMul+Add+ReLU before a QuantizeLinear -> QGemm
     assert fused.count("MatMulIntegerToFloat") + fused.count("QGemm") == 2
     assert "MatMul" not in fused and "Gemm" not in fused
