@@ -61,6 +61,12 @@ class QdqOptions:
         "matmulnbits", "int4: com.microsoft MatMulNBits/GatherBlockQuantized (ORT CPU/GPU kernels) or standard DequantizeLinear(block_size) (opset 21)"
     )
     int4_symmetric: bool = option(False, "int4: symmetric blocks (no zero points)")
+    embedding_split: bool = option(
+        False,
+        "int4 embeddings: rows the calibration data indexes keep int4 (embedding_block_size), all others 2-bit "
+        "(embedding_cold_block_size); needs calibration data and int4_format=matmulnbits",
+    )
+    embedding_cold_block_size: int = option(128, "embedding_split: block size of the 2-bit rows (power of 2, >= 16)")
     accuracy_level: int = option(0, "int4 MatMulNBits accuracy_level (0: fp32 compute, 4: int8 compute, faster and less accurate)")
     include: tuple[str, ...] = option(
         (), "node names or op types to quantize, all others left in float (empty: every eligible node); exclude still wins"
@@ -80,7 +86,7 @@ class QdqOptions:
             raise ValueError("smooth_alpha must be in [0, 1]")
         if not 0.0 < self.percentile <= 100.0:
             raise ValueError("percentile must be in (0, 100]")
-        for key in ("block_size", "embedding_block_size"):
+        for key in ("block_size", "embedding_block_size", "embedding_cold_block_size"):
             size = getattr(self, key)
             if size < 16 or size & (size - 1):
                 raise ValueError(f"{key} must be a power of 2 and >= 16")
@@ -88,6 +94,11 @@ class QdqOptions:
             raise ValueError("calibration_rows must be >= 16")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise ValueError("accuracy_level must be 0..4")
+        if self.embedding_split:
+            if self.int4_format != "matmulnbits":
+                raise ValueError("embedding_split needs int4_format=matmulnbits (2-bit rows are GatherBlockQuantized bits=2)")
+            if not (self.embeddings == "int4" or (self.embeddings == "auto" and self.mode == "int4")):
+                raise ValueError("embedding_split applies to int4 embeddings: use mode=int4 or embeddings=int4")
 
 
 @dataclasses.dataclass
@@ -172,10 +183,12 @@ class Qdq(Pass):
     def _feeds(self, model: ir.Model) -> list[dict[str, np.ndarray]] | None:
         feeds = self.context.calibration
         o = self.options
-        needs = o.mode == "static" or o.report_errors
+        needs = o.mode == "static" or o.report_errors or o.embedding_split
         if not feeds:
             if o.mode == "static":
                 raise UsageError("qdq(mode=static) needs calibration data: pass --calibration PATH (CLI) or calibration= (API), or use mode=weight")
+            if o.embedding_split:
+                raise UsageError("qdq(embedding_split=true) needs calibration data (it keeps the rows the data uses at 4 bits): pass --calibration PATH or calibration=")
             if o.report_errors:
                 raise UsageError("qdq(report_errors=true) needs calibration data: pass --calibration PATH or calibration=")
             return None
@@ -472,6 +485,7 @@ def make_plan(model: ir.Model, targets: list[_Target], o: QdqOptions, feeds) -> 
     plan_weights: list[_WeightParams] = []
     bias_shifts: dict[int, np.ndarray] = {}
     embeddings = o.embeddings if o.embeddings != "auto" else ("int4" if o.mode == "int4" else "int8")
+    hot = _indexed_rows(model, [t for t in targets if t.kind == "gather"], feeds) if (o.embedding_split and embeddings == "int4" and feeds) else {}
     for t in targets:
         row: dict[str, Any] = {"layer": t.label, "op": t.node.op_type}
         if t.weight is not None:
@@ -479,7 +493,12 @@ def make_plan(model: ir.Model, targets: list[_Target], o: QdqOptions, feeds) -> 
             orig = t.weight.const_value.numpy()
             row.update({"weight": t.weight.name, "shape": list(orig.shape), "bytes_before": int(orig.nbytes)})
             if t.kind == "gather":
-                wp = _quantize_table(t, w, embeddings, o)
+                wp = _quantize_table(t, w, embeddings, o, hot.get(t.index))
+                if wp.kind == "gather_split":
+                    row["embedding_split"] = {
+                        "hot_rows": int(wp.arrays["hot_ids"].size), "cold_rows": int(wp.arrays["cold_ids"].size),
+                        "hot_bits": 4, "hot_block": o.embedding_block_size, "cold_bits": 2, "cold_block": o.embedding_cold_block_size,
+                    }
             else:
                 act_name = t.node.inputs[0].name
                 h = stats[act_name].hessian if act_name in hessians and t.kind in ("matmul", "gemm") else None
@@ -512,8 +531,8 @@ def make_plan(model: ir.Model, targets: list[_Target], o: QdqOptions, feeds) -> 
                     row["weight_type"] = resolved_weight_type(o)
             plan_weights.append(wp)
             deq = _dequantized(wp, t, o)
-            row["bytes_after"] = int(sum(v.nbytes for k, v in wp.arrays.items() if k != "axis" and k != "codes") + _code_bytes(wp))
-            row["scale"] = _summary(wp.arrays.get("scale", wp.arrays.get("scales")))
+            row["bytes_after"] = _stored_bytes(wp, o)
+            row["scale"] = _summary(wp.arrays.get("scale", wp.arrays.get("scales", wp.arrays.get("hot_scales"))))
             if wp.kind == "int8" and t.kind == "gemm" and t.in_axis == 1:
                 deq = deq.T
             row["weight_rel_error"] = round(qm.relative_error(deq, w), 6)
@@ -538,10 +557,16 @@ def make_plan(model: ir.Model, targets: list[_Target], o: QdqOptions, feeds) -> 
     return _Plan(acts, plan_weights, by_index, rows, row_targets, bias_shifts)
 
 
-def _code_bytes(wp: _WeightParams) -> int:
-    if wp.kind in ("int4", "gather4"):
-        return int(np.ceil(wp.arrays["codes"].size / 2))
-    return 0
+def _stored_bytes(wp: _WeightParams, o: QdqOptions) -> int:
+    """Bytes the rewritten weight takes in the saved model (codes packed as written)."""
+    a = wp.arrays
+    if wp.kind == "gather_split":
+        parts = [qm.pack_codes(a["hot_codes"], 4), a["hot_scales"], qm.pack_codes(a["cold_codes"], 2), a["cold_scales"], a["remap"]]
+        if not o.int4_symmetric:
+            parts += [qm.pack_codes(a["hot_zero_points"], 4), qm.pack_codes(a["cold_zero_points"], 2)]
+        return int(sum(x.nbytes for x in parts))
+    codes = int(np.ceil(a["codes"].size / 2)) if wp.kind in ("int4", "gather4") else 0
+    return int(sum(v.nbytes for k, v in a.items() if k not in ("axis", "codes")) + codes)
 
 
 def _summary(scale: np.ndarray | None) -> dict[str, float] | None:
@@ -674,6 +699,11 @@ def _dequantized(wp: _WeightParams, t: _Target, o: QdqOptions) -> np.ndarray:
         return qm.dequantize(a["q"], qm.per_axis_shape(a["scale"], a["q"].ndim, None if axis < 0 else axis))
     if wp.kind == "gather8":
         return qm.dequantize(a["q"], a["scale"])
+    if wp.kind == "gather_split":
+        table = np.zeros((a["hot_ids"].size + a["cold_ids"].size, a["hot_codes"].shape[1] if a["hot_codes"].size else a["cold_codes"].shape[1]))
+        table[a["hot_ids"]] = qm.dequantize_rows_blockwise(a["hot_codes"], a["hot_scales"], a["hot_zero_points"], o.embedding_block_size)
+        table[a["cold_ids"]] = qm.dequantize_rows_blockwise(a["cold_codes"], a["cold_scales"], a["cold_zero_points"], o.embedding_cold_block_size)
+        return table
     if wp.kind in ("int4", "gather4"):
         codes, scales, zps = a["codes"], a["scales"], a["zero_points"]
         if wp.kind == "gather4":  # [V, D] blocks along D
@@ -686,7 +716,33 @@ def _dequantized(wp: _WeightParams, t: _Target, o: QdqOptions) -> np.ndarray:
     raise AssertionError(wp.kind)
 
 
-def _quantize_table(t: _Target, w: np.ndarray, embeddings: str, o: QdqOptions) -> _WeightParams:
+def _indexed_rows(model: ir.Model, gathers: list[_Target], feeds) -> dict[int, np.ndarray]:
+    """Per embedding Gather: the table rows its indices select on the calibration data (one ORT pass)."""
+    from onnxpress import runtime
+
+    names = sorted({t.node.inputs[1].name for t in gathers})
+    seen: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for values in runtime.capture(model, feeds, names):
+        for n in names:
+            seen[n].append(np.asarray(values[n]))
+    return {t.index: qm.used_rows(seen[t.node.inputs[1].name], t.weight.const_value.shape[0]) for t in gathers}
+
+
+def _quantize_table(t: _Target, w: np.ndarray, embeddings: str, o: QdqOptions, hot: np.ndarray | None = None) -> _WeightParams:
+    rows = w.shape[0]
+    if embeddings == "int4" and hot is not None and 0 < hot.size < rows:
+        # Frequency split: the rows the data uses keep 4 bits, the never-seen rest (most of a vocabulary) get 2
+        clip = "none" if o.weight_method == "rtn" else "mse"
+        cold = np.setdiff1d(np.arange(rows), hot)
+        hc, hs, hz = qm.quantize_rows_blockwise(w[hot], o.embedding_block_size, 4, o.int4_symmetric, clip)
+        cc, cs, cz = qm.quantize_rows_blockwise(w[cold], o.embedding_cold_block_size, 2, o.int4_symmetric, clip)
+        remap = np.empty(rows, np.uint16 if rows <= 65536 else np.int32)  # row -> position: hot rows first, then cold
+        remap[hot] = np.arange(hot.size)
+        remap[cold] = hot.size + np.arange(cold.size)
+        return _WeightParams(t.index, "gather_split", {
+            "hot_ids": hot, "cold_ids": cold, "remap": remap,
+            "hot_codes": hc, "hot_scales": hs, "hot_zero_points": hz, "cold_codes": cc, "cold_scales": cs, "cold_zero_points": cz,
+        })
     if embeddings == "int4":
         codes, scales, zps = qm.quantize_blockwise(w.T, o.embedding_block_size, 4, o.int4_symmetric, clip="none" if o.weight_method == "rtn" else "mse")
         return _WeightParams(t.index, "gather4", {"codes": codes.T.copy(), "scales": scales.T.copy(), "zero_points": zps.T.copy()})
@@ -777,6 +833,8 @@ def apply_plan(model: ir.Model, plan: _Plan, o: QdqOptions) -> None:
             _apply_gather8(graph, t, wp)
         elif wp.kind == "gather4":
             _apply_gather4(model, t, wp, o)
+        elif wp.kind == "gather_split":
+            _apply_gather_split(model, t, wp, o)
         if old is not None and not old.uses() and old.name in graph.initializers:
             graph.initializers.pop(old.name)
 
@@ -973,7 +1031,7 @@ def _apply_int4(model: ir.Model, t: _Target, wp: _WeightParams, o: QdqOptions) -
         padded[k:] = zps[-1]  # padded rows dequantize to 0
     else:
         padded[k:] = 8
-    blob = qm.pack_uint4(padded.T.reshape(n, kb, o.block_size))  # [N, kb, block/2]
+    blob = qm.pack_codes(padded.T.reshape(n, kb, o.block_size), 4)  # [N, kb, block/2]
     alpha, beta, bias = 1.0, 1.0, None
     if t.kind == "gemm":  # Y = alpha * A @ W + beta * C: alpha goes into the block scales, C into an Add
         alpha = t.node.attributes.get_float("alpha", 1.0)
@@ -983,7 +1041,7 @@ def _apply_int4(model: ir.Model, t: _Target, wp: _WeightParams, o: QdqOptions) -
     s = _const(graph, f"{w.name}_scales", (scales.T * np.float32(alpha)).reshape(-1).astype(np.float32))
     inputs = [t.node.inputs[0], b, s]
     if not o.int4_symmetric:
-        inputs.append(_const(graph, f"{w.name}_zero_points", qm.pack_uint4(zps.T).reshape(-1)))
+        inputs.append(_const(graph, f"{w.name}_zero_points", qm.pack_codes(zps.T, 4).reshape(-1)))
     result = t.node.outputs[0]
     out = ir.Value(name=f"{result.name}_q4", type=ir.TensorType(_FLOAT), shape=_shape(result))
     nodes = [
@@ -1045,15 +1103,59 @@ def _apply_gather4(model: ir.Model, t: _Target, wp: _WeightParams, o: QdqOptions
         ]
     else:
         model.opset_imports.setdefault(_MS, 1)
-        q = _const(graph, f"{w.name}_q4", qm.pack_uint4(codes))
+        q = _const(graph, f"{w.name}_q4", qm.pack_codes(codes, 4))
         s = _const(graph, f"{w.name}_scales", scales)
         inputs = [q, idx, s]
         if not o.int4_symmetric:
-            inputs.append(_const(graph, f"{w.name}_zero_points", qm.pack_uint4(zps)))
+            inputs.append(_const(graph, f"{w.name}_zero_points", qm.pack_codes(zps, 4)))
         nodes = [
             ir.node(
                 "GatherBlockQuantized", inputs, {"gather_axis": 0, "quantize_axis": 1, "block_size": o.embedding_block_size, "bits": 4},
                 domain=_MS, outputs=[out], name=f"{base}_GatherBlockQuantized",
             )
         ]
+    _replace_node(graph, t.node, nodes, out)
+
+
+def _apply_gather_split(model: ir.Model, t: _Target, wp: _WeightParams, o: QdqOptions) -> None:
+    """``remap[ids]`` gives each index its position (hot rows first); two GatherBlockQuantized (4-bit hot rows,
+    2-bit cold rows) look up every index with clamped positions and ``Where`` keeps the right one."""
+    graph = model.graph
+    model.opset_imports.setdefault(_MS, 1)
+    a = wp.arrays
+    w, idx = t.weight, t.node.inputs[1]
+    base = t.node.outputs[0].name
+    n_hot = int(a["hot_ids"].size)
+    i64 = ir.DataType.INT64
+
+    def value(name: str, dtype: ir.DataType | None = None) -> ir.Value:
+        return ir.Value(name=f"{base}_{name}", type=None if dtype is None else ir.TensorType(dtype))
+
+    def table(prefix: str, bits: int, block: int, position: ir.Value, out: ir.Value) -> ir.Node:
+        inputs = [position, _const(graph, f"{w.name}_{prefix}_scales", a[f"{prefix}_scales"])]
+        inputs.insert(0, _const(graph, f"{w.name}_{prefix}_q{bits}", qm.pack_codes(a[f"{prefix}_codes"], bits)))
+        if not o.int4_symmetric:
+            inputs.append(_const(graph, f"{w.name}_{prefix}_zero_points", qm.pack_codes(a[f"{prefix}_zero_points"], bits)))
+        return ir.node(
+            "GatherBlockQuantized", inputs, {"gather_axis": 0, "quantize_axis": 1, "block_size": block, "bits": bits},
+            domain=_MS, outputs=[out], name=f"{base}_GatherBlockQuantized_{prefix}",
+        )
+
+    narrow, position, is_hot = value("position_narrow"), value("position", i64), value("is_hot", ir.DataType.BOOL)
+    hot_pos, cold_pos, offset = value("hot_position", i64), value("cold_position", i64), value("cold_offset", i64)
+    hot_rows, cold_rows, cond = value("hot_rows", _FLOAT), value("cold_rows", _FLOAT), value("is_hot_rows", ir.DataType.BOOL)
+    out = ir.Value(name=f"{base}_dequantized", type=ir.TensorType(_FLOAT), shape=_shape(t.node.outputs[0]))
+    n = _const(graph, f"{w.name}_hot_count", np.array(n_hot, np.int64))
+    nodes = [
+        ir.node("Gather", [_const(graph, f"{w.name}_remap", a["remap"]), idx], {"axis": 0}, outputs=[narrow], name=f"{base}_Remap"),
+        ir.node("Cast", [narrow], {"to": i64}, outputs=[position], name=f"{base}_RemapCast"),
+        ir.node("Less", [position, n], outputs=[is_hot], name=f"{base}_IsHot"),
+        ir.node("Min", [position, _const(graph, f"{w.name}_hot_last", np.array(n_hot - 1, np.int64))], outputs=[hot_pos], name=f"{base}_HotPosition"),
+        ir.node("Sub", [position, n], outputs=[offset], name=f"{base}_ColdOffset"),
+        ir.node("Max", [offset, _const(graph, f"{w.name}_zero", np.array(0, np.int64))], outputs=[cold_pos], name=f"{base}_ColdPosition"),
+        table("hot", 4, o.embedding_block_size, hot_pos, hot_rows),
+        table("cold", 2, o.embedding_cold_block_size, cold_pos, cold_rows),
+        ir.node("Unsqueeze", [is_hot, _const(graph, f"{w.name}_last_axis", np.array([-1], np.int64))], outputs=[cond], name=f"{base}_IsHotRows"),
+        ir.node("Where", [cond, hot_rows, cold_rows], outputs=[out], name=f"{base}_Select"),
+    ]
     _replace_node(graph, t.node, nodes, out)

@@ -305,6 +305,35 @@ def quantize_blockwise(
     return codes[:k].astype(np.uint8), scales, zps.astype(np.uint8)
 
 
+def quantize_rows_blockwise(
+    w: np.ndarray, block_size: int, bits: int = 4, symmetric: bool = False, clip: str = "mse"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Block-wise quantization of each row of a table ``w[V, D]`` along D (GatherBlockQuantized's layout).
+
+    Returns (codes uint8 [V, D], scales float32 [V, D/block], zero points uint8 [V, D/block])."""
+    codes, scales, zps = quantize_blockwise(np.asarray(w).T, block_size, bits, symmetric, clip)
+    return codes.T.copy(), scales.T.copy(), zps.T.copy()
+
+
+def dequantize_rows_blockwise(codes: np.ndarray, scales: np.ndarray, zps: np.ndarray, block_size: int) -> np.ndarray:
+    """Inverse of ``quantize_rows_blockwise``."""
+    d = codes.shape[1]
+    rep = np.repeat(scales, block_size, axis=1)[:, :d]
+    zrep = np.repeat(zps.astype(np.int64), block_size, axis=1)[:, :d]
+    return dequantize(codes.astype(np.int64), rep, zrep)
+
+
+def used_rows(index_batches, rows: int) -> np.ndarray:
+    """Sorted distinct rows of a ``rows``-row table that the index arrays select (negative indices count from
+    the end, as in Gather; out-of-range ones are ignored)."""
+    seen = np.zeros(rows, bool)
+    for ids in index_batches:
+        ids = np.asarray(ids, np.int64).reshape(-1)
+        ids = np.where(ids < 0, ids + rows, ids)
+        seen[ids[(ids >= 0) & (ids < rows)]] = True
+    return np.flatnonzero(seen)
+
+
 def gptq_inverse(hessian: np.ndarray, damp: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
     """GPTQ's upper Cholesky factor U of inv(H + damp) (inv(H) = U^T U) and the mask of dead inputs."""
     h = hessian.astype(np.float64).copy()
@@ -367,17 +396,28 @@ def gptq_per_channel(w: np.ndarray, hessian: np.ndarray, qmax: int = 127, per_ch
     return codes.astype(np.int8), (scales[0] if per_channel else scales[0, :1].reshape(()))
 
 
-def pack_uint4(codes: np.ndarray) -> np.ndarray:
-    """Pack 4-bit codes along the last axis, two per byte, low nibble first (padded with 0 to even length)."""
-    codes = np.asarray(codes, dtype=np.uint8)
-    if codes.shape[-1] % 2:
-        codes = np.concatenate([codes, np.zeros((*codes.shape[:-1], 1), np.uint8)], axis=-1)
-    return (codes[..., 0::2] & 0x0F) | ((codes[..., 1::2] & 0x0F) << 4)
+def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Pack ``bits``-bit codes (2 or 4) along the last axis, ``8 // bits`` per byte, lowest bits first (padded
+    with 0 to a whole byte): the layout of ORT's MatMulNBits and GatherBlockQuantized."""
+    if bits not in (2, 4):
+        raise ValueError(f"bits must be 2 or 4, got {bits}")
+    per = 8 // bits
+    codes = np.asarray(codes, dtype=np.uint8) & np.uint8((1 << bits) - 1)
+    pad = (-codes.shape[-1]) % per
+    if pad:
+        codes = np.concatenate([codes, np.zeros((*codes.shape[:-1], pad), np.uint8)], axis=-1)
+    groups = codes.reshape(*codes.shape[:-1], -1, per)
+    packed = np.zeros(groups.shape[:-1], np.uint8)
+    for i in range(per):
+        packed |= groups[..., i] << np.uint8(bits * i)
+    return packed
 
 
-def unpack_uint4(packed: np.ndarray, count: int) -> np.ndarray:
+def unpack_codes(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """Inverse of ``pack_codes``: the first ``count`` codes along the last axis."""
     packed = np.asarray(packed, dtype=np.uint8)
-    out = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1)
+    mask = np.uint8((1 << bits) - 1)
+    out = np.stack([(packed >> np.uint8(bits * i)) & mask for i in range(8 // bits)], axis=-1).reshape(*packed.shape[:-1], -1)
     return out[..., :count]
 
 

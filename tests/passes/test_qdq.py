@@ -530,3 +530,43 @@ def test_weight_only_keeps_a_layers_activation_float_but_quantizes_its_weight():
     assert by_name[second].inputs[0].producer().op_type == "DequantizeLinear"
     out, _ = run_pass(Qdq(mode="static", weight_only=("MatMul",)), model, cal)
     assert "QuantizeLinear" not in op_types(out) and op_types(out).count("DequantizeLinear") == 2
+
+
+def test_embedding_split_keeps_used_rows_at_4_bits_and_the_rest_at_2():
+    """Rows the calibration ids select stay 4-bit; the others go 2-bit. Lookups of used rows match the plain
+    int4 table exactly; unused rows are coarser but still close; the table shrinks."""
+    import onnxruntime as ort
+
+    model = embedding_model(vocab=256, dim=64)
+    rng = np.random.default_rng(0)
+    cal = [{"ids": rng.integers(0, 40, (4, 16)).astype(np.int64)} for _ in range(4)]  # rows 0..39 only
+    hot = Qdq(mode="int4", embedding_split=True, embedding_block_size=16, embedding_cold_block_size=32, include=["table", "Gather"])
+    plain = Qdq(mode="int4", embedding_block_size=16, include=["Gather"])
+    split_model, _ = run_pass(hot, model, cal)
+    plain_model, _ = run_pass(plain, model, cal)
+    row = next(r for r in hot.details if "embedding_split" in r)
+    assert row["embedding_split"]["hot_rows"] == 40 and row["embedding_split"]["cold_rows"] == 216
+    assert row["bytes_after"] < next(r for r in plain.details if r.get("op") == "Gather")["bytes_after"] * 0.7
+    assert "Where" in op_types(split_model) and op_types(split_model).count("GatherBlockQuantized") == 2
+    check_full(split_model)
+
+    def run(m, ids):
+        s = ort.InferenceSession(ir.to_proto(m).SerializeToString(), providers=["CPUExecutionProvider"])
+        return s.run(None, {"ids": ids})[0]
+
+    used = np.array([[0, 5, 39, -256]], np.int64)  # -256 is row 0
+    np.testing.assert_allclose(run(split_model, used), run(plain_model, used), rtol=1e-6, atol=1e-6)
+    unused = np.arange(40, 256, dtype=np.int64).reshape(8, 27)
+    ref = run(model, unused)
+    err = np.linalg.norm(run(split_model, unused) - ref) / np.linalg.norm(ref)
+    err4 = np.linalg.norm(run(plain_model, unused) - ref) / np.linalg.norm(ref)
+    assert err4 < err < 0.45  # 2-bit rows: coarser than 4-bit, not garbage
+
+
+def test_embedding_split_needs_calibration_and_matmulnbits():
+    with pytest.raises(PassFailedError, match="calibration"):
+        Pipeline.parse("qdq(mode=int4,embedding_split=true)").run(embedding_model())
+    with pytest.raises(UsageError, match="matmulnbits"):
+        Pipeline.parse("qdq(mode=int4,embedding_split=true,int4_format=qdq)")
+    with pytest.raises(UsageError, match="int4 embeddings"):
+        Pipeline.parse("qdq(mode=weight,embedding_split=true)")

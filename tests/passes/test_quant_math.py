@@ -110,11 +110,14 @@ def test_gptq_lowers_output_error_over_round_to_nearest():
     assert qm.relative_error(x @ qm.dequantize(g8, gs8[None, :]), ref) < qm.relative_error(x @ qm.dequantize(q8, s8[None, :]), ref)
 
 
-def test_pack_uint4_low_nibble_first_and_round_trip():
-    assert qm.pack_uint4(np.array([1, 2], np.uint8)).tolist() == [0x21]
-    assert qm.pack_uint4(np.array([15, 0, 7], np.uint8)).tolist() == [0x0F, 0x07]  # odd length padded
-    codes = np.random.default_rng(6).integers(0, 16, (5, 33)).astype(np.uint8)
-    np.testing.assert_array_equal(qm.unpack_uint4(qm.pack_uint4(codes), 33), codes)
+def test_pack_codes_low_bits_first_and_round_trip():
+    assert qm.pack_codes(np.array([1, 2], np.uint8), 4).tolist() == [0x21]
+    assert qm.pack_codes(np.array([15, 0, 7], np.uint8), 4).tolist() == [0x0F, 0x07]  # odd length padded
+    assert qm.pack_codes(np.array([1, 2, 3, 0, 3], np.uint8), 2).tolist() == [0b00111001, 0b11]
+    rng = np.random.default_rng(0)
+    for bits in (2, 4):
+        codes = rng.integers(0, 2**bits, (5, 33)).astype(np.uint8)
+        np.testing.assert_array_equal(qm.unpack_codes(qm.pack_codes(codes, bits), bits, 33), codes)
 
 
 def test_activation_ranges_by_method():
