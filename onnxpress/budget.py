@@ -11,7 +11,8 @@ Algorithm
 1. **Layers and candidates** (``budget_layers``). Every MatMul/Gemm/Conv with a constant float weight and
    every embedding Gather is a layer. Its candidates are the choices the passes accept for it: int8 per
    channel, int4 block-wise (blocks of 32 to 512, where qdq takes int4 and a larger block stores fewer
-   bytes; MatMul/Gemm up to 256, MatMulNBits' limit), and calibrated low-rank factorization
+   bytes; MatMul/Gemm up to 256, MatMulNBits' limit), for embedding tables the split of ``qdq(embedding_split)``
+   (rows the calibration data indexes int4, all others 2-bit), and calibrated low-rank factorization
    at several ratios followed by int8/int4 of the factors (MatMul/Gemm). Each candidate's stored bytes are
    computed exactly from the layout the passes write.
 2. **Statistics**: one ORT run over the calibration data captures every layer input's second moment and
@@ -74,7 +75,7 @@ from onnxpress.budget_layers import (
 )
 from onnxpress.errors import UsageError
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 OUTPUT_METRICS = {"cos": ">=", "rel_l2": "<=", "max_abs": "<="}
 SESSION_TASKS = ("minilm", "lm")  # tasks whose evaluate() accepts an InferenceSession-like object
 _TINY = 1e-15
@@ -627,7 +628,7 @@ def search(
     with _Reporter(progress) as rep:
         # -- layers, statistics ------------------------------------------------------------------------
         t0 = time.perf_counter()
-        layers, skipped = find_layers(working, grid)
+        layers, skipped = find_layers(working, grid, calib)
         if not layers:
             raise UsageError("the model has no MatMul/Gemm/Conv/Gather weights the lossy passes can rewrite")
         matmul_inputs = [layer.x for layer in layers if layer.x is not None]
@@ -653,7 +654,8 @@ def search(
             if not budget.ok(original_value):
                 raise UsageError(f"the original model does not meet the budget itself: {budget.metric} = {original_value:.6g} (budget {budget})")
             checked[()] = original_value
-        digest = _digest(working, sens_feeds, json.dumps([CACHE_VERSION, dataclasses.asdict(grid)]))
+        hot_sizes = {layer.name: int(layer.hot.size) for layer in layers if layer.hot is not None}
+        digest = _digest(working, sens_feeds, json.dumps([CACHE_VERSION, dataclasses.asdict(grid), hot_sizes]))
         cache_path = _cache_file(cache, digest)
         cached: dict[str, float] = {}
         if cache_path is not None and cache_path.exists():
@@ -1069,8 +1071,16 @@ def build(model: ir.Model, layers: Sequence[Layer], decisions: dict[str, Choice]
     quants = sorted({c.quant for c in decisions.values() if c.quant is not None}, key=lambda q: (q == "int8", q))
     for quant in quants:
         wanted = [x for n, c in decisions.items() if c.quant == quant for x in current_names(n, c)]
+        defaults = qdq_pass.QdqOptions()
         if quant == "int8":
             mode_opts: dict[str, Any] = {"mode": "weight"}
+        elif quant.startswith("split/"):
+            hot_block, cold_block = (int(x) for x in quant.split("/")[1:])
+            mode_opts = {"mode": "int4", "embedding_split": True}
+            if hot_block != defaults.embedding_block_size:
+                mode_opts["embedding_block_size"] = hot_block
+            if cold_block != defaults.embedding_cold_block_size:
+                mode_opts["embedding_cold_block_size"] = cold_block
         else:
             block = int(quant.split("/")[1])
             mode_opts = {"mode": "int4"}

@@ -2,7 +2,8 @@
 
 A *layer* is one node with a constant float weight that a lossy pass can rewrite: MatMul, Gemm, Conv, and
 Gather of an embedding table. A *choice* is what the search may do to it: quantize (int8 per channel,
-int4 block-wise), factorize (calibrated low-rank at a ratio) and then quantize the factors. For every
+int4 block-wise; an embedding table also split: the rows the calibration data indexes int4, the others
+2-bit), factorize (calibrated low-rank at a ratio) and then quantize the factors. For every
 choice this module computes
 
 - the bytes the rewritten weight takes in the saved model (the same layout the passes write), and
@@ -36,6 +37,8 @@ QUANTS = ("int8", "int4/32", "int4/128", "int4/256", "int4/512")
 MATMUL_MAX_BLOCK = 256  # MatMulNBits' CPU kernels take blocks of 16..256; GatherBlockQuantized takes larger
 RATIOS = (0.5, 0.3, 0.2, 0.1, 0.05)  # calibrated factorization ratios of the default grid
 FACTOR_QUANTS = ("int8", "int4/32")  # how the factors of a factorized layer are quantized
+# embedding tables: rows the calibration data indexes at int4/H, all others 2-bit/C ("split/H/C")
+SPLITS = ("split/32/128", "split/64/128", "split/128/128")
 FACTORIZE_MIN_SIZE = fz.FactorizeOptions().min_size
 FACTORIZE_DAMPING = fz.FactorizeOptions().damping
 FACTORIZE_CENTER = fz.FactorizeOptions().center
@@ -62,7 +65,12 @@ class Choice:
 
     @property
     def block(self) -> int | None:
-        return int(self.quant.split("/")[1]) if self.quant and self.quant.startswith("int4") else None
+        return int(self.quant.split("/")[1]) if self.quant and self.quant.startswith(("int4", "split")) else None
+
+    @property
+    def cold_block(self) -> int | None:
+        """split/H/C: the block size of the 2-bit rows."""
+        return int(self.quant.split("/")[2]) if self.quant and self.quant.startswith("split") else None
 
     @property
     def technique(self) -> str:
@@ -80,6 +88,7 @@ class Grid:
     """The candidates tried per layer (each applied alone in the sensitivity analysis)."""
 
     quants: tuple[str, ...] = QUANTS
+    splits: tuple[str, ...] = SPLITS  # embedding tables only, where calibration data shows which rows are used
     ratios: tuple[float, ...] = RATIOS
     factor_quants: tuple[str, ...] = FACTOR_QUANTS
     factorize_float: bool = False  # also try factorization without quantizing the factors
@@ -91,6 +100,10 @@ class Grid:
         for q in (*self.quants, *self.factor_quants):
             if q != "int8" and not (q.startswith("int4/") and q[5:].isdigit() and int(q[5:]) >= 16 and not int(q[5:]) & (int(q[5:]) - 1)):
                 raise ValueError(f"unknown quantization '{q}' (valid: int8, int4/B with B a power of 2 >= 16)")
+        for q in self.splits:
+            parts = q.split("/")
+            if len(parts) != 3 or parts[0] != "split" or not all(p.isdigit() and int(p) >= 16 and not int(p) & (int(p) - 1) for p in parts[1:]):
+                raise ValueError(f"unknown split '{q}' (valid: split/H/C, H and C powers of 2 >= 16)")
         for r in self.ratios:
             if not 0.0 < r < 1.0:
                 raise ValueError(f"factorization ratio {r} must be in (0, 1)")
@@ -113,6 +126,7 @@ class Layer:
     has_bias: bool = False
     choices: list[Choice] = dataclasses.field(default_factory=list)
     skipped: dict[str, str] = dataclasses.field(default_factory=dict)  # technique -> reason
+    hot: np.ndarray | None = None  # Gather: the rows the calibration data indexes (split choices)
 
     @property
     def matrix(self) -> np.ndarray:
@@ -147,17 +161,20 @@ def _has_own_bias(node: ir.Node, n: int) -> bool:
     return other is not None and fz._own_bias(other, n)
 
 
-def find_layers(model: ir.Model, grid: Grid) -> tuple[list[Layer], list[dict[str, Any]]]:
+def find_layers(model: ir.Model, grid: Grid, calibration: Sequence[dict[str, np.ndarray]] | None = None) -> tuple[list[Layer], list[dict[str, Any]]]:
     """The layers of ``model`` with the choices of ``grid`` that the passes accept for each.
 
     Applicability comes from the passes' own target finders: qdq's ``find_targets`` (int8: weight mode,
     int4: int4 mode) and factorize's layer classifier (2-D weight, not shared, big enough, a rank saves).
-    A node must be named (the pipeline options select layers by name).
+    A node must be named (the pipeline options select layers by name). With ``calibration``, embedding
+    tables also get the split choices (the rows it indexes stay 4-bit, as ``qdq(embedding_split=true)``).
     """
     int8_targets, skipped8 = qdq_pass.find_targets(model, qdq_pass.QdqOptions(mode="weight"))
     int4_targets, skipped4 = qdq_pass.find_targets(model, qdq_pass.QdqOptions(mode="int4"))
     by_index8 = {t.index: t for t in int8_targets}
     int4_ok = {t.index for t in int4_targets}
+    gathers = [t for t in int4_targets if t.kind == "gather"]
+    hot_rows = qdq_pass.indexed_rows(model, gathers, calibration) if (calibration and grid.splits and gathers) else {}
     skipped: list[dict[str, Any]] = [dict(row) for row in skipped8]
     layers: list[Layer] = []
     for index, node in enumerate(model.graph):
@@ -180,6 +197,11 @@ def find_layers(model: ir.Model, grid: Grid) -> tuple[list[Layer], list[dict[str
         if node.op_type == "Gather" and w.shape[1] % 2:
             quants = [q for q in quants if q == "int8"]
         layer.choices = [Choice(None, q) for q in _useful_quants(layer, quants)]
+        hot = hot_rows.get(index)
+        if hot is not None and 0 < hot.size < w.shape[0] and w.shape[1] % 4 == 0:
+            layer.hot = hot
+            smallest = min((choice_bytes(layer, c) for c in layer.choices), default=float("inf"))
+            layer.choices += [Choice(None, q) for q in grid.splits if choice_bytes(layer, Choice(None, q)) < smallest]
         if node.op_type in ("MatMul", "Gemm"):
             found = fz._classify(node, FACTORIZE_MIN_SIZE)
             if isinstance(found, str):
@@ -286,6 +308,8 @@ def quant_bytes(kind: str, shape: tuple[int, ...], quant: str | None) -> int:
 
 def choice_bytes(layer: Layer, choice: Choice) -> int:
     kind = {"MatMul": "matmul", "Gemm": "gemm_t" if layer.trans_b else "matmul", "Conv": "conv", "Gather": "gather"}[layer.op]
+    if choice.cold_block is not None:
+        return qm.split_rows_bytes(layer.shape[0], layer.shape[1], layer.hot.size, choice.block, choice.cold_block)
     if choice.ratio is None:
         return quant_bytes(kind, layer.shape, choice.quant)
     k, n = layer.matrix.shape
@@ -337,6 +361,9 @@ def quantized_other(layer: Layer, quant: str) -> np.ndarray:
     if quant == "int8":  # Gather: one scale per row
         q, scale = qm.quantize_weight(w, 0, 127, "mse")
         return qm.dequantize(q, scale.reshape(-1, 1))
+    choice = Choice(None, quant)
+    if choice.cold_block is not None:
+        return qm.dequantize_split_rows(qm.quantize_split_rows(w, layer.hot, choice.block, choice.cold_block), choice.block, choice.cold_block)
     block = int(quant.split("/")[1])
     codes, scales, zps = qm.quantize_blockwise(w.T, block, 4, False, clip="mse")
     return dequant_blockwise(codes, scales, zps, block).T

@@ -485,7 +485,7 @@ def make_plan(model: ir.Model, targets: list[_Target], o: QdqOptions, feeds) -> 
     plan_weights: list[_WeightParams] = []
     bias_shifts: dict[int, np.ndarray] = {}
     embeddings = o.embeddings if o.embeddings != "auto" else ("int4" if o.mode == "int4" else "int8")
-    hot = _indexed_rows(model, [t for t in targets if t.kind == "gather"], feeds) if (o.embedding_split and embeddings == "int4" and feeds) else {}
+    hot = indexed_rows(model, [t for t in targets if t.kind == "gather"], feeds) if (o.embedding_split and embeddings == "int4" and feeds) else {}
     for t in targets:
         row: dict[str, Any] = {"layer": t.label, "op": t.node.op_type}
         if t.weight is not None:
@@ -561,10 +561,8 @@ def _stored_bytes(wp: _WeightParams, o: QdqOptions) -> int:
     """Bytes the rewritten weight takes in the saved model (codes packed as written)."""
     a = wp.arrays
     if wp.kind == "gather_split":
-        parts = [qm.pack_codes(a["hot_codes"], 4), a["hot_scales"], qm.pack_codes(a["cold_codes"], 2), a["cold_scales"], a["remap"]]
-        if not o.int4_symmetric:
-            parts += [qm.pack_codes(a["hot_zero_points"], 4), qm.pack_codes(a["cold_zero_points"], 2)]
-        return int(sum(x.nbytes for x in parts))
+        rows, dim = a["remap"].size, a["hot_codes"].shape[1]
+        return qm.split_rows_bytes(rows, dim, a["hot_ids"].size, o.embedding_block_size, o.embedding_cold_block_size, o.int4_symmetric)
     codes = int(np.ceil(a["codes"].size / 2)) if wp.kind in ("int4", "gather4") else 0
     return int(sum(v.nbytes for k, v in a.items() if k not in ("axis", "codes")) + codes)
 
@@ -700,10 +698,7 @@ def _dequantized(wp: _WeightParams, t: _Target, o: QdqOptions) -> np.ndarray:
     if wp.kind == "gather8":
         return qm.dequantize(a["q"], a["scale"])
     if wp.kind == "gather_split":
-        table = np.zeros((a["hot_ids"].size + a["cold_ids"].size, a["hot_codes"].shape[1] if a["hot_codes"].size else a["cold_codes"].shape[1]))
-        table[a["hot_ids"]] = qm.dequantize_rows_blockwise(a["hot_codes"], a["hot_scales"], a["hot_zero_points"], o.embedding_block_size)
-        table[a["cold_ids"]] = qm.dequantize_rows_blockwise(a["cold_codes"], a["cold_scales"], a["cold_zero_points"], o.embedding_cold_block_size)
-        return table
+        return qm.dequantize_split_rows(a, o.embedding_block_size, o.embedding_cold_block_size)
     if wp.kind in ("int4", "gather4"):
         codes, scales, zps = a["codes"], a["scales"], a["zero_points"]
         if wp.kind == "gather4":  # [V, D] blocks along D
@@ -716,7 +711,7 @@ def _dequantized(wp: _WeightParams, t: _Target, o: QdqOptions) -> np.ndarray:
     raise AssertionError(wp.kind)
 
 
-def _indexed_rows(model: ir.Model, gathers: list[_Target], feeds) -> dict[int, np.ndarray]:
+def indexed_rows(model: ir.Model, gathers: list[_Target], feeds) -> dict[int, np.ndarray]:
     """Per embedding Gather: the table rows its indices select on the calibration data (one ORT pass)."""
     from onnxpress import runtime
 
@@ -733,16 +728,8 @@ def _quantize_table(t: _Target, w: np.ndarray, embeddings: str, o: QdqOptions, h
     if embeddings == "int4" and hot is not None and 0 < hot.size < rows:
         # Frequency split: the rows the data uses keep 4 bits, the never-seen rest (most of a vocabulary) get 2
         clip = "none" if o.weight_method == "rtn" else "mse"
-        cold = np.setdiff1d(np.arange(rows), hot)
-        hc, hs, hz = qm.quantize_rows_blockwise(w[hot], o.embedding_block_size, 4, o.int4_symmetric, clip)
-        cc, cs, cz = qm.quantize_rows_blockwise(w[cold], o.embedding_cold_block_size, 2, o.int4_symmetric, clip)
-        remap = np.empty(rows, np.uint16 if rows <= 65536 else np.int32)  # row -> position: hot rows first, then cold
-        remap[hot] = np.arange(hot.size)
-        remap[cold] = hot.size + np.arange(cold.size)
-        return _WeightParams(t.index, "gather_split", {
-            "hot_ids": hot, "cold_ids": cold, "remap": remap,
-            "hot_codes": hc, "hot_scales": hs, "hot_zero_points": hz, "cold_codes": cc, "cold_scales": cs, "cold_zero_points": cz,
-        })
+        arrays = qm.quantize_split_rows(w, hot, o.embedding_block_size, o.embedding_cold_block_size, o.int4_symmetric, clip)
+        return _WeightParams(t.index, "gather_split", arrays)
     if embeddings == "int4":
         codes, scales, zps = qm.quantize_blockwise(w.T, o.embedding_block_size, 4, o.int4_symmetric, clip="none" if o.weight_method == "rtn" else "mse")
         return _WeightParams(t.index, "gather4", {"codes": codes.T.copy(), "scales": scales.T.copy(), "zero_points": zps.T.copy()})

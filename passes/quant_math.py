@@ -323,6 +323,46 @@ def dequantize_rows_blockwise(codes: np.ndarray, scales: np.ndarray, zps: np.nda
     return dequantize(codes.astype(np.int64), rep, zrep)
 
 
+def quantize_split_rows(
+    w: np.ndarray, hot: np.ndarray, hot_block: int, cold_block: int, symmetric: bool = False, clip: str = "mse"
+) -> dict[str, np.ndarray]:
+    """A table ``w[V, D]`` with its ``hot`` rows (sorted ids) 4-bit in blocks of ``hot_block`` and all other
+    rows 2-bit in blocks of ``cold_block`` (both along D). ``remap[row]`` is the row's position: hot rows
+    first (in ``hot`` order), then the cold ones."""
+    rows = w.shape[0]
+    cold = np.setdiff1d(np.arange(rows), hot)
+    hc, hs, hz = quantize_rows_blockwise(w[hot], hot_block, 4, symmetric, clip)
+    cc, cs, cz = quantize_rows_blockwise(w[cold], cold_block, 2, symmetric, clip)
+    remap = np.empty(rows, np.uint16 if rows <= 65536 else np.int32)
+    remap[hot] = np.arange(hot.size)
+    remap[cold] = hot.size + np.arange(cold.size)
+    return {
+        "hot_ids": np.asarray(hot), "cold_ids": cold, "remap": remap,
+        "hot_codes": hc, "hot_scales": hs, "hot_zero_points": hz, "cold_codes": cc, "cold_scales": cs, "cold_zero_points": cz,
+    }
+
+
+def dequantize_split_rows(a: dict[str, np.ndarray], hot_block: int, cold_block: int) -> np.ndarray:
+    """Inverse of ``quantize_split_rows``: the dense table."""
+    d = (a["hot_codes"] if a["hot_codes"].size else a["cold_codes"]).shape[1]
+    table = np.zeros((a["hot_ids"].size + a["cold_ids"].size, d))
+    table[a["hot_ids"]] = dequantize_rows_blockwise(a["hot_codes"], a["hot_scales"], a["hot_zero_points"], hot_block)
+    table[a["cold_ids"]] = dequantize_rows_blockwise(a["cold_codes"], a["cold_scales"], a["cold_zero_points"], cold_block)
+    return table
+
+
+def split_rows_bytes(rows: int, dim: int, hot: int, hot_block: int, cold_block: int, symmetric: bool = False) -> int:
+    """Stored bytes of ``quantize_split_rows`` as GatherBlockQuantized writes it: packed codes, float32 scales,
+    packed zero points (unless symmetric), and the remap (uint16 up to 65536 rows, else int32)."""
+
+    def table(n: int, bits: int, block: int) -> int:
+        blocks = -(-dim // block)
+        per = 8 // bits
+        return n * (-(-dim // per)) + 4 * n * blocks + (0 if symmetric else n * (-(-blocks // per)))
+
+    return table(hot, 4, hot_block) + table(rows - hot, 2, cold_block) + rows * (2 if rows <= 65536 else 4)
+
+
 def used_rows(index_batches, rows: int) -> np.ndarray:
     """Sorted distinct rows of a ``rows``-row table that the index arrays select (negative indices count from
     the end, as in Gather; out-of-range ones are ignored)."""

@@ -469,3 +469,43 @@ def test_larger_int4_blocks_are_candidates_only_where_they_store_fewer_bytes():
     assert _useful_quants(layer("MatMul", (1536, 384)), QUANTS) == ["int8", "int4/32", "int4/128", "int4/256"]
     # embedding rows of 384: one block per row still saves scales (GatherBlockQuantized takes any block)
     assert _useful_quants(layer("Gather", (1000, 384)), QUANTS) == ["int8", "int4/32", "int4/128", "int4/256", "int4/512"]
+
+
+@pytest.fixture(scope="module")
+def embedding():
+    """ids -> Gather(512 x 64 table) -> MatMul -> y; calibration and evaluation use rows 0..99 only."""
+    rng = np.random.default_rng(4)
+    model = text_model(
+        f"""{HEADER} g (int64[B,S] ids) => (float[B,S,32] y)
+        <{init("table", rng.standard_normal((512, 64)))}, {init("w", rng.standard_normal((64, 32)) * 0.1)}>
+        {{ e = Gather<axis=0>(table, ids) y = MatMul(e, w) }}"""
+    )
+    for i, node in enumerate(model.graph):
+        node.name = ["embed", "proj"][i]
+    feeds = [{"ids": rng.integers(0, 100, (4, 16)).astype(np.int64)} for _ in range(6)]
+    return model, feeds[:4], feeds[4:]
+
+
+def test_embedding_split_candidates_bytes_and_reconstruction(embedding):
+    """The split choice (used rows int4, the rest 2-bit) is offered only with calibration data, stores fewer bytes
+    than any plain int4 table, and its reconstruction is what qdq(embedding_split=true) builds."""
+    model, calib, evals = embedding
+    without, _ = find_layers(model, Grid())
+    assert not any(c.quant.startswith("split") for layer in without for c in layer.choices)
+    layers, _ = find_layers(model, Grid(), calib)
+    table = next(layer for layer in layers if layer.name == "embed")
+    assert table.hot.size <= 100
+    splits = [c for c in table.choices if c.quant.startswith("split")]
+    assert splits and max(choice_bytes(table, c) for c in splits) < min(choice_bytes(table, c) for c in table.choices if c.quant.startswith("int4"))
+    choice = Choice(None, "split/32/128")
+    w, _ = reconstruct(table, choice, None, Spectra())
+    sim = Simulator(model, layers, [])
+    simulated = sim.run(evals, sim.override(table, w, None))
+    built, passes = bg.build(model, layers, {"embed": choice}, calib)
+    assert "embedding_split=true" in str(Pipeline(passes)) and "embedding_block_size=32" in str(Pipeline(passes))
+    real = [runtime.run(runtime.make_session(built), f) for f in evals]
+    assert compare(simulated, real).max_rel_l2 < 2e-5
+    growth = model_bytes(built) - model_bytes(model)
+    assert abs(growth - (choice_bytes(table, choice) - table.fp32_bytes)) < 1500  # graph nodes and names
+    with pytest.raises(ValueError, match="split"):
+        Grid(splits=("split/48/128",))

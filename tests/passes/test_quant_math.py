@@ -211,3 +211,23 @@ def test_relative_output_error_weighs_the_error_by_the_input_second_moment():
     only_row0[0] += 5.0
     assert qm.relative_output_error(w, only_row0, s) == 0.0
     assert qm.relative_output_error(np.zeros((6, 4)), w, np.eye(6)) == 0.0  # no output energy: defined as 0
+
+
+def test_split_rows_hot_rows_4_bit_cold_rows_2_bit_and_exact_bytes():
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((50, 48)).astype(np.float32)
+    hot = qm.used_rows([np.array([[3, 7, 7, -1]]), np.array([60, 9])], 50)  # -1 is row 49; 60 is out of range
+    assert hot.tolist() == [3, 7, 9, 49]
+    a = qm.quantize_split_rows(w, hot, 16, 32)
+    table = qm.dequantize_split_rows(a, 16, 32)
+    hc, hs, hz = qm.quantize_rows_blockwise(w[hot], 16, 4)
+    np.testing.assert_array_equal(table[hot], qm.dequantize_rows_blockwise(hc, hs, hz, 16))
+    cold = np.setdiff1d(np.arange(50), hot)
+    assert a["remap"][hot].tolist() == [0, 1, 2, 3] and sorted(a["remap"][cold].tolist()) == list(range(4, 50))
+    err = lambda rows: np.linalg.norm(table[rows] - w[rows]) / np.linalg.norm(w[rows])  # noqa: E731
+    assert err(hot) < 0.15 < err(cold) < 0.45
+    packed = sum(x.nbytes for x in (
+        qm.pack_codes(a["hot_codes"], 4), a["hot_scales"], qm.pack_codes(a["hot_zero_points"], 4),
+        qm.pack_codes(a["cold_codes"], 2), a["cold_scales"], qm.pack_codes(a["cold_zero_points"], 2), a["remap"],
+    ))
+    assert qm.split_rows_bytes(50, 48, 4, 16, 32) == packed
