@@ -717,7 +717,10 @@ def indexed_rows(model: ir.Model, gathers: list[_Target], feeds) -> dict[int, np
 
     names = sorted({t.node.inputs[1].name for t in gathers})
     seen: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    for values in runtime.capture(model, feeds, names):
+    graph_inputs = {v.name for v in model.graph.inputs}
+    # indices fed straight from the graph inputs (token ids) need no model run
+    batches = feeds if all(n in graph_inputs for n in names) else runtime.capture(model, feeds, names)
+    for values in batches:
         for n in names:
             seen[n].append(np.asarray(values[n]))
     return {t.index: qm.used_rows(seen[t.node.inputs[1].name], t.weight.const_value.shape[0]) for t in gathers}
