@@ -491,9 +491,7 @@ def _layer(g: _Group, w: np.ndarray, sp: Spectrum, rank: int | None, second_mome
     if second_moment is not None:
         if mean is not None:
             delta = bias_correction(w, u, v, mean)
-            num = float(np.sum((w - u @ v) * (centered(second_moment, mean) @ (w - u @ v))))
-            den = float(np.sum(w * (second_moment @ w)))
-            row["output_error"] = round(float(np.sqrt(max(num, 0.0) / den)) if den > 0 else 0.0, 6)
+            row["output_error"] = round(qm.relative_output_error(w, u @ v, second_moment, centered(second_moment, mean)), 6)
         else:
             row["output_error"] = round(output_error(w, u, v, second_moment), 6)
     return row, u.astype(np.float32), v.astype(np.float32), None if delta is None else delta.astype(np.float32).reshape(-1)

@@ -36,6 +36,7 @@ import onnx_ir as ir
 
 from onnxpress.errors import UsageError
 from onnxpress.pass_infra import Pass, option
+from onnxpress.passes import quant_math as qm
 
 UNITS_MARK = "onnxpress.prune.units"  # node metadata on the first layer of a structurally pruned block
 INPUTS_MARK = "onnxpress.prune.inputs"  # and on the layers that read its units
@@ -792,10 +793,7 @@ class Prune(Pass):
             "weight_error": round(float(np.linalg.norm(diff)) / norm, 6) if norm else 0.0,
         }
         if st is not None and "gram" in st:
-            g = st["gram"]
-            num = float(np.sum(diff * (g @ diff)))
-            den = float(np.sum(before * (g @ before)))
-            row["output_error"] = round(float(np.sqrt(max(num, 0.0) / den)) if den > 0 else 0.0, 6)
+            row["output_error"] = round(qm.relative_output_error(before, after, st["gram"]), 6)
         return row
 
     def _input_stats(self, model: ir.Model, layers: Sequence[_Layer | _Block]) -> dict[str, dict[str, Any]]:

@@ -543,13 +543,16 @@ def smooth_factors(act_absmax: np.ndarray, weight_absmax: np.ndarray, alpha: flo
 
 
 # -- error measures --------------------------------------------------------------------------------
-def relative_output_error(w: np.ndarray, w_new: np.ndarray, second_moment: np.ndarray) -> float:
+def relative_output_error(w: np.ndarray, w_new: np.ndarray, second_moment: np.ndarray, error_moment: np.ndarray | None = None) -> float:
     """Relative output error of replacing a layer's weight ``w`` (K x N) by ``w_new``:
-    sqrt(E||x(W' - W)||^2 / E||xW||^2) for inputs x with second moment S = E[x^T x] (0 when E||xW||^2 is 0)."""
+    sqrt(E||x(W' - W)||^2 / E||xW||^2) for inputs x with second moment S = E[x^T x] (0 when E||xW||^2 is 0).
+    ``error_moment`` replaces S in the numerator only: the covariance when a bias correction removes the
+    error's mean part."""
     w = np.asarray(w, np.float64)
     d = np.asarray(w_new, np.float64) - w
     s = np.asarray(second_moment, np.float64)
-    num = float(np.sum(d * (s @ d)))
+    e = s if error_moment is None else np.asarray(error_moment, np.float64)
+    num = float(np.sum(d * (e @ d)))
     den = float(np.sum(w * (s @ w)))
     return float(np.sqrt(max(num, 0.0) / den)) if den > 0 else 0.0
 

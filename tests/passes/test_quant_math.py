@@ -211,6 +211,16 @@ def test_relative_output_error_weighs_the_error_by_the_input_second_moment():
     only_row0[0] += 5.0
     assert qm.relative_output_error(w, only_row0, s) == 0.0
     assert qm.relative_output_error(np.zeros((6, 4)), w, np.eye(6)) == 0.0  # no output energy: defined as 0
+    # a separate error moment (the covariance after a bias correction) weighs only the numerator
+    mean = np.array([2.0, 0, 0, 0, 0, 0])
+    cov = np.eye(6)  # inputs with covariance I and mean (2, 0, ...): second moment I + mean mean^T
+    with_mean = cov + np.outer(mean, mean)
+    shifted = w.copy()
+    shifted[0] += 1.0  # an error on the row the mean drives
+    assert qm.relative_output_error(w, shifted, with_mean, cov) < qm.relative_output_error(w, shifted, with_mean)
+    assert qm.relative_output_error(w, shifted, with_mean, cov) == pytest.approx(
+        np.sqrt(np.sum((shifted - w) ** 2) / np.sum(w * (with_mean @ w)))
+    )
 
 
 def test_split_rows_hot_rows_4_bit_cold_rows_2_bit_and_exact_bytes():
