@@ -42,6 +42,11 @@ class QdqOptions:
         "auto", "static: SmoothQuant (move activation outlier channels into the weights); auto searches alpha per tensor"
     )
     smooth_alpha: float = option(0.5, "smooth=fixed: migration strength alpha in [0, 1]")
+    smooth_min_gain: float = option(
+        1.0,
+        "smooth=auto: keep SmoothQuant for an activation only where it divides the layer's simulated output error by at "
+        "least this factor (1: wherever it helps; each kept one costs a Mul at run time unless folded into its producer)",
+    )
     weight_method: Literal["rtn", "mse", "gptq"] = option(
         "gptq", "weights: round-to-nearest, MSE clip search per channel/block, or GPTQ error compensation (needs calibration data; else mse)"
     )
@@ -84,6 +89,8 @@ class QdqOptions:
     def validate(self) -> None:
         if not 0.0 <= self.smooth_alpha <= 1.0:
             raise ValueError("smooth_alpha must be in [0, 1]")
+        if not self.smooth_min_gain >= 1.0:
+            raise ValueError("smooth_min_gain must be >= 1")
         if not 0.0 < self.percentile <= 100.0:
             raise ValueError("percentile must be in (0, 100]")
         for key in ("block_size", "embedding_block_size", "embedding_cold_block_size"):
@@ -462,7 +469,9 @@ def make_plan(model: ir.Model, targets: list[_Target], o: QdqOptions, feeds) -> 
         smooth = None
         if o.smooth != "off" and all(t.kind in ("matmul", "gemm") and c[1] == 0 for t, c in zip(smoothable, cs)):
             alphas = SMOOTH_ALPHAS if o.smooth == "auto" else (o.smooth_alpha,)
-            smooth = _choose_smoothing(st, [weights[t.index] for t in smoothable], alphas, o.calibrate, o.percentile, (a_qmin, a_qmax), qmax_w)
+            smooth = _choose_smoothing(
+                st, [weights[t.index] for t in smoothable], alphas, o.calibrate, o.percentile, (a_qmin, a_qmax), qmax_w, o.smooth_min_gain
+            )
             if smooth is not None:
                 smooth_of[name] = smooth
                 for t in smoothable:
@@ -587,8 +596,9 @@ def _act_range(st: _ActStats, smooth: np.ndarray | None, method: str, percentile
     return lo, hi, round(qm.clipped_fraction(sample, lo, hi), 8)
 
 
-def _choose_smoothing(st: _ActStats, mats: list[np.ndarray], alphas, method, percentile, arange, qmax_w) -> np.ndarray | None:
-    """SmoothQuant factors for the alpha (from ``alphas``) with the lowest simulated output error; None if 0 wins.
+def _choose_smoothing(st: _ActStats, mats: list[np.ndarray], alphas, method, percentile, arange, qmax_w, min_gain: float = 1.0) -> np.ndarray | None:
+    """SmoothQuant factors for the alpha (from ``alphas``) with the lowest simulated output error; None if 0 wins,
+    or if the best alpha does not divide the error of alpha 0 (when tried) by at least ``min_gain``.
 
     Ranges and factors are fitted on half of the calibration sample and the error is measured on the other
     half: smoothing brings every channel close to the clip range, so in-sample error would favour it unfairly.
@@ -599,7 +609,7 @@ def _choose_smoothing(st: _ActStats, mats: list[np.ndarray], alphas, method, per
     fit_stats = _ActStats(chan_min=fit.min(axis=0), chan_max=fit.max(axis=0), sample=fit)
     fit_absmax = np.maximum(np.abs(fit_stats.chan_min), np.abs(fit_stats.chan_max))
     refs = [held @ w for w in mats]
-    best_alpha, best_err = 0.0, np.inf
+    best_alpha, best_err, plain_err = 0.0, np.inf, None
     for alpha in alphas:
         s = qm.smooth_factors(fit_absmax, w_absmax, alpha) if alpha > 0 else None
         fake = _fake_quant_acts(fit_stats, s, held, method, percentile, *arange)
@@ -608,9 +618,13 @@ def _choose_smoothing(st: _ActStats, mats: list[np.ndarray], alphas, method, per
             ws = w if s is None else w * s[:, None]
             q, scale = qm.quantize_weight(ws, 1, qmax_w)
             err += qm.relative_error(fake @ qm.dequantize(q, scale[None, :]), ref) ** 2
+        if alpha == 0:
+            plain_err = err
         if err < best_err:
             best_alpha, best_err = alpha, err
     if best_alpha == 0:
+        return None
+    if plain_err is not None and best_err * min_gain**2 > plain_err:  # errors are squared: gain = sqrt(plain / best)
         return None
     return qm.smooth_factors(np.maximum(np.abs(st.chan_min), np.abs(st.chan_max)), w_absmax, best_alpha)
 

@@ -570,3 +570,21 @@ def test_embedding_split_needs_calibration_and_matmulnbits():
         Pipeline.parse("qdq(mode=int4,embedding_split=true,int4_format=qdq)")
     with pytest.raises(UsageError, match="int4 embeddings"):
         Pipeline.parse("qdq(mode=weight,embedding_split=true)")
+
+
+def test_smooth_min_gain_keeps_only_smoothing_that_pays_for_its_mul():
+    """Outlier channels: smoothing cuts the layer error far more than 2x, so it stays at min_gain=2; an absurd
+    min_gain drops it (no Mul), at a measurably larger error."""
+    scale = np.ones(32, np.float32)
+    scale[[3, 17]] = 60.0
+    cal = feeds_for("x", (128, 32), batches=8, scale=scale)
+    kept, dropped = Qdq(mode="static", smooth_min_gain=2.0), Qdq(mode="static", smooth_min_gain=1000.0)
+    out_kept, _ = run_pass(kept, mlp(), cal)
+    out_dropped, _ = run_pass(dropped, mlp(), cal)
+    assert kept.details[0]["activations"]["x"]["smooth"] is not None
+    assert dropped.details[0]["activations"]["x"]["smooth"] is None
+    assert [n.inputs[0].name for n in out_kept.graph if n.op_type == "Mul"] == ["x"]
+    assert not [n for n in out_dropped.graph if n.op_type == "Mul"]
+    assert dropped.details[0]["output_rel_error"] > 2 * kept.details[0]["output_rel_error"]
+    with pytest.raises(UsageError, match="smooth_min_gain"):
+        Pipeline.parse("qdq(smooth_min_gain=0.5)")
