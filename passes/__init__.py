@@ -9,6 +9,7 @@ from onnxpress.passes.dedup import DeduplicateInitializers
 from onnxpress.passes.factorize import Factorize
 from onnxpress.passes.fold import FoldConstants
 from onnxpress.passes.fuse_gelu import FuseGelu
+from onnxpress.passes.fuse_qdq_bias import FuseQdqBias
 from onnxpress.passes.prune_unused import PruneUnused
 from onnxpress.passes.prune import Prune
 from onnxpress.passes.qdq import Qdq
@@ -25,6 +26,7 @@ ALL = (
     CommonSubexpressionElimination,
     FuseGelu,
     Qdq,
+    FuseQdqBias,
     Factorize,
     Prune,
     Sparsify,
