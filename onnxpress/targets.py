@@ -95,7 +95,7 @@ TARGETS: Mapping[str, Target] = MappingProxyType({
             "qdq.activation_type": "NNAPI takes only uint8 (asymmetric) activations in QDQ groups",
             "qdq.weight_type": "NNAPI/XNNPACK take int8 weights only when symmetric (zero point 0)",
             "qdq.reduce_range": "7-bit weights are an x86 AVX2 workaround; mobile kernels use the full int8 range",
-            "qdq.smooth": "SmoothQuant folds into a per-channel activation scale, which NNAPI/XNNPACK reject",
+            "qdq.smooth": "SmoothQuant puts a float Mul in front of most QuantizeLinear nodes: one more op per quantized input for the mobile EPs to place",
         }),
     ),
 })
