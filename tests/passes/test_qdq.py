@@ -588,3 +588,26 @@ def test_smooth_min_gain_keeps_only_smoothing_that_pays_for_its_mul():
     assert dropped.details[0]["output_rel_error"] > 2 * kept.details[0]["output_rel_error"]
     with pytest.raises(UsageError, match="smooth_min_gain"):
         Pipeline.parse("qdq(smooth_min_gain=0.5)")
+
+
+def test_embedding_split_finds_used_rows_behind_other_ops():
+    """Indices computed in the graph (here ids + 1) are captured in ORT, not read from the feeds."""
+    rng = np.random.default_rng(3)
+    model = text_model(
+        f"""
+        <ir_version: 10, opset_import: ["" : 21]>
+        g (int64[B,S] ids) => (float[B,S,64] e)
+        <{init("table", rng.standard_normal((128, 64)))}, int64 one = {{1}}>
+        {{
+            j = Add(ids, one)
+            e = Gather<axis=0>(table, j)
+        }}
+        """
+    )
+    cal = [{"ids": rng.integers(0, 10, (2, 8)).astype(np.int64)} for _ in range(3)]
+    p = Qdq(mode="int4", embedding_split=True, embedding_block_size=16, embedding_cold_block_size=32)
+    out, _ = run_pass(p, model, cal)
+    used = np.unique(np.concatenate([f["ids"].reshape(-1) for f in cal]) + 1)
+    row = next(r for r in p.details if "embedding_split" in r)
+    assert row["embedding_split"]["hot_rows"] == used.size and used.min() >= 1
+    check_full(out)
