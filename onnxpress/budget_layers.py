@@ -289,9 +289,7 @@ def quant_bytes(kind: str, shape: tuple[int, ...], quant: str | None) -> int:
         v, d = shape
         if quant == "int8":
             return v * d + 4 * v  # int8 codes + one float scale per row
-        b = int(quant.split("/")[1])
-        db = -(-d // b)
-        return v * (-(-d // 2)) + 4 * v * db + v * (-(-db // 2))  # GatherBlockQuantized: packed codes, scales, packed zps
+        return qm.rows_blockwise_bytes(v, d, 4, int(quant.split("/")[1]))  # GatherBlockQuantized
     if kind == "conv":
         channels = shape[0]
     elif kind == "gemm_t":
@@ -323,14 +321,6 @@ def choice_bytes(layer: Layer, choice: Choice) -> int:
 # =====================================================================================================
 # Reconstructions: the dense weight a rewritten layer computes with
 # =====================================================================================================
-def dequant_blockwise(codes: np.ndarray, scales: np.ndarray, zps: np.ndarray, block: int) -> np.ndarray:
-    """Inverse of ``quant_math.quantize_blockwise`` for ``[K, N]`` codes in blocks of ``block`` rows."""
-    k = codes.shape[0]
-    rep = np.repeat(scales, block, axis=0)[:k]
-    zrep = np.repeat(zps.astype(np.int64), block, axis=0)[:k]
-    return qm.dequantize(codes.astype(np.int64), rep, zrep)
-
-
 def _pad_hessian(h: np.ndarray, block: int) -> np.ndarray:
     pad = (-h.shape[0]) % block
     return np.pad(h, ((0, pad), (0, pad))) if pad else h
@@ -349,7 +339,7 @@ def quantized_matrix(w: np.ndarray, quant: str, hessian: np.ndarray | None) -> n
     block = int(quant.split("/")[1])
     h = qm.gptq_inverse(_pad_hessian(hessian, block)) if hessian is not None else None
     codes, scales, zps = qm.quantize_blockwise(w, block, 4, False, clip="mse", hessian=h)
-    return dequant_blockwise(codes, scales, zps, block)
+    return qm.dequantize_blockwise(codes, scales, zps, block)
 
 
 def quantized_other(layer: Layer, quant: str) -> np.ndarray:
@@ -365,8 +355,7 @@ def quantized_other(layer: Layer, quant: str) -> np.ndarray:
     if choice.cold_block is not None:
         return qm.dequantize_split_rows(qm.quantize_split_rows(w, layer.hot, choice.block, choice.cold_block), choice.block, choice.cold_block)
     block = int(quant.split("/")[1])
-    codes, scales, zps = qm.quantize_blockwise(w.T, block, 4, False, clip="mse")
-    return dequant_blockwise(codes, scales, zps, block).T
+    return qm.dequantize_rows_blockwise(*qm.quantize_rows_blockwise(w, block, 4, False, "mse"), block)
 
 
 @dataclasses.dataclass

@@ -716,12 +716,8 @@ def _dequantized(wp: _WeightParams, t: _Target, o: QdqOptions) -> np.ndarray:
     if wp.kind in ("int4", "gather4"):
         codes, scales, zps = a["codes"], a["scales"], a["zero_points"]
         if wp.kind == "gather4":  # [V, D] blocks along D
-            rep = np.repeat(scales, o.embedding_block_size, axis=1)[:, : codes.shape[1]]
-            zrep = np.repeat(zps.astype(np.int64), o.embedding_block_size, axis=1)[:, : codes.shape[1]]
-            return qm.dequantize(codes.astype(np.int64), rep, zrep)
-        rep = np.repeat(scales, o.block_size, axis=0)[: codes.shape[0]]
-        zrep = np.repeat(zps.astype(np.int64), o.block_size, axis=0)[: codes.shape[0]]
-        return qm.dequantize(codes.astype(np.int64), rep, zrep)
+            return qm.dequantize_rows_blockwise(codes, scales, zps, o.embedding_block_size)
+        return qm.dequantize_blockwise(codes, scales, zps, o.block_size)
     raise AssertionError(wp.kind)
 
 
@@ -748,8 +744,8 @@ def _quantize_table(t: _Target, w: np.ndarray, embeddings: str, o: QdqOptions, h
         arrays = qm.quantize_split_rows(w, hot, o.embedding_block_size, o.embedding_cold_block_size, o.int4_symmetric, clip)
         return _WeightParams(t.index, "gather_split", arrays)
     if embeddings == "int4":
-        codes, scales, zps = qm.quantize_blockwise(w.T, o.embedding_block_size, 4, o.int4_symmetric, clip="none" if o.weight_method == "rtn" else "mse")
-        return _WeightParams(t.index, "gather4", {"codes": codes.T.copy(), "scales": scales.T.copy(), "zero_points": zps.T.copy()})
+        codes, scales, zps = qm.quantize_rows_blockwise(w, o.embedding_block_size, 4, o.int4_symmetric, "none" if o.weight_method == "rtn" else "mse")
+        return _WeightParams(t.index, "gather4", {"codes": codes, "scales": scales, "zero_points": zps})
     q, scale = qm.quantize_weight(w, 0, 127, "none" if o.weight_method == "rtn" else "mse")
     return _WeightParams(t.index, "gather8", {"q": q, "scale": scale.reshape(-1, 1)})
 

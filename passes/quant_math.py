@@ -315,12 +315,17 @@ def quantize_rows_blockwise(
     return codes.T.copy(), scales.T.copy(), zps.T.copy()
 
 
+def dequantize_blockwise(codes: np.ndarray, scales: np.ndarray, zps: np.ndarray, block_size: int) -> np.ndarray:
+    """Inverse of ``quantize_blockwise`` for ``[K, N]`` codes in blocks of ``block_size`` rows."""
+    k = codes.shape[0]
+    rep = np.repeat(scales, block_size, axis=0)[:k]
+    zrep = np.repeat(zps.astype(np.int64), block_size, axis=0)[:k]
+    return dequantize(codes.astype(np.int64), rep, zrep)
+
+
 def dequantize_rows_blockwise(codes: np.ndarray, scales: np.ndarray, zps: np.ndarray, block_size: int) -> np.ndarray:
     """Inverse of ``quantize_rows_blockwise``."""
-    d = codes.shape[1]
-    rep = np.repeat(scales, block_size, axis=1)[:, :d]
-    zrep = np.repeat(zps.astype(np.int64), block_size, axis=1)[:, :d]
-    return dequantize(codes.astype(np.int64), rep, zrep)
+    return dequantize_blockwise(codes.T, scales.T, zps.T, block_size).T
 
 
 def quantize_split_rows(
@@ -351,16 +356,22 @@ def dequantize_split_rows(a: dict[str, np.ndarray], hot_block: int, cold_block: 
     return table
 
 
+def rows_blockwise_bytes(rows: int, dim: int, bits: int, block: int, symmetric: bool = False) -> int:
+    """Stored bytes of a ``rows x dim`` table quantized by ``quantize_rows_blockwise`` as GatherBlockQuantized
+    holds it: codes packed ``8 // bits`` per byte, float32 scales, zero points packed the same way (unless symmetric)."""
+    blocks = -(-dim // block)
+    per = 8 // bits
+    return rows * (-(-dim // per)) + 4 * rows * blocks + (0 if symmetric else rows * (-(-blocks // per)))
+
+
 def split_rows_bytes(rows: int, dim: int, hot: int, hot_block: int, cold_block: int, symmetric: bool = False) -> int:
-    """Stored bytes of ``quantize_split_rows`` as GatherBlockQuantized writes it: packed codes, float32 scales,
-    packed zero points (unless symmetric), and the remap (uint16 up to 65536 rows, else int32)."""
-
-    def table(n: int, bits: int, block: int) -> int:
-        blocks = -(-dim // block)
-        per = 8 // bits
-        return n * (-(-dim // per)) + 4 * n * blocks + (0 if symmetric else n * (-(-blocks // per)))
-
-    return table(hot, 4, hot_block) + table(rows - hot, 2, cold_block) + rows * (2 if rows <= 65536 else 4)
+    """Stored bytes of ``quantize_split_rows`` as GatherBlockQuantized writes it: both tables
+    (``rows_blockwise_bytes``) and the remap (uint16 up to 65536 rows, else int32)."""
+    return (
+        rows_blockwise_bytes(hot, dim, 4, hot_block, symmetric)
+        + rows_blockwise_bytes(rows - hot, dim, 2, cold_block, symmetric)
+        + rows * (2 if rows <= 65536 else 4)
+    )
 
 
 def used_rows(index_batches, rows: int) -> np.ndarray:
