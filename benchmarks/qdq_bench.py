@@ -30,7 +30,7 @@ from onnxpress.pass_infra import PassContext
 from onnxpress.pipeline import Pipeline
 
 # benchmarks/ is on sys.path: Python puts a script's folder first
-from common import build_peak_rss_mb, latency_session, machine  # noqa: E402
+from common import build_peak_rss_mb, latency_session, machine, temp_cwd  # noqa: E402
 
 
 def _registered(name: str) -> bool:
@@ -91,17 +91,6 @@ def ours(text: str, src: Path, feeds, out: Path) -> Path:
     return out
 
 
-@contextlib.contextmanager
-def _in_dir(path: Path):
-    """onnxruntime.quantization drops *.data files in the working directory: keep them in the temp dir."""
-    old = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(old)
-
-
 class _Reader:
     def __init__(self, feeds):
         self.it = iter(feeds)
@@ -155,7 +144,8 @@ def build_all(src: Path, feeds, tmp: Path, with_int4: bool = True, feeds_for: di
     built = {}
     for label, job in jobs.items():
         start = time.perf_counter()
-        with contextlib.redirect_stdout(io.StringIO()), _in_dir(tmp):
+        # onnxruntime.quantization drops *.data files in the working directory: a temp one per build
+        with contextlib.redirect_stdout(io.StringIO()), temp_cwd("qdq-bench-build-"):
             path, rss = build_peak_rss_mb(job)
         built[label] = (path, time.perf_counter() - start, rss)
         print(f"  built {label} in {built[label][1]:.1f} s", flush=True)
