@@ -176,9 +176,33 @@ def _one_line(exc: BaseException) -> str:
     return text[:400] if text else type(exc).__name__
 
 
+def copy_model(model: ir.Model) -> ir.Model:
+    """An independent copy of ``model`` (in-memory tensors copied) whose external tensors still find their data.
+
+    A proto round trip keeps an external tensor's ``location`` (relative to the model's folder) but not the
+    folder itself (``base_dir``): the copy would then look for ``model.onnx.data`` in the working directory.
+    The folder is copied tensor by tensor, so a model run from any working directory opens in onnxruntime.
+    """
+    copy = ir.from_proto(ir.to_proto(model))
+    _copy_base_dirs(model, copy)
+    return copy
+
+
+def _copy_base_dirs(src: ir.Model, dst: ir.Model) -> None:
+    for graph, other in zip(src.graphs(), dst.graphs()):
+        for name, value in graph.initializers.items():
+            tensor, target = value.const_value, other.initializers.get(name)
+            if isinstance(tensor, ir.ExternalTensor) and target is not None and isinstance(target.const_value, ir.ExternalTensor):
+                target.const_value.base_dir = tensor.base_dir
+
+
 def expose_values(model: ir.Model, names: Iterable[str]) -> ir.Model:
-    """A copy of the model whose graph outputs also include the named intermediate values."""
-    clone = ir.from_proto(ir.to_proto(model))
+    """A copy of the model whose graph outputs also include the named intermediate values.
+
+    The copy shares the model's tensors (``ir.Model.clone``): no weight is copied, and external tensors keep
+    the folder their data is in.
+    """
+    clone = model.clone()
     by_name = {v.name: v for node in clone.graph for v in node.outputs}
     by_name.update({v.name: v for v in clone.graph.inputs})
     existing = {v.name for v in clone.graph.outputs}

@@ -179,7 +179,12 @@ class Qdq(Pass):
                 self.details.append({"layer": "(model)", "skipped": "no float MatMul/Gemm/Conv/Gather weights to quantize"})
             return ir.passes.PassResult(model, False)
         feeds = self._feeds(model)
-        reference = ir.to_proto(model) if o.report_errors and feeds else None
+        reference = None
+        if o.report_errors and feeds:
+            from onnxpress import runtime
+
+            # a copy that keeps where external data lives: sessions of it open from any working directory
+            reference = runtime.copy_model(model)
         plan = make_plan(model, targets, o, feeds)
         apply_plan(model, plan, o)
         self.details.extend(row for row in plan.rows)
@@ -215,7 +220,7 @@ class Qdq(Pass):
         for row, target_index in zip(plan.rows, plan.row_targets):
             if target_index is None:
                 continue
-            single = ir.from_proto(reference)
+            single = runtime.copy_model(reference)
             nodes = list(single.graph)
             sub = plan.restrict(target_index, nodes)
             apply_plan(single, sub, self.options)
