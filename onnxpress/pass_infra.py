@@ -88,6 +88,10 @@ class Pass(ir.passes.InPlacePass):
     lossless: ClassVar[bool] = True
     # Passes that need the serialized proto (sparse initializers, which onnx-ir drops) run last.
     proto_stage: ClassVar[bool] = False
+    # The default-domain (ai.onnx) opset the pass needs, e.g. 13 for per-axis DequantizeLinear: an int, or a
+    # function of the pass's options. The pipeline raises an older model to it first with an `upgrade-opset`
+    # step (onnx.version_converter, checked in onnxruntime), so the pass itself never converts.
+    min_opset: ClassVar[Any] = None
 
     def __init__(self, options: Any = None, **kwargs: Any) -> None:
         if options is not None and kwargs:
@@ -114,6 +118,11 @@ class Pass(ir.passes.InPlacePass):
                 validate()
             except ValueError as exc:
                 raise UsageError(f"{self.name}: {exc}") from None
+
+    def required_opset(self) -> int | None:
+        """The default-domain opset this pass needs with its options (None: any)."""
+        need = type(self).min_opset
+        return need(self.options) if callable(need) else need
 
     # -- text form -------------------------------------------------------------------------------
     def __str__(self) -> str:

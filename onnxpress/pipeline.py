@@ -180,9 +180,9 @@ class Pipeline:
     ) -> PipelineResult:
         """Run the passes in order on ``model`` (in place). Errors name the failing pass and those before it."""
         context = context or PassContext()
-        ir_passes = [p for p in self.passes if not p.proto_stage]
+        ir_passes = with_opset_steps([p for p in self.passes if not p.proto_stage], model)
         proto_passes = [p for p in self.passes if p.proto_stage]
-        for p in self.passes:
+        for p in ir_passes + proto_passes:
             p.context = context
             p.verify = verify_each
         stats: list[PassStats] = []
@@ -218,6 +218,28 @@ class Pipeline:
                     on_pass_end(p)
             out = proto
         return PipelineResult(out, modified, stats)
+
+
+def with_opset_steps(passes: list[Pass], model: ir.Model) -> list[Pass]:
+    """``passes`` with an ``upgrade-opset(opset=N)`` step before each pass that needs a newer default-domain
+    opset than the model will have by then (``Pass.required_opset``). The step is a pass of its own, so it has
+    its own statistics row, and a user-written ``upgrade-opset`` counts: nothing is inserted after it."""
+    from onnxpress.opset import default_opset
+
+    current = default_opset(model)
+    if current is None:
+        return list(passes)
+    upgrade_cls = get_pass_class("upgrade-opset")
+    out: list[Pass] = []
+    for p in passes:
+        if isinstance(p, upgrade_cls):
+            current = max(current, p.options.opset)
+        need = p.required_opset()
+        if need is not None and current < need:
+            out.append(upgrade_cls(opset=need))
+            current = need
+        out.append(p)
+    return out
 
 
 class _Hooked(ir.passes.InPlacePass):

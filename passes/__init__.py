@@ -16,6 +16,7 @@ from onnxpress.passes.qdq import Qdq
 from onnxpress.passes.simplify import Simplify
 from onnxpress.passes.sparse import Sparsify
 from onnxpress.passes.strip_metadata import StripMetadata
+from onnxpress.passes.upgrade_opset import UpgradeOpset
 
 ALL = (
     StripMetadata,
@@ -30,6 +31,7 @@ ALL = (
     Factorize,
     Prune,
     Sparsify,
+    UpgradeOpset,
 )
 
 # The default pipeline of `onnxpress optimize`: lossless, in an order where each pass feeds the next.

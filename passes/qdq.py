@@ -166,6 +166,7 @@ class Qdq(Pass):
     name = "qdq"
     Options = QdqOptions
     lossless = False
+    min_opset = lambda o: 21 if (o.mode == "int4" and o.int4_format == "qdq") else 13  # noqa: E731 - per-axis DequantizeLinear: 13; block_size: 21
 
     # -- entry ---------------------------------------------------------------------------------------
     def call(self, model: ir.Model) -> ir.passes.PassResult:
