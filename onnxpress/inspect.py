@@ -44,6 +44,8 @@ def summarize(path: str | os.PathLike, top: int = 10) -> dict[str, Any]:
         "ir_version": model.ir_version,
         "opsets": dict(model.opset_imports),
         "producer": f"{model.producer_name or '?'} {model.producer_version or ''}".strip(),
+        "graph": model.graph.name or "",
+        "doc_string": model.doc_string or "",
         "nodes": sum(ops.values()),
         "parameters": sum(r["parameters"] for r in by_dtype.values()),
         "initializer_bytes": sum(r["bytes"] for r in by_dtype.values()),
