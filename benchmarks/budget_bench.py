@@ -70,11 +70,11 @@ def _module(task: str):
 def _evaluate(module, model, kwargs):
     """The task metrics against the module's own fp32 build (``reference=None``: minilm reads its cached
     reference embeddings instead of re-running the fp32 model at every check)."""
-    from onnxpress.budget import _with_relative
+    from onnxpress.tasks import with_relative
 
     if "kind" in kwargs:
-        return _with_relative(module.evaluate(model, kind=kwargs["kind"]))
-    return _with_relative(module.evaluate(model))
+        return with_relative(module.evaluate(model, kind=kwargs["kind"]))
+    return with_relative(module.evaluate(model))
 
 
 class _LogProgress:
@@ -92,7 +92,7 @@ class _LogProgress:
 
 
 def run_one(name: str, jobs: int, plots: Path, tmp: Path) -> list[dict]:
-    from onnxpress import budget
+    from onnxpress import budget, tasks
 
     task, kwargs, budget_text, metric, target_text, check = TARGETS[name]
     module = _module(task)
@@ -113,7 +113,7 @@ def run_one(name: str, jobs: int, plots: Path, tmp: Path) -> list[dict]:
     def evaluate(m):
         return _evaluate(module, m, kwargs)
 
-    evaluate.accepts_session = task in budget.SESSION_TASKS  # score the simulation session, no model per check
+    evaluate.accepts_session = tasks.resolve(task, str(src)).accepts_session  # score the simulation session, no model per check
 
     print(f"  {name}: searching {budget_text} ...", flush=True)
     start = time.perf_counter()

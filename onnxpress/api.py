@@ -12,6 +12,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxpress import __version__
+from onnxpress.errors import UsageError
 from onnxpress.io import load, release_external_tensors
 from onnxpress.pass_infra import Pass, PassContext, PassStats
 from onnxpress.pipeline import Pipeline
@@ -100,6 +101,13 @@ class OptimizeReport:
     # --bisect: (pass text, validation after it) for every pass run, and the first pass that broke tolerance
     bisect: list[tuple[str, ValidationReport]] = dataclasses.field(default_factory=list)
     first_failing_pass: str | None = None
+    data: dict[str, Any] | None = None  # rundata: calibration/evaluation sources and the hold-out split
+    target: str = "cpu"
+    budget: Any = None  # BudgetResult of a --budget run (its verdict is on held-out data)
+    task_metrics: dict[str, float] | None = None  # the task's metrics of the result on the evaluation data
+    mobile: Any = None  # targets.MobileReport (--target mobile)
+    written: list[str] = dataclasses.field(default_factory=list)  # files written (output, .ort, ...)
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def ratio(self) -> float:
@@ -107,49 +115,111 @@ class OptimizeReport:
 
     @property
     def passed(self) -> bool:
-        return self.validation is None or self.validation.passed
+        """The validation (if run), the budget (if any) and the mobile check (if any) all passed."""
+        ok = self.validation is None or self.validation.passed
+        if self.budget is not None:
+            ok = ok and bool(self.budget.passed)
+        if self.mobile is not None:
+            ok = ok and bool(self.mobile.passed)
+        return ok and self.first_failing_pass is None
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "onnxpress_version": self.version,
             "pipeline": self.pipeline,
+            "target": self.target,
             "bytes_before": self.bytes_before,
             "bytes_after": self.bytes_after,
             "ratio": self.ratio,
             "seconds": self.seconds,
+            "passed": self.passed,
+            "data": self.data,
             "passes": [p.to_dict() for p in self.passes],
             "validation": self.validation.to_dict() if self.validation else None,
+            "budget": self.budget.to_dict() if self.budget is not None else None,
+            "task_metrics": self.task_metrics,
+            "mobile": self.mobile.to_dict() if self.mobile is not None else None,
             "bisect": [{"after": text, **r.to_dict()} for text, r in self.bisect] or None,
             "first_failing_pass": self.first_failing_pass,
+            "written": self.written,
+            "notes": self.notes,
         }
+
+
+def _noop(*_: Any) -> None:
+    return None
 
 
 def optimize(
     model: ir.Model | onnx.ModelProto | str | os.PathLike,
     pipeline: Pipeline | str | list[Pass] | None = None,
     *,
-    validate_result: bool = True,
-    inputs: Any = None,
-    dims: dict[str, int] | None = None,
+    budget: Any = None,
+    task: Any = None,
     calibration: Any = None,
+    evaluation: Any = None,
+    inputs: Any = None,
+    holdout: float | int | None = None,
+    dims: dict[str, int] | None = None,
     tolerance: Tolerance | None = None,
     provider: str = "cpu",
+    target: str = "cpu",
+    validate_result: bool = True,
     verify_each: bool = False,
     bisect: bool = False,
+    output: str | os.PathLike | None = None,
+    external_data: bool | None = None,
+    keep_failed: bool = False,
+    force: bool = False,
+    jobs: int | None = 1,
+    budget_options: dict[str, Any] | None = None,
+    progress: Any = False,
     on_pass_start: Callable[[Pass], None] | None = None,
     on_pass_end: Callable[[Pass], None] | None = None,
+    on_stage: Callable[[str], None] | None = None,
 ) -> tuple[ir.Model | onnx.ModelProto, OptimizeReport]:
-    """Run ``pipeline`` (text, Pipeline or passes; default: the lossless pipeline) and validate the result.
+    """The one orchestrator: load -> target preparation -> pipeline or budget search -> validation on
+    evaluation data -> target artefacts -> atomic save -> report. The CLI only parses and prints.
 
-    The input is never modified: a path is loaded lazily; an in-memory model is copied first.
-    ``calibration``: a path (.npz / folder) or a list of feeds, given to the passes that use it.
-    ``bisect=True`` validates after every pass and stops at the first pass that breaks the tolerance
-    (``report.first_failing_pass``); the returned model is then the one after that pass.
-    Returns the rewritten model (an ``ir.Model``, or an ``onnx.ModelProto`` if the pipeline ends in a
-    proto-stage pass such as ``sparsify``) and an ``OptimizeReport``.
+    ``pipeline``: text, Pipeline or passes (default: the lossless pipeline); or ``budget`` (``"cos>=0.98"``,
+    a ``budget.Budget``): the smallest per-layer mix that meets it, verified on held-out data.
+    Data (``onnxpress.rundata``): ``calibration`` is what lossy passes and the search fit to; ``evaluation``
+    (alias ``inputs``) what the verdict is computed on. With calibration only, ``holdout`` (default 25%,
+    at least 8 samples; a fraction or a count) of it is held out for the verdict. Paths, lists of feeds, or
+    dicts of arrays with a leading sample axis. No data at all: generated inputs (``dims``), said so.
+    ``task``: a built-in task name, ``"pkg.mod:function"`` or a callable ``fn(session_factory, data)``
+    (``onnxpress.tasks``): a budget can name its metrics; a pipeline run reports them.
+    ``target``: ``cpu``/``cuda``/``mobile`` (pass defaults, the validating provider; mobile writes
+    ``OUT.ort`` and friends and needs ``output``). ``output``: write the result atomically when it passed
+    (or ``keep_failed``). ``bisect=True`` validates after every pass and stops at the first that breaks the
+    tolerance. The input is never modified. Returns the model and an ``OptimizeReport``.
     """
+    from onnxpress import io, rundata, tasks, targets
+
     start = time.perf_counter()
-    pipe = Pipeline.coerce(pipeline, default_pipeline())
+    stage = on_stage or _noop
+    if inputs is not None and evaluation is not None:
+        raise UsageError("give evaluation data once: evaluation= or inputs= (the same thing), not both")
+    evaluation = evaluation if evaluation is not None else inputs
+    if budget is not None:
+        if pipeline is not None:
+            raise UsageError("give a pipeline or a budget, not both (the budget search writes its own pipeline)")
+        for flag, name in ((bisect, "--bisect"), (verify_each, "--verify-each")):
+            if flag:
+                raise UsageError(f"{name} applies to -p pipelines, not to --budget (the search verifies its build itself)")
+        if not validate_result:
+            raise UsageError("--no-validate cannot apply to --budget: the budget is decided by its held-out verification")
+    tgt = targets.get_target(target)
+    if tgt.name == "cuda":
+        targets.check_cuda()
+        provider = "cuda"
+    if tgt.name == "mobile" and output is None:
+        raise UsageError("target mobile writes OUT.ort and its configuration beside the output: give an output path")
+    source_paths = (model,) if isinstance(model, (str, os.PathLike)) else ()
+    if output is not None:
+        io.check_writable_output(output, source_paths, force=force)
+
+    stage("loading")
     if isinstance(model, (str, os.PathLike)):
         reference: Any = os.fspath(model)
         working = load(model)
@@ -160,19 +230,61 @@ def optimize(
         if isinstance(model, ir.Model):
             _copy_base_dir(model, working)
         bytes_before = model_bytes(reference)
-    context = PassContext(calibration=_calibration_feeds(calibration, working))
-    if tolerance is None:
-        tolerance = Tolerance() if pipe.lossless else Tolerance(min_cosine=LOSSY_MIN_COSINE)
-    if bisect:
-        return _bisect(pipe, working, reference, context, bytes_before, start, tolerance,
-                       dict(inputs=inputs, dims=dims, provider=provider), verify_each, on_pass_start, on_pass_end)
-    result = pipe.run(working, context=context, verify_each=verify_each, on_pass_start=on_pass_start, on_pass_end=_releasing(working, on_pass_end))
-    out = result.model
-    _stamp_metadata(out, str(pipe))
-    report = None
-    if validate_result:
-        report = validate(reference, out, inputs=inputs, dims=dims, tolerance=tolerance, provider=provider)
-    return out, OptimizeReport(str(pipe), bytes_before, model_bytes(out), time.perf_counter() - start, result.stats, report)
+    task_obj = tasks.resolve(task, reference)
+    data = rundata.prepare(working, calibration=calibration, evaluation=evaluation, holdout=holdout,
+                           task=task_obj.module if task_obj is not None else None)
+    eval_inputs = data.evaluation  # None: generated at validation time from ``dims``
+
+    if budget is not None:
+        from onnxpress import budget as budget_mod
+
+        stage("budget search")
+        result = budget_mod.search(
+            working if not isinstance(reference, str) else reference, budget, calibration=data.calibration,
+            evaluation=eval_inputs, task=task_obj, jobs=jobs, progress=progress, **(budget_options or {}),
+        )
+        out: Any = result.model
+        report = OptimizeReport(result.pipeline, bytes_before, model_bytes(out), 0.0, [], None, data=data.to_dict(),
+                                target=tgt.name, budget=result)
+        if tgt.name != "cpu":
+            report.notes.append(f"target {tgt.name}: its pass defaults do not apply to the budget's weight-only passes; its runtime checks do")
+        if tolerance is not None:
+            stage("validating in onnxruntime")
+            report.validation = validate(reference, out, inputs=eval_inputs, dims=dims, tolerance=tolerance, provider=provider, data=data.describe())
+    else:
+        pipe = targets.apply_target(Pipeline.coerce(pipeline, default_pipeline()), tgt)
+        context = PassContext(calibration=data.calibration)
+        if tolerance is None:
+            tolerance = Tolerance() if pipe.lossless else Tolerance(min_cosine=LOSSY_MIN_COSINE)
+        validate_kwargs = dict(inputs=eval_inputs, dims=dims, provider=provider, data=data.describe())
+        if bisect:
+            out, report = _bisect(pipe, working, reference, context, bytes_before, start, tolerance, validate_kwargs, verify_each, on_pass_start, on_pass_end)
+        else:
+            result = pipe.run(working, context=context, verify_each=verify_each, on_pass_start=on_pass_start, on_pass_end=_releasing(working, on_pass_end))
+            out = result.model
+            _stamp_metadata(out, str(pipe))
+            report = OptimizeReport(str(pipe), bytes_before, model_bytes(out), 0.0, result.stats, None)
+            if validate_result:
+                stage("validating in onnxruntime")
+                report.validation = validate(reference, out, tolerance=tolerance, **validate_kwargs)
+        report.data, report.target = data.to_dict(), tgt.name
+        if task_obj is not None:
+            stage(f"task metrics ({task_obj.name})")
+            report.task_metrics = task_obj.evaluate(out, eval_inputs if task_obj.uses_data else None)
+
+    if tgt.name == "mobile" and (report.passed or keep_failed):
+        stage("converting to ORT format and checking the mobile execution providers")
+        report.mobile = targets.export_mobile(
+            out, output, reference=reference, inputs=eval_inputs, dims=dims,
+            tolerance=report.validation.tolerance if report.validation else None, keep_failed=keep_failed, force=force,
+        )
+        report.written.extend(report.mobile.files.values())
+    if output is not None and (report.passed or keep_failed):
+        stage("saving")
+        io.save(out, output, external_data=external_data)
+        report.written.insert(0, str(output))
+    report.seconds = time.perf_counter() - start
+    return out, report
 
 
 def _bisect(pipe, working, reference, context, bytes_before, start, tolerance, validate_kwargs, verify_each, on_pass_start, on_pass_end):
@@ -207,14 +319,6 @@ def _releasing(model: ir.Model, on_pass_end: Callable[[Pass], None] | None) -> C
             on_pass_end(p)
 
     return end
-
-
-def _calibration_feeds(calibration: Any, model: ir.Model):
-    if calibration is None or isinstance(calibration, list):
-        return calibration
-    from onnxpress.data import load_calibration
-
-    return load_calibration(calibration, model)
 
 
 def _copy_base_dir(src: ir.Model, dst: ir.Model) -> None:

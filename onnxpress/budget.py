@@ -76,8 +76,10 @@ from onnxpress.budget_layers import (
 from onnxpress.errors import UsageError
 
 CACHE_VERSION = 2
-OUTPUT_METRICS = {"cos": ">=", "rel_l2": "<=", "max_abs": "<="}
-SESSION_TASKS = ("minilm", "lm")  # tasks whose evaluate() accepts an InferenceSession-like object
+from onnxpress.metrics import KEYS as _METRIC_KEYS  # noqa: E402
+
+# output metrics a budget can name (per-sample statistics, ``onnxpress.metrics``): cos = mean per-sample cosine
+OUTPUT_METRICS = {key: direction for key, (_, _, direction) in _METRIC_KEYS.items()}
 _TINY = 1e-15
 # a predicted candidate is measured when it would matter if its d were this many times smaller than
 # predicted (on MiniLM, prediction / measurement is 0.4-5, 80% within 0.7-1.9)
@@ -92,8 +94,9 @@ _BUDGET_RE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(>=|<=)\s*([-+]?(?:\d+(
 
 @dataclasses.dataclass(frozen=True)
 class Budget:
-    """``metric op value``: ``cos>=0.99``, ``rel_l2<=0.05``, ``max_abs<=0.1`` (model outputs against the
-    original on the evaluation data) or a task metric returned by the task's ``evaluate`` (e.g.
+    """``metric op value``: ``cos>=0.99`` (mean per-sample cosine), ``min_cos>=0.95``, ``p5_cos>=0.97``,
+    ``rel_l2<=0.05``, ``max_abs<=0.1`` (model outputs against the original on the evaluation data, per sample:
+    ``onnxpress.metrics.KEYS``) or a task metric returned by the task's ``evaluate`` (e.g.
     ``accuracy_drop<=1%``, ``ppl_increase<=10%``, ``mean_cos>=0.98``). ``%`` divides the value by 100."""
 
     metric: str
@@ -113,9 +116,9 @@ class Budget:
         expected = OUTPUT_METRICS.get(metric)
         if expected is not None and op != expected:
             raise UsageError(f"budget '{text}': {metric} is bounded {'below' if expected == '>=' else 'above'}: write {metric}{expected}VALUE")
-        if metric == "cos" and not -1.0 <= value < 1.0:
+        if metric.endswith("cos") and not -1.0 <= value < 1.0:
             raise UsageError(f"budget '{text}': cos must be below 1 (1 means no change at all) and at least -1")
-        if metric in ("rel_l2", "max_abs") and value <= 0.0:
+        if expected == "<=" and value <= 0.0:
             raise UsageError(f"budget '{text}': {metric} must be > 0")
         return cls(metric, op, value, text.strip())
 
@@ -142,6 +145,29 @@ class Budget:
         """The same budget moved ``gap`` (>= 0) towards the safe side."""
         value = self.value + gap if self.op == ">=" else self.value - gap
         return dataclasses.replace(self, value=value)
+
+    @property
+    def ideal(self) -> float | None:
+        """The metric's value for an unchanged model, where it has one: 1 for cosines, 0 for errors and drops."""
+        if self.metric.endswith("cos"):
+            return 1.0
+        return 0.0 if self.op == "<=" else None
+
+    def backed_off(self, expected: float, measured: float) -> Budget:
+        """The target for the next search after a build measured ``measured`` where the search expected
+        ``expected`` (the fit-set / simulated value) and the budget failed. Where the metric has an ideal
+        value, the distance to it is scaled by how much larger the real distance was (held-out errors that are
+        k times the fit-set errors need a fit-set target k times closer to ideal, with 20% margin); otherwise
+        the target moves by 1.5x the gap."""
+        ideal = self.ideal
+        if ideal is not None and math.isfinite(expected) and math.isfinite(measured):
+            fit_distance = abs(ideal - expected)
+            real_distance = abs(ideal - measured)
+            if real_distance > fit_distance > 0:
+                distance = abs(ideal - self.value) * fit_distance / real_distance / 1.2
+                return dataclasses.replace(self, value=ideal - distance if self.op == ">=" else ideal + distance)
+        gap = abs(measured - expected) if not math.isclose(measured, expected) else abs(self.value - measured)
+        return self.tightened(1.5 * gap + 1e-12)
 
     def __str__(self) -> str:
         return f"{self.metric}{self.op}{self.value:g}"
@@ -337,7 +363,7 @@ class BudgetResult:
     bytes_before: int
     bytes_after: int
     predicted_bytes: int
-    value: float  # the budget metric measured on the built model
+    value: float  # the budget metric of the built model on the held-out (evaluation) data: the verdict
     passed: bool
     metrics: dict[str, float]
     layers: list[LayerDecision]
@@ -348,6 +374,8 @@ class BudgetResult:
     notes: list[str]
     skipped: list[dict[str, Any]]
     evaluation: str  # what the budget was verified on
+    fit_value: float = math.nan  # the same metric on the calibration data the search fitted to (for comparison only)
+    data: dict[str, Any] = dataclasses.field(default_factory=dict)  # rundata: sources, split indices
 
     @property
     def ratio(self) -> float:
@@ -456,56 +484,24 @@ def _as_model(model: Any) -> tuple[ir.Model, Any]:
     return ir.serde.deserialize_model(proto), proto
 
 
-def _feeds(value: Any, model: ir.Model, what: str) -> list[dict[str, np.ndarray]] | None:
-    if value is None:
-        return None
-    if isinstance(value, dict):
-        return [value]
-    if isinstance(value, list):
-        return value
-    from onnxpress.data import load_calibration
+def split_coverage(model: ir.Model, layer: Layer, feeds: Sequence[dict[str, np.ndarray]]) -> tuple[int, int]:
+    """(index occurrences in rows the split stores in 2 bits, all index occurrences) of an embedding layer
+    whose hot rows came from the calibration data, counted on ``feeds`` (the held-out data)."""
+    from onnxpress import runtime
 
-    return load_calibration(value, model)
-
-
-def task_evaluator(task: str, reference: Any) -> Callable[[Any], dict[str, float]]:
-    """``evaluate(model)`` of a model in ``onnxpress.models`` (digits, minilm, lm) against ``reference``."""
-    try:
-        module = importlib.import_module(f"onnxpress.models.{task}")
-    except ModuleNotFoundError:
-        raise UsageError(f"unknown task '{task}' (expected a module of onnxpress.models such as digits, minilm, lm)") from None
-    ref = reference
-    build = getattr(module, "build", None)
-    if isinstance(reference, str) and build is not None:
-        # the task's own fp32 build: let evaluate() use its cached reference outputs instead of re-running it
-        with contextlib.suppress(Exception):
-            if Path(reference).resolve() == Path(build()).resolve():
-                ref = None
-
-    def evaluate(m: Any) -> dict[str, float]:
-        return _with_relative(module.evaluate(m, reference=ref))
-
-    # minilm and lm run their feeds through whatever has ``get_outputs`` (a session): they can score the
-    # simulation session directly (digits opens its own session to infer its kind)
-    evaluate.accepts_session = task in SESSION_TASKS  # type: ignore[attr-defined]
-    return evaluate
-
-
-def _with_relative(metrics: dict[str, float]) -> dict[str, float]:
-    """Add ``<x>_increase_rel`` = x / reference_x - 1 for every metric with a ``reference_<x>`` (e.g.
-    ``perplexity`` -> ``ppl``: ``ppl_increase_rel``), so a budget can bound a relative change."""
-    out = dict(metrics)
-    for key, value in metrics.items():
-        ref = metrics.get(f"reference_{key}")
-        if ref and isinstance(value, (int, float)):
-            short = "ppl" if key == "perplexity" else key
-            out.setdefault(f"{short}_increase_rel", float(value) / float(ref) - 1.0)
-    return out
-
-
-def task_calibration(task: str) -> list[dict[str, np.ndarray]]:
-    module = importlib.import_module(f"onnxpress.models.{task}")
-    return module.calibration_feeds()
+    node = list(model.graph)[layer.index]
+    name = node.inputs[1].name
+    graph_inputs = {v.name for v in model.graph.inputs}
+    values = [f[name] for f in feeds] if name in graph_inputs else [c[name] for c in runtime.capture(model, list(feeds), [name])]
+    hot = np.zeros(layer.w.shape[0], bool)
+    hot[layer.hot] = True
+    cold = total = 0
+    for v in values:
+        idx = np.asarray(v).ravel().astype(np.int64)
+        idx = np.where(idx < 0, idx + hot.size, idx)
+        total += idx.size
+        cold += int((~hot[idx]).sum())
+    return cold, total
 
 
 def _digest(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], extra: str) -> str:
@@ -545,7 +541,8 @@ def search(
     calibration: Any = None,
     *,
     evaluation: Any = None,
-    task: str | None = None,
+    holdout: float | int | None = None,
+    task: Any = None,
     evaluate: Callable[[Any], dict[str, float]] | None = None,
     base: str | None = None,
     grid: Grid | None = None,
@@ -592,13 +589,14 @@ def search(
     budget = Budget.coerce(budget)
     grid = grid or Grid()
     jobs = max(1, os.cpu_count() or 1) if jobs is None else max(1, int(jobs))
+    from onnxpress import rundata, tasks
+
     if not budget.is_output_metric and evaluate is None:
         if task is None:
-            raise UsageError(f"budget on '{budget.metric}' is a task metric: give task= (CLI --task digits|minilm|lm) or evaluate=; output budgets are {', '.join(OUTPUT_METRICS)}")
+            raise UsageError(f"budget on '{budget.metric}' is a task metric: give task= (CLI --task NAME or PKG.MOD:FUNCTION) or evaluate=; output budgets are {', '.join(OUTPUT_METRICS)}")
     working, reference = _as_model(model)
     bytes_before = model_bytes(reference if isinstance(reference, onnx.ModelProto) else working)
-    if evaluate is None and task is not None:
-        evaluate = task_evaluator(task, reference)
+    resolved = tasks.resolve(task, reference) if evaluate is None else None
 
     # -- base (lossless) pipeline ------------------------------------------------------------------
     from onnxpress.passes import DEFAULT_PIPELINE
@@ -606,23 +604,34 @@ def search(
     # No lossless pipeline by default: onnxsim turns MatMul+Add into Gemm, which int4 does not cover.
     base_text = "" if base is None else (DEFAULT_PIPELINE if base == "default" else base)
     base_pipe = Pipeline.parse(base_text)
-    calib = _feeds(calibration, working, "calibration")
-    if calib is None and task is not None:
-        calib = task_calibration(task)
+    # The search fits to the calibration data and decides on held-out data (``onnxpress.rundata``): with
+    # calibration only, a seeded part of it is held out and never seen by the passes or the search.
+    data = rundata.prepare(working, calibration=calibration, evaluation=evaluation, holdout=holdout,
+                           task=resolved.module if resolved is not None else None)
+    calib, eval_feeds, evaluation_label = data.calibration, data.evaluation, data.evaluation_source
     if calib is None:
         from onnxpress.data import generate_inputs
 
         calib = [generate_inputs(working, seed=i) for i in range(4)]
-        notes.append("no calibration data given: used 4 generated input batches (pass calibration= for real data)")
+        notes.append("no calibration data given: fitted on 4 generated input batches (pass calibration= for real data)")
+    if eval_feeds is None:
+        from onnxpress.data import generate_inputs
+
+        eval_feeds = [generate_inputs(working, seed=100 + i) for i in range(4)]
+        evaluation_label = "generated random inputs (no real data given: the last resort), other seeds than the fit inputs"
     if len(base_pipe):
         result = base_pipe.run(working, context=PassContext(calibration=calib))
         working = result.model
-    eval_feeds = _feeds(evaluation, working, "evaluation")
-    evaluation_label = "evaluation data" if eval_feeds is not None else "calibration data (no evaluation data given)"
-    if eval_feeds is None:
-        eval_feeds = calib
+    # task metrics: the search compares configurations on the fit data where the task takes data (user tasks)
+    evaluate_fit = evaluate_verdict = evaluate
+    if resolved is not None:
+        evaluate_fit = resolved.evaluator(calib if resolved.uses_data else None)
+        evaluate_verdict = resolved.evaluator(eval_feeds if resolved.uses_data else None)
+        if not resolved.uses_data:
+            notes.append(f"task {resolved.name} scores every configuration on its own evaluation set (the passes fit only the calibration data)")
+    evaluate = evaluate_fit
     if not budget.is_output_metric:
-        evaluation_label = f"task evaluate() of {task or 'the given evaluate function'}"
+        evaluation_label = (f"task {resolved.name if resolved else 'evaluate()'} on " + (evaluation_label if resolved is not None and resolved.uses_data else "its own evaluation set"))
     sens_feeds = calib[: max(1, sensitivity_batches)]
 
     with _Reporter(progress) as rep:
@@ -799,7 +808,7 @@ def search(
             if key not in checked:
                 over = overrides(config)
                 if budget.is_output_metric:
-                    value = sim.error(eval_feeds, over).metrics()[budget.metric]
+                    value = sim.error(calib, over).metrics()[budget.metric]
                 else:
                     value = _task_value(evaluate, task_model(over), budget.metric)
                 checked[key] = value
@@ -891,19 +900,20 @@ def search(
 
         # -- build with the real passes, verify, back off ----------------------------------------------------
         t0 = time.perf_counter()
-        reference_outputs = None
+        reference_outputs = fit_reference = None
         if budget.is_output_metric:
             from onnxpress import runtime
 
-            ref_session = runtime.make_session(reference if not isinstance(reference, str) else reference, threads=jobs)
-            ref_all = [runtime.run(ref_session, f) for f in eval_feeds]
-            reference_outputs = [{k: v for k, v in o.items() if isinstance(v, np.ndarray) and v.dtype.kind == "f"} for o in ref_all]
+            ref_session = runtime.make_session(reference, threads=jobs)
+            reference_outputs = [_float_outputs(runtime.run(ref_session, f)) for f in eval_feeds]
+            fit_reference = [_float_outputs(runtime.run(ref_session, f)) for f in calib]
             del ref_session
         attempts: list[dict[str, Any]] = []
         final = None
+        splits_banned = False
         with rep.stage("build and verify", backoff + 1) as advance:
-            for attempt in range(backoff + 2):
-                last_resort = attempt == backoff + 1
+            for attempt in range(backoff + 3):  # + 1: a held-out failure with an embedding split first drops the split
+                last_resort = attempt == backoff + 2
                 if last_resort:
                     config = {}
                     notes.append("no configuration met the budget when built with the real passes: returned the lossless model")
@@ -911,28 +921,54 @@ def search(
                 built_model, lossy_passes = build(working, layers, decisions, calib)
                 text = ",".join(p for p in [base_text.strip(), str(Pipeline(lossy_passes))] if p)
                 if budget.is_output_metric:
-                    err = output_metrics(built_model, eval_feeds, reference_outputs, threads=jobs)
-                    metrics = err.metrics()
+                    metrics = output_metrics(built_model, eval_feeds, reference_outputs, threads=jobs).metrics()
+                    fit_metrics = output_metrics(built_model, calib, fit_reference, threads=jobs).metrics()
                 else:
-                    metrics = dict(evaluate(built_model))
+                    metrics = dict(evaluate_verdict(built_model))
+                    fit_metrics = dict(evaluate_fit(built_model)) if evaluate_fit is not evaluate_verdict else dict(metrics)
                 value = float(metrics[budget.metric])
+                fit_value = float(fit_metrics[budget.metric])
                 ok = budget.ok(value)
                 simulated = measure(config)
-                attempts.append({"pipeline": text, "bytes": model_bytes(built_model), "value": value, "simulated": simulated, "passed": ok, "target": target.value})
+                split_rows = []
+                for li, o in config.items():
+                    if o and options[li][o].quant is not None and options[li][o].quant.startswith("split/") and layers[li].hot is not None:
+                        cold, total = split_coverage(working, layers[li], eval_feeds)
+                        split_rows.append({"layer": layers[li].name, "held_out_cold_occurrences": cold, "held_out_occurrences": total})
+                attempts.append({"pipeline": text, "bytes": model_bytes(built_model), "value": value, "fit_value": fit_value,
+                                 "simulated": simulated, "passed": ok, "target": target.value, "embedding_split": split_rows})
                 advance()
-                final = (built_model, text, metrics, value, ok, dict(config))
+                final = (built_model, text, metrics, value, ok, dict(config), fit_value)
                 if ok or last_resort:
                     break
-                gap = abs(value - simulated) if not math.isclose(value, simulated) else abs(target.value - value)
-                target = target.tightened(1.5 * gap + 1e-12)
-                if not np.isfinite(target.value) or (budget.metric == "cos" and target.value >= 1.0):
+                if budget.ok(fit_value):
+                    notes.append(f"attempt {attempt + 1}: {budget.metric} {fit_value:.6g} on the calibration data but {value:.6g} on held-out data: "
+                                 "the calibration set looks too small or unrepresentative; backing off")
+                if split_rows and not splits_banned:
+                    # the embedding split is the sharpest overfit: rows the calibration data never indexed are
+                    # 2-bit; when the held-out verdict fails with a split in the build, drop splits first
+                    splits_banned = True
+                    cold_share = sum(r["held_out_cold_occurrences"] for r in split_rows) / max(1, sum(r["held_out_occurrences"] for r in split_rows))
+                    notes.append(f"embedding split rejected by the held-out check ({cold_share:.1%} of held-out token occurrences fall in 2-bit rows)")
+                    for li, opts in enumerate(options):
+                        for oi, c in enumerate(opts):
+                            if c.quant is not None and c.quant.startswith("split/"):
+                                tables[li][oi] = (tables[li][oi][0], math.inf)
+                    path = greedy_path(tables)
+                    with search_stage("search again (no embedding split)") as search_advance:
+                        tick[0] = search_advance
+                        config, accepted = run_search()
+                    continue
+                target = target.backed_off(simulated, value)
+                if not np.isfinite(target.value):
+                    config = {}
                     continue
                 with search_stage(f"search again (target tightened to {target.value:.6g})") as search_advance:
                     tick[0] = search_advance
                     config, accepted = run_search()
         seconds["build"] = time.perf_counter() - t0
         assert final is not None
-        built_model, text, metrics, value, ok, config = final
+        built_model, text, metrics, value, ok, config, fit_value = final
 
     _stamp(built_model, text)
     layer_rows = []
@@ -953,10 +989,14 @@ def search(
             skipped.append({"layer": layer.name, "op": layer.op, "skipped": f"{tech}: {reason}"})
     return BudgetResult(
         budget=budget, pipeline=text, model=built_model, bytes_before=bytes_before, bytes_after=model_bytes(built_model),
-        predicted_bytes=config_bytes(config), value=value, passed=ok, metrics={k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
+        predicted_bytes=config_bytes(config), value=value, fit_value=fit_value, passed=ok, metrics={k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
         layers=layer_rows, candidates=candidates, points=points, attempts=attempts, seconds=seconds, notes=notes, skipped=skipped,
-        evaluation=evaluation_label,
+        evaluation=evaluation_label, data=data.to_dict(),
     )
+
+
+def _float_outputs(outputs: dict[str, Any]) -> dict[str, np.ndarray]:
+    return {k: v for k, v in outputs.items() if isinstance(v, np.ndarray) and v.dtype.kind == "f"}
 
 
 def _task_value(evaluate: Callable[[Any], dict[str, float]], model: Any, metric: str) -> float:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from onnxpress import metrics as metrics_mod
 from onnxpress import runtime
 from onnxpress.budget_layers import Layer
 
@@ -30,13 +31,12 @@ Override = dict[str, np.ndarray]
 
 @dataclasses.dataclass
 class OutputError:
-    """Aggregated error of the float outputs against the reference over a list of feeds."""
+    """Error of the float outputs against the reference over a list of feeds: the additive proxy ``d`` and
+    the per-sample metrics of ``onnxpress.metrics`` (worst output)."""
 
     sq_err: float = 0.0  # sum over outputs of (sum of squared differences / sum of squared reference)
     outputs: int = 0
-    min_cos: float = 1.0  # worst cosine over (feed, output), as ``onnxpress.validate`` computes it
-    max_rel_l2: float = 0.0
-    max_abs: float = 0.0
+    per_sample: dict[str, float] = dataclasses.field(default_factory=dict)  # metrics.KEYS -> value (worst output)
 
     @property
     def d(self) -> float:
@@ -44,30 +44,28 @@ class OutputError:
         return self.sq_err / max(self.outputs, 1)
 
     def metrics(self) -> dict[str, float]:
-        return {"cos": self.min_cos, "rel_l2": self.max_rel_l2, "max_abs": self.max_abs, "d": self.d}
+        return {**self.per_sample, "d": self.d}
 
 
-def compare(outputs: Sequence[Mapping[str, np.ndarray]], references: Sequence[Mapping[str, np.ndarray]]) -> OutputError:
+def compare(
+    outputs: Sequence[Mapping[str, np.ndarray]],
+    references: Sequence[Mapping[str, np.ndarray]],
+    feeds: Sequence[Mapping[str, Any]] | None = None,
+) -> OutputError:
+    """``d`` over all feeds, and per-sample metrics (samples = batch rows of ``feeds``, ``onnxpress.metrics``)."""
     err = OutputError()
     num: dict[str, float] = {}
     den: dict[str, float] = {}
     for out, ref in zip(outputs, references):
         for name, expected in ref.items():
-            actual = np.asarray(out[name], np.float64)
-            expected = np.asarray(expected, np.float64)
-            diff = actual - expected
-            ss_d = float(np.vdot(diff, diff))
-            ss_r = float(np.vdot(expected, expected))
-            num[name] = num.get(name, 0.0) + ss_d
-            den[name] = den.get(name, 0.0) + ss_r
-            na, nb = float(np.linalg.norm(actual)), float(np.sqrt(ss_r))
-            cos = 1.0 if na == nb == 0.0 else (0.0 if na == 0.0 or nb == 0.0 else float(np.vdot(actual, expected)) / (na * nb))
-            err.min_cos = min(err.min_cos, cos)
-            err.max_rel_l2 = max(err.max_rel_l2, float(np.sqrt(ss_d / ss_r)) if ss_r > 0 else (0.0 if ss_d == 0 else float("inf")))
-            err.max_abs = max(err.max_abs, float(np.abs(diff).max()) if diff.size else 0.0)
+            diff = np.asarray(out[name], np.float64) - np.asarray(expected, np.float64)
+            num[name] = num.get(name, 0.0) + float(np.vdot(diff, diff))
+            den[name] = den.get(name, 0.0) + float(np.vdot(expected, expected))
     for name in num:
         err.sq_err += num[name] / den[name] if den[name] > 0 else (0.0 if num[name] == 0 else float("inf"))
         err.outputs += 1
+    per_output = metrics_mod.compare_outputs(outputs, references, feeds)
+    err.per_sample = metrics_mod.worst(m.summary() for m in per_output.values())
     return err
 
 
@@ -143,7 +141,7 @@ class Simulator:
     def error(self, feeds: Sequence[Feed], override: Override | None = None) -> OutputError:
         refs = self.references(feeds)
         outs = self.run(feeds, override)
-        return compare(outs, refs)
+        return compare(outs, refs, feeds)
 
     def session_with(self, override: Override) -> OverrideSession:
         """An ``InferenceSession`` look-alike computing the model with ``override`` applied: a task's
@@ -184,8 +182,8 @@ class OverrideSession:
 
 
 def output_metrics(model: Any, feeds: Sequence[Feed], references: Sequence[Mapping[str, np.ndarray]], threads: int | None = None) -> OutputError:
-    """Compare a real (rewritten) model's float outputs with reference outputs, in ORT."""
+    """Compare a real (rewritten) model's float outputs with reference outputs, in ORT (per sample)."""
     session = runtime.make_session(model, threads=threads)
     names = [name for name in references[0]]
     outs = [runtime.run(session, feed, names) for feed in feeds]
-    return compare(outs, references)
+    return compare(outs, references, feeds)

@@ -6,6 +6,10 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rich.text import Text
+
+from onnxpress.render import TEXT_CAP, WORST_LAYERS, safe, size_change, text_table
+
 if TYPE_CHECKING:  # pragma: no cover
     from onnxpress.budget import BudgetResult
 
@@ -25,55 +29,57 @@ def _fmt(value: float | None) -> str:
 
 
 def summary_table(result: BudgetResult) -> Any:
-    from rich.markup import escape
-    from rich.table import Table
-
-    table = Table(title=f"budget {result.budget.text or result.budget}: {'met' if result.passed else 'NOT met'}", show_header=False)
-    table.add_column("", style="bold")
-    table.add_column("")
-    table.add_row("size", f"{_mb(result.bytes_before)} MB -> {_mb(result.bytes_after)} MB ({result.ratio:.2f}x smaller; predicted {_mb(result.predicted_bytes)} MB)")
-    table.add_row(result.budget.metric, f"{_fmt(result.value)} (budget {result.budget.op} {result.budget.value:g}; measured on the built model, {result.evaluation})")
+    """The search's outcome.  Every user- or model-derived string (budget text, pipeline with layer names,
+    metric names of a user's task, notes) is a literal ``Text`` (``render.safe``), never rich markup."""
+    table = text_table(f"budget {result.budget.text or result.budget}: {'met' if result.passed else 'NOT met'}", ("", ""), show_header=False)
+    table.columns[0].style = "bold"
+    table.add_row("size", f"{_mb(result.bytes_before)} MB -> {_mb(result.bytes_after)} MB ({size_change(result.bytes_before, result.bytes_after)}; predicted {_mb(result.predicted_bytes)} MB)")
+    table.add_row(f"{result.budget.metric} (held-out: the verdict)", f"{_fmt(result.value)} (budget {result.budget.op} {result.budget.value:g}; measured on the built model, {result.evaluation})")
+    table.add_row(f"{result.budget.metric} (fit set)", f"{_fmt(result.fit_value)} (the same model on the calibration data the search fitted to; for comparison only)")
     others = {k: v for k, v in result.metrics.items() if k not in (result.budget.metric, "d")}
     if others:
-        table.add_row("other metrics", ", ".join(f"{k} {_fmt(v)}" for k, v in others.items()))
-    table.add_row("pipeline", escape(result.pipeline))
+        table.add_row("other metrics", safe(", ".join(f"{k} {_fmt(v)}" for k, v in others.items()), cap=TEXT_CAP))
+    table.add_row("pipeline", safe(result.pipeline, cap=None))
     table.add_row("time", ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items()))
     table.add_row("builds", f"{len(result.attempts)} (checks on the path: {sum(1 for p in result.points if p.kind == 'path')})")
     measured = sum(1 for c in result.candidates if c.get("measured", True))
     table.add_row("candidates", f"{len(result.candidates)} ({measured} measured in onnxruntime, {len(result.candidates) - measured} predicted from the layer's gain)")
     for note in result.notes:
-        table.add_row("note", escape(note))
+        table.add_row("note", safe(note, cap=TEXT_CAP))
     return table
 
 
-def layer_table(result: BudgetResult) -> Any:
-    from rich.table import Table
-
-    table = Table(title="per-layer decisions")
-    for col, justify in (("layer", "left"), ("op", "left"), ("shape", "left"), ("choice", "left"), ("rank", "right"), ("KB before", "right"), ("KB after", "right"), ("error alone (d)", "right")):
-        table.add_column(col, justify=justify)
-    for row in result.layers:
+def layer_table(result: BudgetResult, worst: int | None = None) -> Any:
+    """Every layer's decision (``worst=None``), or the ``worst`` layers by their error alone; then a totals
+    row over all layers (bytes before -> after)."""
+    layers = list(result.layers)
+    shown = layers if worst is None else sorted(layers, key=lambda r: -(r.error_alone if r.error_alone == r.error_alone else math.inf))[:worst]
+    caption = None if len(shown) == len(layers) else f"the {len(shown)} layers of {len(layers)} with the largest error alone (d); --verbose (or the JSON report) shows all"
+    columns = (("layer", "left"), ("op", "left"), ("shape", "left"), ("choice", "left"), ("rank", "right"), ("KB before", "right"), ("KB after", "right"), ("error alone (d)", "right"))
+    table = text_table("per-layer decisions", columns, caption=caption)
+    for row in shown:
         table.add_row(
-            row.name, row.op, "x".join(map(str, row.shape)), row.choice, "" if row.rank is None else str(row.rank),
+            safe(row.name), safe(row.op), "x".join(map(str, row.shape)), safe(row.choice), "" if row.rank is None else str(row.rank),
             f"{row.bytes_before / 1e3:.1f}", f"{row.bytes_after / 1e3:.1f}", _fmt(row.error_alone),
         )
+    if layers:
+        before, after = sum(r.bytes_before for r in layers), sum(r.bytes_after for r in layers)
+        table.add_section()
+        table.add_row(Text(f"total: {len(layers)} layers", style="bold"), "", "", "", "", f"{before / 1e3:.1f}", f"{after / 1e3:.1f}", size_change(before, after))
     return table
 
 
 def points_table(result: BudgetResult) -> Any:
-    from rich.table import Table
-
-    table = Table(title=f"size vs {result.budget.metric} (simulated unless 'built')")
-    for col in ("configuration", "kind", "MB", "predicted d", result.budget.metric, "meets budget"):
-        table.add_column(col)
+    table = text_table(f"size vs {result.budget.metric} (simulated unless 'built')", ("configuration", "kind", "MB", "predicted d", result.budget.metric, "meets budget"))
     rows = [p for p in result.points if p.kind != "path"] + sorted((p for p in result.points if p.kind == "path"), key=lambda p: -p.bytes)
     for p in rows:
-        table.add_row(p.label, p.kind, _mb(p.bytes), _fmt(p.predicted_d), _fmt(p.value), "" if p.passed is None else ("yes" if p.passed else "no"))
+        table.add_row(safe(p.label, cap=TEXT_CAP), p.kind, _mb(p.bytes), _fmt(p.predicted_d), _fmt(p.value), "" if p.passed is None else ("yes" if p.passed else "no"))
     return table
 
 
-def renderables(result: BudgetResult) -> list[Any]:
-    return [summary_table(result), layer_table(result), points_table(result)]
+def renderables(result: BudgetResult, verbose: bool = False) -> list[Any]:
+    """Summary, per-layer decisions (the worst layers and totals unless ``verbose``), size vs metric."""
+    return [summary_table(result), layer_table(result, None if verbose else WORST_LAYERS), points_table(result)]
 
 
 _COLOURS = {"int8": "tab:blue", "int4": "tab:green", "lowrank+int8": "tab:orange", "lowrank+int4": "tab:red", "lowrank": "tab:purple"}
@@ -132,7 +138,7 @@ def plot(result: BudgetResult, path: Path) -> Path:
     bx.set_title("sensitivity: every (layer, candidate)", fontsize=10)
     bx.legend(fontsize=8, loc="best")
     bx.grid(alpha=0.3)
-    fig.suptitle(f"onnxpress budget {result.budget.text or result.budget}: {result.bytes_before / 1e6:.2f} MB -> {result.bytes_after / 1e6:.3f} MB ({result.ratio:.1f}x)", fontsize=11)
+    fig.suptitle(f"onnxpress budget {result.budget.text or result.budget}: {result.bytes_before / 1e6:.2f} MB -> {result.bytes_after / 1e6:.3f} MB ({size_change(result.bytes_before, result.bytes_after)})", fontsize=11)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

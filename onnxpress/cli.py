@@ -18,11 +18,12 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from rich.table import Table
 
 from onnxpress.errors import OnnxpressError, UsageError
+from onnxpress.render import make_console
 from onnxpress.render import megabytes as _mb
-from onnxpress.render import render_bisect, render_details, render_metrics, render_passes, render_validation
+from onnxpress.render import render_bisect, render_details, render_metrics, render_optimize, render_passes, render_validation
 
-console = Console(stderr=False)
-err_console = Console(stderr=True)
+console = make_console(stderr=False)
+err_console = make_console(stderr=True)
 
 
 def _parse_dims(values: tuple[str, ...]) -> dict[str, int]:
@@ -82,10 +83,12 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("-p", "--pipeline", default=None, help="Pipeline text, e.g. 'simplify,fold,dedup'. Default: the lossless pipeline.")
 @click.option("--validate/--no-validate", "do_validate", default=True, show_default=True, help="Compare the result with the input in onnxruntime.")
 @validation_options
-@click.option("--calibration", type=click.Path(exists=True, path_type=Path), help="Calibration data for data-aware passes (.npz with a leading sample axis, or a folder).")
+@click.option("--eval-data", "eval_data", type=click.Path(exists=True, path_type=Path), help="Evaluation data (the same as --inputs): what every verdict is computed on.")
+@click.option("--calibration", type=click.Path(exists=True, path_type=Path), help="Calibration data for data-aware passes and the budget search (.npz with a leading sample axis, or a folder).")
+@click.option("--holdout", "holdout", metavar="FRACTION|N", help="Without --inputs: the part of --calibration held out for the verdict (default 0.25, at least 8 samples; 0: none).")
 @click.option("--target", "target_name", type=click.Choice(["cpu", "cuda", "mobile"]), default="cpu", show_default=True, help="Where the model will run: sets pass defaults and the validating runtime (mobile also writes OUT.ort, OUT.required_operators.config, OUT.mobile.json).")
-@click.option("--budget", "budget_text", help="Search the smallest per-layer mix of factorization and quantization meeting e.g. 'cos>=0.99', 'accuracy_drop<=1%' (replaces -p).")
-@click.option("--task", type=click.Choice(["minilm", "digits", "lm"]), help="Task whose metric a --budget like accuracy_drop/ppl_increase/mean_cos refers to.")
+@click.option("--budget", "budget_text", help="Search the smallest per-layer mix of factorization and quantization meeting e.g. 'cos>=0.99', 'min_cos>=0.95', 'accuracy_drop<=1%' (replaces -p).")
+@click.option("--task", help="Task metrics: a built-in task (minilm, digits, lm) or PKG.MOD:FUNCTION / FILE.py:FUNCTION, a function(session_factory, data) -> dict of metrics.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), help="With --budget: write the size-vs-fidelity Pareto plot (PNG).")
 @click.option("--jobs", type=int, default=1, show_default=True, help="With --budget: threads for onnxruntime and candidate maths.")
 @click.option("--bisect", is_flag=True, help="Validate after every pass and name the first pass that breaks the tolerance.")
@@ -94,120 +97,66 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--force", is_flag=True, help="Allow the output to overwrite the input file.")
 @click.option("--keep-failed", is_flag=True, help="Write the output even when validation fails.")
 @click.option("--external-data/--no-external-data", default=None, help="Store tensors in OUTPUT.data (default: when the model is large or had external data).")
-def optimize(model, output, pipeline, do_validate, inputs, calibration, dims, provider, atol, rtol, min_cosine, target_name, budget_text, task, plot_path, jobs, bisect, verify_each, report_path, force, keep_failed, external_data):
-    """Rewrite MODEL with a pipeline of passes, validate it, and write OUTPUT."""
-    from onnxpress import api, io
-    from onnxpress.pipeline import Pipeline
+@click.option("-q", "--quiet", is_flag=True, help="Print only the result line.")
+@click.option("-v", "--verbose", is_flag=True, help="Print every per-layer row (default: the worst layers and totals).")
+def optimize(model, output, pipeline, do_validate, inputs, dims, provider, atol, rtol, min_cosine, eval_data, calibration, holdout,
+             target_name, budget_text, task, plot_path, jobs, bisect, verify_each, report_path, force, keep_failed, external_data, quiet, verbose):
+    """Rewrite MODEL with a pipeline of passes (or a --budget search), validate it, and write OUTPUT."""
+    from onnxpress import api, io, rundata
 
-    from onnxpress import targets
+    if inputs is not None and eval_data is not None:
+        raise UsageError("--inputs and --eval-data are the same option: give one")
+    if budget_text and pipeline:
+        raise UsageError("--budget replaces -p: give one of them")
+    if plot_path and not budget_text:
+        raise UsageError("--plot draws the budget search's Pareto plot: it needs --budget")
+    for extra in (report_path, plot_path):
+        if extra:
+            io.check_writable_output(extra, (model,), force=False)
+    tolerance = _tolerance(atol, rtol, min_cosine, True)
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+                  console=err_console, transient=True, disable=quiet or bool(budget_text)) as progress:
+        bar = progress.add_task("loading", total=None)
 
-    target = targets.get_target(target_name)
-    pipe = targets.apply_target(Pipeline.coerce(pipeline, api.default_pipeline()), target)
-    if target.name == "cuda":
-        targets.check_cuda()
-        provider = "cuda"
-    io.check_writable_output(output, (model,), force=force)
-    if budget_text:
-        return _optimize_with_budget(model, output, budget_text, calibration, task, plot_path, jobs, report_path, force, keep_failed, external_data)
-    if report_path:
-        io.check_writable_output(report_path, (model,), force=False)
-    tolerance = _tolerance(atol, rtol, min_cosine, pipe.lossless)
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=err_console, transient=True) as progress:
-        task = progress.add_task("loading", total=len(pipe) + (1 if do_validate else 0))
+        def stage(text):
+            progress.update(bar, description=text)
 
         def start(p):
-            progress.update(task, description=f"pass {p}")
+            progress.update(bar, description=f"pass {p}")
 
         def end(p):
-            progress.advance(task)
+            progress.advance(bar)
 
-        if bisect:
-            progress.update(task, total=len(pipe))
-            out_model, report = api.optimize(
-                model, pipe, calibration=calibration, verify_each=verify_each, bisect=True, inputs=inputs,
-                dims=_parse_dims(dims), tolerance=tolerance, provider=provider, on_pass_start=start, on_pass_end=end,
-            )
-        else:
-            out_model, report = api.optimize(
-                model, pipe, validate_result=False, calibration=calibration, verify_each=verify_each,
-                on_pass_start=start, on_pass_end=end,
-            )
-        if do_validate and not bisect:
-            from onnxpress.validate import Tolerance, validate
-
-            progress.update(task, description="validating in onnxruntime")
-            tol = tolerance or (Tolerance() if pipe.lossless else Tolerance(min_cosine=api.LOSSY_MIN_COSINE))
-            report.validation = validate(str(model), out_model, inputs=inputs, dims=_parse_dims(dims), tolerance=tol, provider=provider)
-            progress.advance(task)
-    console.print(render_passes(report.passes))
-    for table in render_details(report.passes):
-        console.print(table)
-    if report.bisect:
-        console.print(render_bisect(report))
-    elif report.validation is not None:
-        console.print(render_validation(report.validation))
-    summary = Table(title="Result", show_header=False)
-    summary.add_row("pipeline", report.pipeline)
-    summary.add_row("size", f"{_mb(report.bytes_before)} -> {_mb(report.bytes_after)} ({report.ratio:.2f}x smaller)")
-    verdict = "not run" if report.validation is None else ("[green]passed[/]" if report.passed else "[red]FAILED[/]")
-    summary.add_row("validation", verdict)
-    mobile = None
-    if target.name == "mobile" and (report.passed or keep_failed):
-        with err_console.status("converting to ORT format and checking the mobile execution providers"):
-            mobile = targets.export_mobile(
-                out_model, output, reference=str(model), inputs=inputs, dims=_parse_dims(dims),
-                tolerance=report.validation.tolerance if report.validation else None, keep_failed=keep_failed, force=force,
-            )
-        console.print(render_validation(mobile.validation))
-        ep_table = Table(title="Mobile execution providers")
-        for col in mobile.COLUMNS:
-            ep_table.add_column(col)
-        for row in mobile.rows():
-            ep_table.add_row(*row)
-        console.print(ep_table)
-        for note in mobile.notes:
-            console.print(f"note: {note}")
-    mobile_ok = mobile is None or mobile.passed
-    if (report.passed and mobile_ok) or keep_failed:
-        io.save(out_model, output, external_data=external_data)
-        summary.add_row("written", ", ".join([str(output), *(mobile.files.values() if mobile else [])]))
-    else:
-        summary.add_row("written", "nothing (validation failed; --keep-failed writes anyway)")
-    console.print(summary)
+        out_model, report = api.optimize(
+            model, pipeline, budget=budget_text or None, task=task, calibration=calibration, evaluation=inputs or eval_data,
+            holdout=rundata.parse_holdout(holdout), dims=_parse_dims(dims), tolerance=tolerance, provider=provider, target=target_name,
+            validate_result=do_validate, verify_each=verify_each, bisect=bisect, output=output, external_data=external_data,
+            keep_failed=keep_failed, force=force, jobs=jobs, budget_options={"baselines": bool(plot_path)} if budget_text else None,
+            progress=(not quiet) if budget_text else False, on_pass_start=start, on_pass_end=end, on_stage=stage,
+        )
+    if plot_path and report.budget is not None:
+        report.budget.plot(plot_path)
     if report_path:
-        data = report.to_dict()
-        if mobile is not None:
-            data["mobile"] = mobile.to_dict()
-        io.write_bytes_atomic(json.dumps(data, indent=2, default=str).encode(), report_path)
-    if mobile is not None and not mobile.passed:
+        io.write_bytes_atomic(json.dumps(report.to_dict(), indent=2, default=str).encode(), report_path)
+    for item in render_optimize(report, verbose=verbose, quiet=quiet):
+        console.print(item)
+    _raise_on_failure(report, budget_text)
+
+
+def _raise_on_failure(report, budget_text) -> None:
+    """The exit code: 1 with one line naming what failed."""
+    if report.mobile is not None and not report.mobile.passed:
         raise OnnxpressError("mobile validation failed: the .ort file does not match the original within tolerance")
     if report.first_failing_pass:
         raise OnnxpressError(f"bisect: pass '{report.first_failing_pass}' is the first to break the tolerance ({report.validation.tolerance.describe()}); later passes were not run")
-    if not report.passed:
+    if report.budget is not None and not report.budget.passed:
+        raise OnnxpressError(f"budget {budget_text} not met on {report.budget.evaluation}: measured {report.budget.value:.6g}")
+    if report.validation is not None and not report.validation.passed:
         worst = min(report.validation.outputs, key=lambda o: o.cosine if o.cosine == o.cosine else -1)
         raise OnnxpressError(
-            f"validation failed: output '{worst.name}' max abs {worst.max_abs:.3g}, cosine {worst.cosine:.6f} "
-            f"(tolerance {report.validation.tolerance.describe()})"
+            f"validation failed on {report.validation.data or 'the evaluation data'}: output '{worst.name}' max abs {worst.max_abs:.3g}, "
+            f"mean per-sample cosine {worst.cosine:.6f} (tolerance {report.validation.tolerance.describe()})"
         )
-
-
-def _optimize_with_budget(model, output, budget_text, calibration, task, plot_path, jobs, report_path, force, keep_failed, external_data):
-    from onnxpress import budget, io
-
-    if plot_path:
-        io.check_writable_output(plot_path, (model,), force=False)
-    result = budget.search(str(model), budget_text, calibration=str(calibration) if calibration else None, task=task, jobs=jobs, progress=True, baselines=bool(plot_path))
-    for item in result.renderables():
-        console.print(item)
-    if plot_path:
-        result.plot(plot_path)
-    if report_path:
-        io.write_bytes_atomic(json.dumps(result.to_dict(), indent=2, default=str).encode(), report_path)
-    if result.passed or keep_failed:
-        io.save(result.model, output, external_data=external_data)
-        console.print(f"written {output}: {result.bytes_before / 1e6:.3f} MB -> {result.bytes_after / 1e6:.3f} MB; pipeline {result.pipeline}")
-    if not result.passed:
-        raise OnnxpressError(f"budget {budget_text} not met: measured {result.value:.6g}")
 
 
 @main.command(name="validate")

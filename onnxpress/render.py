@@ -123,6 +123,12 @@ def _table(title: Any = None, columns: Sequence[str | tuple[str, str]] = (), *, 
     return table
 
 
+def text_table(title: Any = None, columns: Sequence[str | tuple[str, str]] = (), *, caption: Any = None, show_header: bool = True) -> Table:
+    """A rich Table for other modules' reports: title, caption and headers literal, long cells folded
+    (``columns``: names or (name, justify) pairs).  Give it cells built with :func:`safe`."""
+    return _table(title, columns, caption=caption, show_header=show_header)
+
+
 def render_rows(title: Any, columns: Sequence[str | tuple[str, str]], rows: Iterable[Sequence[Any]], caption: Any = None) -> Table:
     """Any table of text (e.g. the mobile execution providers, ``onnxpress passes``): every cell literal;
     ``columns``: names or (name, justify) pairs."""
@@ -399,3 +405,63 @@ def print_all(console: Console, renderables: Iterable[Any]) -> None:
     """Print tables/lines; a ``str`` is printed as literal text (never markup)."""
     for item in renderables:
         console.print(safe(item, cap=None) if isinstance(item, str) else item)
+
+
+# ---------------------------------------------------------------------------------------------- the whole run
+
+
+def render_data(report) -> Table | None:
+    """Where the run's calibration and evaluation data came from (``onnxpress.rundata``)."""
+    data = getattr(report, "data", None)
+    if not data:
+        return None
+    table = _table("Data", ("", ""), show_header=False)
+    table.add_row("calibration (fit)", safe(data.get("calibration") or "none", cap=TEXT_CAP))
+    evaluation = safe(data.get("evaluation") or "", cap=TEXT_CAP)
+    if data.get("generated"):
+        evaluation = Text.assemble(evaluation, " ", Text("(random inputs: the verdict says little about real data)", style="yellow"))
+    table.add_row("evaluation (verdict)", evaluation)
+    return table
+
+
+def render_sample_metrics(report) -> Table:
+    """Per-sample statistics of every output of a validation: mean, worst and 5% tail."""
+    table = _table(
+        f"Per-sample metrics on {report.data or 'the evaluation data'} ({report.samples} samples)",
+        ("output", ("cos mean", "right"), ("cos min", "right"), ("cos p5", "right"), ("rel L2 mean", "right"), ("rel L2 p95", "right"), ("max abs", "right")),
+    )
+    for o in report.outputs:
+        summary = o.summary()
+        table.add_row(safe(o.name), *(f"{summary[k]:.6f}" if k.endswith("cos") else f"{summary[k]:.3g}" for k in ("cos", "min_cos", "p5_cos", "rel_l2", "p95_rel_l2", "max_abs")))
+    return table
+
+
+def render_optimize(report, verbose: bool = False, quiet: bool = False) -> list[Any]:
+    """Everything ``onnxpress optimize`` prints for an ``api.OptimizeReport`` (``quiet``: the result line)."""
+    written = list(getattr(report, "written", []) or [])
+    if quiet:
+        return [render_result_line(report, written[0] if written else None, written=bool(written))]
+    items: list[Any] = []
+    if report.budget is not None:
+        items.extend(report.budget.renderables())
+    else:
+        items.append(render_passes(report.passes))
+        items.extend(render_details(report.passes, verbose=verbose))
+    data = render_data(report)
+    if data is not None:
+        items.append(data)
+    if report.bisect:
+        items.append(render_bisect(report))
+    elif report.validation is not None:
+        items.append(render_validation(report.validation))
+        if report.validation.samples > 1:
+            items.append(render_sample_metrics(report.validation))
+    if report.task_metrics:
+        items.append(render_metrics("Task metrics on the evaluation data", report.task_metrics))
+    if report.mobile is not None:
+        items.append(render_validation(report.mobile.validation))
+        items.append(render_rows("Mobile execution providers", report.mobile.COLUMNS, report.mobile.rows()))
+        items.extend(Text.assemble("note: ", safe(note, cap=None)) for note in report.mobile.notes)
+    items.extend(Text.assemble("note: ", safe(note, cap=None)) for note in getattr(report, "notes", []))
+    items.append(render_result(report, written or None))
+    return items

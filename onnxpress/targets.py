@@ -44,7 +44,7 @@ import onnx_ir as ir
 from onnxpress import runtime
 from onnxpress.errors import OnnxpressError, UsageError, ValidationError
 from onnxpress.io import load as load_model
-from onnxpress.validate import Tolerance, ValidationReport, compare_arrays, make_feeds, validate
+from onnxpress.validate import Tolerance, ValidationReport, compare_runs, make_feeds, validate
 
 
 # ------------------------------------------------------------------------------------------------
@@ -799,18 +799,10 @@ def _convert_and_load(src: Path, work: Path, style: str, type_reduction: bool):
 def _compare(session, feeds, reference_outputs, tolerance: Tolerance) -> ValidationReport:
     """``validate`` for an already open session (the replay session needs its own session options)."""
     names = list(reference_outputs[0])
-    worst: dict[str, Any] = {}
-    for feed, expected in zip(feeds, reference_outputs):
-        actual = runtime.run(session, feed, names)
-        for name in names:
-            c = compare_arrays(name, actual[name], expected[name], tolerance)
-            w = worst.get(name)
-            worst[name] = c if w is None else dataclasses.replace(
-                w, max_abs=max(w.max_abs, c.max_abs), rel_l2=max(w.rel_l2, c.rel_l2), cosine=min(w.cosine, c.cosine),
-                within_tolerance=w.within_tolerance and c.within_tolerance, note=w.note or c.note,
-            )
+    actual = [runtime.run(session, feed, names) for feed in feeds]
+    comparisons = compare_runs(actual, reference_outputs, feeds, tolerance)
     shapes = {k: list(np.shape(v)) for k, v in feeds[0].items()}
-    return ValidationReport("cpu", tolerance, list(worst.values()), shapes, samples=len(feeds))
+    return ValidationReport("cpu", tolerance, comparisons, shapes, samples=max(c.samples for c in comparisons), feeds=len(feeds))
 
 
 def _mobile(model, work: Path, stem: str, reference, inputs, dims, tolerance, style, type_reduction, keep) -> MobileReport:

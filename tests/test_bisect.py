@@ -65,7 +65,7 @@ def test_bisect_cli(tmp_path, capsys):
     assert code == 1
     err = capsys.readouterr().err.strip()
     assert err == (
-        "onnxpress: error: bisect: pass 'noise(scale=0.5)' is the first to break the tolerance (cosine >= 0.999); "
+        "onnxpress: error: bisect: pass 'noise(scale=0.5)' is the first to break the tolerance (mean per-sample cosine >= 0.999); "
         "later passes were not run"
     )
     assert not out.exists()

@@ -1,0 +1,199 @@
+"""Task metrics for verdicts and budgets: built-in tasks (``onnxpress.models.TASKS``) and user tasks.
+
+A user task is a Python callable ``fn(session_factory, data) -> dict[str, float]``: ``session_factory()``
+returns an onnxruntime ``InferenceSession`` (or a look-alike with ``get_inputs``/``get_outputs``/``run``) of
+the model being judged, ``data`` is the list of feeds to judge it on (the evaluation data for a verdict, the
+calibration data while the budget search compares configurations). Name it on the command line as
+``--task pkg.module:function`` or ``--task path/to/file.py:function``.
+
+For every number ``x`` the callable returns, onnxpress adds the original model's value ``reference_x``,
+``x_drop = reference_x - x`` and ``x_increase_rel = x / reference_x - 1``, so ``accuracy_drop<=1%`` or
+``cer_increase_rel<=5%`` work for any metric the callable reports.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import math
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from onnxpress.errors import UsageError
+
+Feed = dict[str, np.ndarray]
+Evaluate = Callable[..., dict[str, float]]
+
+
+def builtin_tasks() -> dict[str, Any]:
+    """Task name -> module (``onnxpress.models.TASKS``); empty when the models extra is not installed."""
+    try:
+        from onnxpress.models import TASKS
+    except ImportError:  # pragma: no cover - models are part of the package, but keep the core importable
+        return {}
+    return dict(TASKS)
+
+
+def load_callable(spec: str, what: str = "--task") -> Callable[..., Any]:
+    """``pkg.mod:function`` or ``path/to/file.py:function`` -> the callable (UsageError when it cannot be had)."""
+    target, sep, attr = spec.rpartition(":")
+    if not sep or not target or not attr:
+        raise UsageError(f"{what} expects a built-in task name, PKG.MOD:FUNCTION or FILE.py:FUNCTION, got '{spec}'")
+    try:
+        if target.endswith(".py"):
+            if not os.path.isfile(target):
+                raise UsageError(f"{what}: {target}: no such file")
+            mod_spec = importlib.util.spec_from_file_location(Path(target).stem, target)
+            if mod_spec is None or mod_spec.loader is None:
+                raise UsageError(f"{what}: cannot import {target}")
+            mod = importlib.util.module_from_spec(mod_spec)
+            mod_spec.loader.exec_module(mod)
+        else:
+            if os.getcwd() not in sys.path:
+                sys.path.insert(0, os.getcwd())
+            mod = importlib.import_module(target)
+    except UsageError:
+        raise
+    except Exception as exc:
+        raise UsageError(f"{what}: cannot import {target}: {type(exc).__name__}: {' '.join(str(exc).split())}") from None
+    fn = getattr(mod, attr, None)
+    if not callable(fn):
+        raise UsageError(f"{what}: {target} has no callable '{attr}'")
+    return fn
+
+
+def with_relative(metrics: dict[str, float], reference: dict[str, float] | None = None) -> dict[str, float]:
+    """Add ``reference_x``, ``x_drop`` and ``x_increase_rel`` (``perplexity`` -> ``ppl_increase_rel``) for
+    every metric with a reference value (given, or already reported as ``reference_x``)."""
+    out = dict(metrics)
+    for key, value in metrics.items():
+        if key.startswith("reference_") or not isinstance(value, (int, float)):
+            continue
+        ref = reference.get(key) if reference is not None else metrics.get(f"reference_{key}")
+        if ref is None or not isinstance(ref, (int, float)):
+            continue
+        short = "ppl" if key == "perplexity" else key
+        out.setdefault(f"reference_{key}", float(ref))
+        out.setdefault(f"{key}_drop", float(ref) - float(value))
+        if ref:
+            out.setdefault(f"{short}_increase_rel", float(value) / float(ref) - 1.0)
+    return out
+
+
+def _numbers(result: Any, name: str) -> dict[str, float]:
+    if not isinstance(result, dict):
+        raise UsageError(f"task {name} returned {type(result).__name__}, not a dict of metrics")
+    numbers = {str(k): float(v) for k, v in result.items() if isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool)}
+    if not numbers:
+        raise UsageError(f"task {name} returned no numbers (got keys: {', '.join(map(str, result)) or 'none'})")
+    return numbers
+
+
+def _session_factory(model: Any) -> Callable[[], Any]:
+    if hasattr(model, "get_outputs") and hasattr(model, "run"):
+        return lambda: model
+    from onnxpress import runtime
+
+    return lambda: runtime.make_session(os.fspath(model) if isinstance(model, os.PathLike) else model)
+
+
+@dataclasses.dataclass
+class Task:
+    """A resolved task: ``evaluate(model, data=None) -> metrics`` with the relative keys added.
+
+    ``accepts_session``: ``evaluate`` may be given an InferenceSession look-alike instead of a model (the
+    budget search then scores configurations without building a model). ``uses_data``: ``evaluate`` honours
+    ``data`` (user tasks); built-in tasks always use their own evaluation set."""
+
+    name: str
+    evaluate_fn: Callable[[Any, Sequence[Feed] | None], dict[str, float]]
+    accepts_session: bool
+    uses_data: bool
+    module: Any = None  # built-in tasks: the module (calibration_feeds / evaluation_feeds)
+
+    def evaluate(self, model: Any, data: Sequence[Feed] | None = None) -> dict[str, float]:
+        return self.evaluate_fn(model, data)
+
+    def evaluator(self, data: Sequence[Feed] | None = None) -> Evaluate:
+        """``model -> metrics`` on ``data``, with the ``accepts_session`` attribute the budget search reads."""
+
+        def evaluate(model: Any) -> dict[str, float]:
+            return self.evaluate_fn(model, data)
+
+        evaluate.accepts_session = self.accepts_session  # type: ignore[attr-defined]
+        return evaluate
+
+
+def resolve(task: Any, reference: Any) -> Task | None:
+    """``task``: None, a built-in name, ``module:function`` text, or a callable ``fn(session_factory, data)``.
+    ``reference``: the original model (path, ir.Model or proto) the relative metrics are computed against."""
+    if task is None:
+        return None
+    if isinstance(task, Task):
+        return task
+    builtins = builtin_tasks()
+    if isinstance(task, str) and task in builtins:
+        return _builtin(task, builtins[task], reference)
+    if isinstance(task, str):
+        if ":" not in task:
+            raise UsageError(f"unknown task '{task}' (built-in: {', '.join(builtins) or 'none'}; or PKG.MOD:FUNCTION / FILE.py:FUNCTION)")
+        fn = load_callable(task)
+        name = task
+    elif callable(task):
+        fn = task
+        name = getattr(task, "__name__", "task")
+    else:
+        raise UsageError(f"task must be a name, 'module:function' or a callable, not {type(task).__name__}")
+    return _user(name, fn, reference)
+
+
+def _user(name: str, fn: Callable[..., Any], reference: Any) -> Task:
+    reference_cache: dict[int, dict[str, float]] = {}
+
+    def call(model: Any, data: Sequence[Feed] | None) -> dict[str, float]:
+        try:
+            result = fn(_session_factory(model), list(data) if data is not None else None)
+        except UsageError:
+            raise
+        except Exception as exc:
+            raise UsageError(f"task {name} failed: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from None
+        return _numbers(result, name)
+
+    def evaluate(model: Any, data: Sequence[Feed] | None) -> dict[str, float]:
+        key = id(data)
+        if key not in reference_cache:
+            reference_cache[key] = call(reference, data)
+        metrics = call(model, data)
+        bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+        if bad and all(not math.isfinite(v) for v in metrics.values()):
+            raise UsageError(f"task {name} returned no finite numbers ({', '.join(bad)})")
+        return with_relative(metrics, reference_cache[key])
+
+    return Task(name, evaluate, accepts_session=True, uses_data=True)
+
+
+# built-in tasks whose evaluate() runs feeds through anything with ``get_outputs`` (a session look-alike)
+_SESSION_TASKS = ("minilm", "lm")
+
+
+def _builtin(name: str, module: Any, reference: Any) -> Task:
+    ref = reference
+    build = getattr(module, "build", None)
+    if isinstance(reference, (str, os.PathLike)) and build is not None:
+        # the task's own fp32 build: let evaluate() use its cached reference outputs instead of re-running it
+        try:
+            if Path(reference).resolve() == Path(build()).resolve():
+                ref = None
+        except Exception:  # noqa: BLE001 - the build may be unavailable; then the reference is run
+            pass
+
+    def evaluate(model: Any, data: Sequence[Feed] | None) -> dict[str, float]:
+        return with_relative(module.evaluate(model, reference=ref))
+
+    return Task(name, evaluate, accepts_session=name in _SESSION_TASKS, uses_data=False, module=module)
