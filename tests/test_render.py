@@ -273,3 +273,42 @@ def test_strings_printed_with_print_all_are_literal():
     buf = io.StringIO()
     render.print_all(Console(file=buf, markup=True, width=200), [f"note: {CLOSE} {ANSI}", Text("styled", style="bold")])
     assert buf.getvalue() == f"note: {CLOSE} {ANSI_SHOWN}\nstyled\n"
+
+
+# ---------------------------------------------------------------------------------------------- budget report
+
+
+def _budget_result(n_layers: int = 14):
+    from types import SimpleNamespace as NS
+
+    names = [*LAYERS, *(f"/m/encoder/layer.{i}/mlp/fc1/MatMul" for i in range(n_layers - len(LAYERS)))]
+    layers = [NS(name=n, op="MatMul", shape=(384, 1536), choice="int8", rank=None, bytes_before=589_824, bytes_after=147_456, error_alone=(n_layers - i) / 1000) for i, n in enumerate(names)]
+    pipeline = "qdq(mode=weight,include=[" + ",".join(f'"{n}"' for n in names[:5]) + "])"
+    return NS(
+        budget=NS(text=f"cos>=0.99{CLOSE}", metric="cos", op=">=", value=0.99), passed=False, pipeline=pipeline,
+        bytes_before=1_000_000, bytes_after=1_590_000, predicted_bytes=1_500_000, value=0.98, fit_value=0.985, evaluation=f"held-out {BOLD}",
+        metrics={"cos": 0.98, f"user{LINK}": 0.5}, layers=layers, candidates=[{"measured": True}], attempts=[{}],
+        points=[NS(label=f"built {ANSI}", kind="built", bytes=1_590_000, predicted_d=0.01, value=0.98, passed=False)],
+        seconds={"search": 1.0}, notes=[f"note {CLOSE}{ANSI}"],
+    )
+
+
+def test_budget_report_is_literal_summarised_and_says_larger():
+    from onnxpress import budget_report
+
+    result = _budget_result()
+    for verbose in (False, True):
+        for name, console, buf in consoles(100_000):
+            for item in budget_report.renderables(result, verbose=verbose):
+                console.print(item)
+            out = buf.getvalue()
+            assert "\x1b" not in out and "(1.59x larger; predicted" in out, name  # the model grew
+            assert "4.00x smaller" in out, name  # while the layers' weights shrank
+            assert render.plain(result.pipeline, cap=None) in out and f"note {CLOSE}{ANSI_SHOWN}" in out and f"cos>=0.99{CLOSE}" in out, name
+            assert f"user{LINK}" in out and f"built {ANSI_SHOWN}" in out and LONG_SHOWN in out, name
+            assert "total: 14 layers" in out and f"{14 * 589.824:.1f}" in out, name
+            shown = [i for i in range(14) if f"/m/encoder/layer.{i}/mlp/fc1/MatMul " in out]
+            # summarised: the 10 layers with the largest error alone (the first 10 here); verbose: all
+            assert shown == (list(range(8)) if verbose else list(range(4))), (name, shown)
+            layers = out.split("per-layer decisions")[1]
+            assert layers.index(TS_NAME) < layers.index(f"│ {CLOSE} ") < layers.index("/m/encoder/layer.3/mlp")  # worst first
