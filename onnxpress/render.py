@@ -23,6 +23,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, SpinnerColumn, Task, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
@@ -399,6 +400,23 @@ def render_inspect(info: dict, title: Any) -> list[Table]:
     for row in info["largest"]:
         big.add_row(safe(row["name"]), safe(row["dtype"]), safe(row["shape"], cap=TEXT_CAP), f"{row['bytes']:,}")
     return [head, io_table, ops, dt, big]
+
+
+class _Description(ProgressColumn):
+    """A progress task's description as literal text: a pass's text holds layer names, and rich's
+    ``TextColumn`` parses markup (``[/m/...]`` in a pipeline raised MarkupError in the refresh thread)."""
+
+    def render(self, task: Task) -> Text:
+        return safe(task.description, cap=120)
+
+
+def make_progress(console: Console, *, transient: bool = True, disable: bool = False) -> Progress:
+    """The CLI's progress bar (spinner, description, bar, done/total, time); any description is shown
+    literally (use it instead of ``Progress(TextColumn("{task.description}"), ...)``)."""
+    return Progress(
+        SpinnerColumn(), _Description(), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console, transient=transient, disable=disable,
+    )
 
 
 def print_all(console: Console, renderables: Iterable[Any]) -> None:

@@ -312,3 +312,15 @@ def test_budget_report_is_literal_summarised_and_says_larger():
             assert shown == (list(range(8)) if verbose else list(range(4))), (name, shown)
             layers = out.split("per-layer decisions")[1]
             assert layers.index(TS_NAME) < layers.index(f"│ {CLOSE} ") < layers.index("/m/encoder/layer.3/mlp")  # worst first
+
+
+def test_progress_descriptions_are_literal():
+    """A pass's text in the progress bar: rich's TextColumn would parse '[/m/...]' as a closing tag."""
+    buf = io.StringIO()
+    console = Console(file=buf, force_terminal=True, width=200, markup=True)
+    with render.make_progress(console, transient=False) as progress:
+        task = progress.add_task(f"pass qdq(exclude=[{TS_NAME}]) {ANSI}", total=2)
+        progress.advance(task)
+        progress.refresh()
+    out = buf.getvalue()
+    assert f"pass qdq(exclude=[{TS_NAME}]) {ANSI_SHOWN}" in out and "\x1b[31mred" not in out and "1/2" in out
