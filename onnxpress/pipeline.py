@@ -180,7 +180,7 @@ class Pipeline:
     ) -> PipelineResult:
         """Run the passes in order on ``model`` (in place). Errors name the failing pass and those before it."""
         context = context or PassContext()
-        ir_passes = with_opset_steps([p for p in self.passes if not p.proto_stage], model)
+        ir_passes = with_prerequisite_steps([p for p in self.passes if not p.proto_stage], model)
         proto_passes = [p for p in self.passes if p.proto_stage]
         for p in ir_passes + proto_passes:
             p.context = context
@@ -220,22 +220,31 @@ class Pipeline:
         return PipelineResult(out, modified, stats)
 
 
-def with_opset_steps(passes: list[Pass], model: ir.Model) -> list[Pass]:
-    """``passes`` with an ``upgrade-opset(opset=N)`` step before each pass that needs a newer default-domain
-    opset than the model will have by then (``Pass.required_opset``). The step is a pass of its own, so it has
-    its own statistics row, and a user-written ``upgrade-opset`` counts: nothing is inserted after it."""
+def with_prerequisite_steps(passes: list[Pass], model: ir.Model) -> list[Pass]:
+    """``passes`` with the steps some passes need first, each a pass of its own (own statistics row):
+
+    - ``upgrade-opset(opset=N)`` before a pass that needs a newer default-domain opset than the model will have
+      by then (``Pass.required_opset``); a user-written ``upgrade-opset`` counts, nothing is inserted after it.
+    - ``lift-constants`` before the first lossy pass when weights are Constant nodes (paddle2onnx, spox):
+      lossy passes rewrite weights, which they find as initializers.
+    """
     from onnxpress.opset import default_opset
 
     current = default_opset(model)
-    if current is None:
-        return list(passes)
     upgrade_cls = get_pass_class("upgrade-opset")
+    lift_cls = get_pass_class("lift-constants")
+    lift_pending = lift_cls.applies(model)  # type: ignore[attr-defined]
     out: list[Pass] = []
     for p in passes:
-        if isinstance(p, upgrade_cls):
+        if isinstance(p, upgrade_cls) and current is not None:
             current = max(current, p.options.opset)
+        if isinstance(p, lift_cls):
+            lift_pending = False
+        if lift_pending and not p.lossless:
+            out.append(lift_cls())
+            lift_pending = False
         need = p.required_opset()
-        if need is not None and current < need:
+        if need is not None and current is not None and current < need:
             out.append(upgrade_cls(opset=need))
             current = need
         out.append(p)

@@ -10,6 +10,7 @@ from onnxpress.passes.factorize import Factorize
 from onnxpress.passes.fold import FoldConstants
 from onnxpress.passes.fuse_gelu import FuseGelu
 from onnxpress.passes.fuse_qdq_bias import FuseQdqBias
+from onnxpress.passes.lift_constants import LiftConstants
 from onnxpress.passes.prune_unused import PruneUnused
 from onnxpress.passes.prune import Prune
 from onnxpress.passes.qdq import Qdq
@@ -32,6 +33,7 @@ ALL = (
     Prune,
     Sparsify,
     UpgradeOpset,
+    LiftConstants,
 )
 
 # The default pipeline of `onnxpress optimize`: lossless, in an order where each pass feeds the next.
