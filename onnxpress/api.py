@@ -240,8 +240,8 @@ def optimize(
 
         stage("budget search")
         result = budget_mod.search(
-            working if not isinstance(reference, str) else reference, budget, calibration=data.calibration,
-            evaluation=eval_inputs, task=task_obj, jobs=jobs, progress=progress, **(budget_options or {}),
+            working if not isinstance(reference, str) else reference, budget, data=data, task=task_obj, jobs=jobs,
+            progress=progress, **(budget_options or {}),
         )
         out: Any = result.model
         report = OptimizeReport(result.pipeline, bytes_before, model_bytes(out), 0.0, [], None, data=data.to_dict(),

@@ -542,6 +542,7 @@ def search(
     *,
     evaluation: Any = None,
     holdout: float | int | None = None,
+    data: Any = None,
     task: Any = None,
     evaluate: Callable[[Any], dict[str, float]] | None = None,
     base: str | None = None,
@@ -562,8 +563,9 @@ def search(
     ``model``: path, ir.Model or ModelProto (never modified). ``budget``: text or ``Budget``.
     ``calibration``: feeds (list of dicts) or a path (.npz / folder), used by the calibrated passes and
     for the sensitivity analysis (the first ``sensitivity_batches`` batches); default: the task's
-    calibration feeds, else 4 generated batches. ``evaluation``: feeds the output-metric budget is verified
-    on (default: the calibration feeds). ``task`` (``digits``, ``minilm``, ``lm``) or ``evaluate``
+    calibration feeds, else 4 generated batches. ``evaluation``: feeds the budget is verified on (default: a
+    held-out part of the calibration data, ``holdout``: ``onnxpress.rundata``); ``data``: an already prepared
+    ``rundata.RunData`` instead of both. ``task`` (``digits``, ``minilm``, ``lm``) or ``evaluate``
     (``model -> dict of metrics``) is needed for a task-metric budget; an ``evaluate`` with the attribute
     ``accepts_session = True`` is handed an ``InferenceSession`` look-alike during the search (no model is
     written per configuration) and the built model at the end. ``base``: pipeline text run
@@ -606,8 +608,11 @@ def search(
     base_pipe = Pipeline.parse(base_text)
     # The search fits to the calibration data and decides on held-out data (``onnxpress.rundata``): with
     # calibration only, a seeded part of it is held out and never seen by the passes or the search.
-    data = rundata.prepare(working, calibration=calibration, evaluation=evaluation, holdout=holdout,
-                           task=resolved.module if resolved is not None else None)
+    if data is None:
+        data = rundata.prepare(working, calibration=calibration, evaluation=evaluation, holdout=holdout,
+                               task=resolved.module if resolved is not None else None)
+    elif calibration is not None or evaluation is not None:
+        raise UsageError("give data= (a prepared rundata.RunData) or calibration=/evaluation=, not both")
     calib, eval_feeds, evaluation_label = data.calibration, data.evaluation, data.evaluation_source
     if calib is None:
         from onnxpress.data import generate_inputs

@@ -93,3 +93,21 @@ def test_cli_export_builtin_with_eval(tmp_path, digits_mlp_path, capsys):
 def test_unknown_kind():
     with pytest.raises(ValueError, match="unknown digits model kind"):
         digits.build("rnn")
+
+
+def test_static_int8_with_only_calibration_passes_on_held_out_real_digits(digits_mlp_path, tmp_path, capsys):
+    """Issue 15: with only --calibration, the verdict is computed on held-out real samples (not generated inputs)."""
+    import json
+
+    rows = np.concatenate([f["input"] for f in digits.calibration_feeds("mlp", n=128)])
+    np.savez(tmp_path / "calib.npz", input=rows)
+    out = tmp_path / "q.onnx"
+    code = run(["optimize", str(digits_mlp_path), "-o", str(out), "-p", "qdq(mode=static)", "--calibration", str(tmp_path / "calib.npz"),
+                "--report", str(tmp_path / "r.json")])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["validation"]["samples"] == 32 and not report["validation"]["generated"]
+    assert report["validation"]["metrics"]["cos"] >= 0.99
+    held = set(report["data"]["split"]["evaluation_indices"])
+    assert len(held) == 32 and not held & set(report["data"]["split"]["calibration_indices"])
+    assert digits.evaluate(str(out))["accuracy_drop"] <= 0.01
