@@ -43,6 +43,7 @@ BENCHMARKS: dict[str, tuple[str, Callable[[Path], list[str]], list[str]]] = {
     "factorize": ("factorize_bench.py", _markdown, ["--skip-minilm", "--skip-lm"]),
     "prune": ("prune_bench.py", _markdown, ["--skip-minilm"]),
     "budget": ("budget_bench.py", _markdown, ["--models", "digits"]),
+    "heldout": ("heldout_bench.py", _markdown, ["--quick"]),
     "mobile": ("mobile_bench.py", _markdown, ["--skip-minilm", "--runs", "5"]),
     "scale": ("scale_bench.py", lambda path: ["--out", str(path)], ["--sizes", "0.05"]),
 }
@@ -161,12 +162,21 @@ def _headline_scale(text: str) -> str:
     return "; ".join(f"{r.get('model', '?')}: {r.get('wall s', '?')} s, peak RSS {r.get('RSS / model bytes', '?')} the model's bytes" for r in rows) + "."
 
 
+def _headline_heldout(text: str) -> str:
+    rows = [r for r in _rows(text) if "OLD" not in r.get("verdict on", "")]
+    if not rows:
+        raise LookupError("no held-out rows")
+    unseen = next(k for k in rows[0] if k.startswith("unseen cos"))
+    return "; ".join(f"n={r['calibration n']}: {r['MB']} MB, held-out {r['held-out cos']} vs {unseen} {r[unseen]}" for r in rows) + "."
+
+
 HEADLINES: dict[str, Callable[[str], str]] = {
     "tool_speed": _headline_tool_speed,
     "qdq": _headline_qdq,
     "factorize": _headline_factorize,
     "prune": _headline_prune,
     "budget": _headline_budget,
+    "heldout": _headline_heldout,
     "mobile": _headline_mobile,
     "scale": _headline_scale,
 }
