@@ -23,9 +23,10 @@ from typing import Any, Literal
 import numpy as np
 import onnx_ir as ir
 
-from onnxpress.errors import UsageError
 from onnxpress.pass_infra import Pass, option
 from onnxpress.passes import quant_math as qm
+from onnxpress.passes.calib_stats import check_calibration, damped, input_stats
+from onnxpress.passes.graph_utils import add_bias, drop_if_unused, is_bias, new_initializer, node_label
 
 MARK = "onnxpress.factorize"  # node metadata key set on both products of a factorized layer
 _FLOAT = ir.DataType.FLOAT
@@ -74,14 +75,6 @@ def _psd_root(s: np.ndarray) -> np.ndarray:
     """A square root L with S = L L^T for a symmetric positive semi-definite S (eigh; negative rounding clipped)."""
     vals, vecs = np.linalg.eigh((s + s.T) / 2)
     return vecs * np.sqrt(np.maximum(vals, 0.0))
-
-
-def damped(second_moment: np.ndarray, damping: float) -> np.ndarray:
-    """S + damping * mean(diag S) * I: a ridge that pulls the data-aware solution towards plain SVD."""
-    s = np.asarray(second_moment, np.float64)
-    if damping <= 0.0:
-        return s
-    return s + damping * float(np.mean(np.diag(s))) * np.eye(s.shape[0])
 
 
 @dataclasses.dataclass
@@ -246,8 +239,8 @@ class FactorizeOptions:
     damping: float = option(0.01, "calibrated: ridge added to the input second moment, as a fraction of its mean diagonal")
     min_size: int = option(4096, "layers whose weight has fewer parameters are left alone")
     conv: bool = option(False, "also factorize Conv (group 1): a KxK conv with r filters, then a 1x1 conv back to the output channels (plain SVD of the [O, C*kh*kw] filter matrix)")
-    include: tuple[str, ...] = option((), "only nodes whose name contains one of these substrings (empty: all)")
-    exclude: tuple[str, ...] = option((), "skip nodes whose name contains one of these substrings")
+    include: tuple[str, ...] = option((), "only nodes whose label (node name, else output name) contains one of these substrings (empty: all)")
+    exclude: tuple[str, ...] = option((), "skip nodes whose label (node name, else output name) contains one of these substrings")
 
     def validate(self) -> None:
         given = [k for k in ("rank", "ratio", "energy", "error") if getattr(self, k) is not None]
@@ -399,7 +392,7 @@ class Factorize(Pass):
         for index, node in enumerate(model.graph):
             if node.op_type not in ops or node.domain not in ("", "ai.onnx") or MARK in node.metadata_props:
                 continue  # MARK: already factorized
-            label = node.name or node.outputs[0].name or f"{node.op_type}_{index}"
+            label = node_label(node, index)
             if o.include and not any(sub in label for sub in o.include):
                 continue
             if any(sub in label for sub in o.exclude):
@@ -423,27 +416,8 @@ class Factorize(Pass):
 
     def _moments(self, model: ir.Model, groups: list[_Group]) -> dict[tuple[str, bool], tuple[np.ndarray, np.ndarray]]:
         """Second moment S = X^T X / n and mean of every layer input, from one run over the calibration data."""
-        feeds = self.context.calibration
-        if not feeds:
-            raise UsageError("factorize(calibrated=true) needs calibration data: pass --calibration PATH (CLI) or calibration= (API)")
-        from onnxpress import runtime
-        from onnxpress.data import check_feeds
-
-        for i, feed in enumerate(feeds):
-            check_feeds(feed, model, where=f"calibration batch {i}")
-        keys = sorted({g.key for g in groups})
-        names = sorted({name for name, _ in keys})
-        sums: dict[tuple[str, bool], np.ndarray] = {}
-        firsts: dict[tuple[str, bool], np.ndarray] = {}
-        counts: dict[tuple[str, bool], int] = {}
-        for values in runtime.capture(model, feeds, names):
-            for name, trans in keys:
-                x = np.asarray(values[name], np.float32)
-                rows = x.T if trans else x.reshape(-1, x.shape[-1])
-                sums[(name, trans)] = sums.get((name, trans), 0.0) + (rows.T @ rows).astype(np.float64)
-                firsts[(name, trans)] = firsts.get((name, trans), 0.0) + rows.sum(axis=0, dtype=np.float64)
-                counts[(name, trans)] = counts.get((name, trans), 0) + rows.shape[0]
-        return {key: (sums[key] / max(counts[key], 1), firsts[key] / max(counts[key], 1)) for key in sums}
+        feeds = check_calibration(model, self.context.calibration, "factorize(calibrated=true)")
+        return {key: (st.second_moment, st.mean) for key, st in input_stats(model, feeds, [g.key for g in groups]).items()}
 
     def _ranks(self, weights: list[np.ndarray], spectra: list[Spectrum]) -> list[int | None]:
         o = self.options
@@ -617,7 +591,7 @@ def _rewrite_conv(graph: ir.Graph, node: ir.Node, label: str, first_w: np.ndarra
     """Conv(x, W, b) -> Conv(Conv(x, W1), W2, b): W1 [r, C, kh, kw] keeps the spatial attributes, W2 is 1x1."""
     old_weight = node.inputs[1]
     base = old_weight.name or label
-    w1 = _const(graph, f"{base}/U", first_w)
+    w1 = _weight(graph, f"{base}/U", first_w)
     mid = ir.Value(name=f"{node.outputs[0].name}/factorize_mid", type=ir.TensorType(_FLOAT))
     attrs = {key: attr.value for key, attr in node.attributes.items() if key != "group"}
     attrs.pop("kernel_shape", None)  # inferred from the new weights
@@ -627,42 +601,14 @@ def _rewrite_conv(graph: ir.Graph, node: ir.Node, label: str, first_w: np.ndarra
     for key in list(node.attributes):
         node.attributes.pop(key)
     node.replace_input_with(0, mid)
-    node.replace_input_with(1, _const(graph, f"{base}/V", second_w))
+    node.replace_input_with(1, _weight(graph, f"{base}/V", second_w))
     node.name = f"{label}/factorize_V"
     node.metadata_props[MARK] = f"V rank={first_w.shape[0]}"
-    _drop_if_unused(graph, old_weight)
+    drop_if_unused(graph, old_weight)
 
 
-def _unique_initializer(graph: ir.Graph, name: str) -> str:
-    if name not in graph.initializers:
-        return name
-    i = 1
-    while f"{name}_{i}" in graph.initializers:
-        i += 1
-    return f"{name}_{i}"
-
-
-def _const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    name = _unique_initializer(graph, name)
-    value = ir.Value(name=name, type=ir.TensorType(_FLOAT), shape=ir.Shape(array.shape), const_value=ir.tensor(array, name=name))
-    graph.register_initializer(value)
-    return value
-
-
-def _drop_if_unused(graph: ir.Graph, value: ir.Value | None) -> None:
-    """Remove a weight that nothing reads any more: its producer chain (Transpose, Constant) or initializer."""
-    if value is None or value.uses() or value.is_graph_output():
-        return
-    prod = value.producer()
-    if prod is not None:
-        inputs = list(prod.inputs)
-        if all(not out.uses() and not out.is_graph_output() for out in prod.outputs):
-            graph.remove(prod, safe=True)
-            for inp in inputs:
-                _drop_if_unused(graph, inp)
-        return
-    if value.is_initializer() and not value.is_graph_input():
-        graph.initializers.pop(value.name, None)
+def _weight(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    return new_initializer(graph, name, np.asarray(array, np.float32))
 
 
 def _rewrite(graph: ir.Graph, g: _Group, u: np.ndarray, v: np.ndarray, delta: np.ndarray | None = None) -> None:
@@ -670,7 +616,7 @@ def _rewrite(graph: ir.Graph, g: _Group, u: np.ndarray, v: np.ndarray, delta: np
     members = g.members
     first_member = members[0]  # graph order: members were collected in order
     base = first_member.weight.name or first_member.label
-    u_value = _const(graph, f"{base}/U", u)
+    u_value = _weight(graph, f"{base}/U", u)
     rank = u.shape[1]
     mid = ir.Value(name=f"{first_member.node.outputs[0].name}/factorize_mid", type=ir.TensorType(_FLOAT))
     x = first_member.x
@@ -685,7 +631,7 @@ def _rewrite(graph: ir.Graph, g: _Group, u: np.ndarray, v: np.ndarray, delta: np
     for t in members:
         node = t.node
         width = t.w.shape[1]
-        v_value = _const(graph, f"{t.weight.name or t.label}/V", np.ascontiguousarray(v[:, start : start + width]))
+        v_value = _weight(graph, f"{t.weight.name or t.label}/V", np.ascontiguousarray(v[:, start : start + width]))
         start += width
         if node.op_type == "Gemm":
             for key in ("transA", "transB"):
@@ -696,61 +642,13 @@ def _rewrite(graph: ir.Graph, g: _Group, u: np.ndarray, v: np.ndarray, delta: np
         node.replace_input_with(1, v_value)
         node.name = f"{t.label}/factorize_V"
         node.metadata_props[MARK] = f"V rank={rank}"
-        _drop_if_unused(graph, old_weight)
+        drop_if_unused(graph, old_weight)
         if delta is not None and np.any(delta[start - width : start]):
-            _add_bias(graph, node, delta[start - width : start])
+            add = add_bias(graph, node, delta[start - width : start], "factorize")
+            if add is not None:
+                add.metadata_props[MARK] = "bias"
 
 
-def _add_bias(graph: ir.Graph, node: ir.Node, delta: np.ndarray) -> None:
-    """Add ``delta`` to the node's output: into Gemm's C or a following constant bias Add when only this
-    node reads it, else through a new Add node."""
-    out = node.outputs[0]
-    if node.op_type == "Gemm":
-        alpha = node.attributes.get_float("alpha", 1.0)
-        beta = node.attributes.get_float("beta", 1.0)
-        c = node.inputs[2] if len(node.inputs) > 2 else None
-        if c is None:
-            node.resize_inputs(3)
-            node.replace_input_with(2, _const(graph, f"{node.name}/bias", (alpha * delta).astype(np.float32)))
-            if "beta" in node.attributes:
-                node.attributes.pop("beta")
-            return
-        if beta != 0.0 and _own_bias(c, delta.shape[0]):
-            _update_bias(graph, c, alpha * delta / beta)
-            return
-        delta = alpha * delta
-    else:
-        uses = list(out.uses())
-        if len(uses) == 1 and not out.is_graph_output():
-            user, index = uses[0]
-            other = user.inputs[1 - index] if user.op_type == "Add" and len(user.inputs) == 2 else None
-            if other is not None and _own_bias(other, delta.shape[0]):
-                _update_bias(graph, other, delta)
-                return
-    name = out.name
-    was_output = out.is_graph_output()
-    shifted = ir.Value(name=f"{name}/factorize_bias", type=out.type, shape=out.shape)
-    bias = _const(graph, f"{node.name}/bias", delta.astype(np.float32))
-    add = ir.node("Add", [out, bias], outputs=[shifted], name=f"{node.name}/bias")
-    add.metadata_props[MARK] = "bias"
-    graph.insert_after(node, add)
-    ir.convenience.replace_all_uses_with(out, shifted, replace_graph_outputs=True)
-    add.replace_input_with(0, out)
-    if was_output:  # the graph output keeps its name
-        out.name = f"{name}/factorize_unbiased"
-        shifted.name = name
-
-
-def _own_bias(value: ir.Value, n: int) -> bool:
-    """A float initializer of shape [N] (or [1, N]) read by one node only."""
-    tensor = value.const_value
-    return (
-        tensor is not None and value.is_initializer() and not value.is_graph_input() and not value.is_graph_output()
-        and len(value.uses()) == 1 and tensor.dtype == _FLOAT and tuple(tensor.shape) in ((n,), (1, n))
-    )
-
-
-def _update_bias(graph: ir.Graph, value: ir.Value, delta: np.ndarray) -> None:
-    tensor = value.const_value
-    array = tensor.numpy().astype(np.float64) + delta.reshape(tuple(tensor.shape))
-    value.const_value = ir.tensor(array.astype(np.float32), name=value.name)
+# budget_layers still reads fz._own_bias to predict whether factorize's bias correction needs a new bias;
+# it should call graph_utils.existing_bias instead, and then this alias goes.
+_own_bias = is_bias

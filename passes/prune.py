@@ -34,9 +34,10 @@ from typing import Any, Literal
 import numpy as np
 import onnx_ir as ir
 
-from onnxpress.errors import UsageError
 from onnxpress.pass_infra import Pass, option
 from onnxpress.passes import quant_math as qm
+from onnxpress.passes.calib_stats import check_calibration, damped
+from onnxpress.passes.graph_utils import add_bias, const_array, drop_if_unused, node_label, set_const
 
 UNITS_MARK = "onnxpress.prune.units"  # node metadata on the first layer of a structurally pruned block
 INPUTS_MARK = "onnxpress.prune.inputs"  # and on the layers that read its units
@@ -114,17 +115,6 @@ def wanda_scores(w: np.ndarray, input_sq_norms: np.ndarray) -> np.ndarray:
     return np.abs(np.asarray(w, np.float64)) * np.sqrt(np.maximum(np.asarray(input_sq_norms, np.float64), 0.0)).reshape(-1, 1)
 
 
-def damped(h: np.ndarray, damping: float) -> np.ndarray:
-    """H + damping * mean(diag H) * I (a ridge; a dead input with H_kk = 0 gets a unit diagonal)."""
-    h = np.array(h, np.float64)
-    diag = np.diag(h).copy()
-    mean = float(diag[diag > 0].mean()) if np.any(diag > 0) else 1.0
-    idx = np.arange(h.shape[0])
-    h[idx, idx] += damping * mean
-    h[idx[diag <= 0], idx[diag <= 0]] = mean
-    return h
-
-
 def sparsegpt(
     w: np.ndarray, hessian: np.ndarray, sparsity: float = 0.5, *, n: int = 0, m: int = 0,
     mask: np.ndarray | None = None, blocksize: int = 128, damping: float = 0.01,
@@ -141,11 +131,11 @@ def sparsegpt(
     w_t = np.array(w, np.float64).T.copy()  # [N, K]: rows are outputs, as in the paper
     rows, k = w_t.shape
     was_zero = w_t == 0
-    h = damped(hessian, damping)
+    h = damped(hessian, damping, fill_dead=True)
     try:
         hinv = np.linalg.cholesky(np.linalg.inv(h)).T  # upper factor U with H^-1 = U^T U
     except np.linalg.LinAlgError:
-        h = damped(hessian, max(damping, 0.1) * 10)
+        h = damped(hessian, max(damping, 0.1) * 10, fill_dead=True)
         hinv = np.linalg.cholesky(np.linalg.inv(h)).T
     keep_t = np.ones_like(w_t, bool) if mask is None else np.asarray(mask, bool).T & ~was_zero
     for i1 in range(0, k, blocksize):
@@ -186,7 +176,7 @@ def refit_columns(w: np.ndarray, hessian: np.ndarray, mask: np.ndarray, damping:
     same number of kept inputs are solved together in batches of ``chunk``."""
     w = np.asarray(w, np.float64)
     mask = np.asarray(mask, bool)
-    h = damped(hessian, damping)
+    h = damped(hessian, damping, fill_dead=True)
     hw = h @ w  # [K, N]: H_S: w_n is hw[S, n]
     out = np.zeros_like(w)
     counts = mask.sum(axis=0)
@@ -232,7 +222,7 @@ def refit_rows(w2: np.ndarray, keep: np.ndarray, cov: np.ndarray, mean: np.ndarr
     """
     w2 = np.asarray(w2, np.float64)
     mean = np.asarray(mean, np.float64).reshape(-1)
-    c = damped(np.asarray(cov, np.float64), damping)
+    c = damped(np.asarray(cov, np.float64), damping, fill_dead=True)
     ckk = c[np.ix_(keep, keep)]
     rhs = c[keep, :] @ w2
     w_new = np.linalg.solve(ckk, rhs)
@@ -262,8 +252,8 @@ class PruneOptions:
     skip_padding: bool = option(True, "calibrated: leave out padding tokens (rows of [batch, sequence, ...] activations where a rank-2 0/1 input named '*mask*' is 0)")
     damping: float = option(0.1, "update: ridge added to the input second moment, as a fraction of its mean diagonal (0.1 measured best on MiniLM: 0.01 overfits the few calibration tokens)")
     min_size: int = option(4096, "layers whose weight has fewer parameters are left alone")
-    include: tuple[str, ...] = option((), "only layers whose node name or weight name contains one of these substrings (empty: all)")
-    exclude: tuple[str, ...] = option((), "skip layers whose node name or weight name contains one of these substrings")
+    include: tuple[str, ...] = option((), "only layers whose label (node name, else output name) or weight name contains one of these substrings (empty: all)")
+    exclude: tuple[str, ...] = option((), "skip layers whose label (node name, else output name) or weight name contains one of these substrings")
 
     def validate(self) -> None:
         if not 0.0 < self.sparsity < 1.0:
@@ -285,19 +275,8 @@ class PruneOptions:
 # =====================================================================================================
 # Graph helpers
 # =====================================================================================================
-def _const_array(value: ir.Value | None) -> np.ndarray | None:
-    if value is None or (value.is_graph_input() and value.const_value is None) or value.is_graph_input():
-        return None
-    tensor = ir.convenience.get_const_tensor(value)
-    return None if tensor is None else tensor.numpy()
-
-
 def _is_plain(node: ir.Node) -> bool:
     return node.domain in ("", "ai.onnx")
-
-
-def _label(node: ir.Node, index: int) -> str:
-    return node.name or (node.outputs[0].name if node.outputs else "") or f"{node.op_type}_{index}"
 
 
 def _selected(o: PruneOptions, texts: Sequence[str]) -> tuple[bool, bool]:
@@ -305,40 +284,6 @@ def _selected(o: PruneOptions, texts: Sequence[str]) -> tuple[bool, bool]:
     included = not o.include or any(sub in t for sub in o.include for t in texts if t)
     excluded = any(sub in t for sub in o.exclude for t in texts if t)
     return included, excluded
-
-
-def _set_const(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray, dtype: np.dtype) -> None:
-    """Give ``node`` input ``index`` the constant ``array``: in place when only this node reads the initializer,
-    else through a new initializer (the old one is dropped when nothing reads it any more)."""
-    old = node.inputs[index]
-    array = np.ascontiguousarray(array.astype(dtype))
-    if old is not None and old.is_initializer() and not old.is_graph_input() and not old.is_graph_output() and len(old.uses()) == 1:
-        old.const_value = ir.tensor(array, name=old.name)
-        old.shape = ir.Shape(array.shape)
-        return
-    base = (old.name if old is not None and old.name else f"{node.name}_{index}") + "_pruned"
-    name, i = base, 1
-    while name in graph.initializers:
-        name, i = f"{base}_{i}", i + 1
-    value = ir.Value(name=name, type=ir.TensorType(ir.DataType.from_numpy(array.dtype)), shape=ir.Shape(array.shape), const_value=ir.tensor(array, name=name))
-    graph.register_initializer(value)
-    node.replace_input_with(index, value)
-    _drop_if_unused(graph, old)
-
-
-def _drop_if_unused(graph: ir.Graph, value: ir.Value | None) -> None:
-    if value is None or value.uses() or value.is_graph_output():
-        return
-    prod = value.producer()
-    if prod is not None:
-        if all(not out.uses() and not out.is_graph_output() for out in prod.outputs):
-            inputs = list(prod.inputs)
-            graph.remove(prod, safe=True)
-            for inp in inputs:
-                _drop_if_unused(graph, inp)
-        return
-    if value.is_initializer() and not value.is_graph_input():
-        graph.initializers.pop(value.name, None)
 
 
 # -- layers of unstructured pruning ---------------------------------------------------------------------
@@ -376,7 +321,7 @@ def _classify_layer(node: ir.Node, min_size: int) -> tuple[np.ndarray, bool] | s
         return "weight is a graph input (can be overridden at run time)" if weight.const_value is not None else ""
     tensor = ir.convenience.get_const_tensor(weight)
     if tensor is None:
-        behind = prod is not None and prod.op_type == "Transpose" and _const_array(prod.inputs[0]) is not None
+        behind = prod is not None and prod.op_type == "Transpose" and const_array(prod.inputs[0]) is not None
         return "constant weight behind a Transpose (only weights read directly are pruned)" if behind else ""
     if tensor.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16):
         return ""
@@ -481,14 +426,14 @@ def _trace_block(start: ir.Node, label: str, min_size: int) -> _Block | str:
                 pass
             elif op == "BatchNormalization" and conv and index == 0 and len(user.outputs) == 1:
                 for j in range(1, 5):
-                    p = _const_array(user.inputs[j]) if j < len(user.inputs) else None
+                    p = const_array(user.inputs[j]) if j < len(user.inputs) else None
                     if p is None or p.shape != (units,):
                         return f"BatchNormalization '{user.name}' has non-constant or mis-shaped parameters"
             elif op in _UNARY or op in _BINARY:
                 for j, inp in enumerate(user.inputs):
                     if inp is None or j == index:
                         continue
-                    c = _const_array(inp)
+                    c = const_array(inp)
                     if c is None:
                         continue  # must be another unit value: checked below
                     if op in ("Clip",) and j > 0:
@@ -513,7 +458,7 @@ def _trace_block(start: ir.Node, label: str, min_size: int) -> _Block | str:
         return "no MatMul/Gemm/Conv with a constant weight reads the units"
     for node in region:  # every non-constant input of a region node must carry the units too
         for inp in node.inputs:
-            if inp is not None and _const_array(inp) is None and id(inp) not in value_ids:
+            if inp is not None and const_array(inp) is None and id(inp) not in value_ids:
                 return f"{node.op_type} '{node.name}' combines the units with '{inp.name}', which comes from elsewhere"
     acts = {id(v): v for _, v in terminals}
     if len(acts) != 1:
@@ -523,7 +468,7 @@ def _trace_block(start: ir.Node, label: str, min_size: int) -> _Block | str:
     region.sort(key=lambda n: order.get(id(n), 0))
     block = _Block(start, label, conv, units, unit_from_right, region, values, act, [t for t, _ in terminals], w1, trans1)
     for t, _ in terminals:
-        w2 = _const_array(t.inputs[1])
+        w2 = const_array(t.inputs[1])
         trans = t.op_type == "Gemm" and bool(t.attributes.get_int("transB", 0))
         rows = w2.shape[1] if t.op_type == "Conv" else (w2.T if trans else w2).shape[0]
         if rows != units:
@@ -536,9 +481,9 @@ def _trace_block(start: ir.Node, label: str, min_size: int) -> _Block | str:
 
 def _terminal(user: ir.Node, index: int, conv: bool) -> bool:
     """A layer that reduces over the units: MatMul/Gemm (for MLP blocks) or Conv group=1 (for Conv blocks)."""
-    if index != 0 or len(user.inputs) < 2 or _const_array(user.inputs[1]) is None:
+    if index != 0 or len(user.inputs) < 2 or const_array(user.inputs[1]) is None:
         return False
-    w = _const_array(user.inputs[1])
+    w = const_array(user.inputs[1])
     if conv:
         return user.op_type == "Conv" and user.attributes.get_int("group", 1) == 1 and w.ndim >= 3
     if user.op_type == "MatMul":
@@ -553,38 +498,38 @@ def _shrink_block(graph: ir.Graph, b: _Block, keep: np.ndarray, w2_new: list[np.
     kept = len(keep)
     s = b.start
     if b.conv:
-        _set_const(graph, s, 1, b.w1[keep], b.w1.dtype)
+        set_const(graph, s, 1, b.w1[keep], b.w1.dtype, "_pruned")
         if len(s.inputs) > 2 and s.inputs[2] is not None:
-            _set_const(graph, s, 2, _const_array(s.inputs[2])[keep], b.w1.dtype)
+            set_const(graph, s, 2, const_array(s.inputs[2])[keep], b.w1.dtype, "_pruned")
     else:
         w1 = b.w1[keep] if b.trans1 else b.w1[:, keep]
-        _set_const(graph, s, 1, w1, b.w1.dtype)
+        set_const(graph, s, 1, w1, b.w1.dtype, "_pruned")
         if s.op_type == "Gemm" and len(s.inputs) > 2 and s.inputs[2] is not None:
-            c = _const_array(s.inputs[2])
+            c = const_array(s.inputs[2])
             if c is not None and c.size == b.units:
-                _set_const(graph, s, 2, np.take(c, keep, axis=c.ndim - 1), c.dtype)
+                set_const(graph, s, 2, np.take(c, keep, axis=c.ndim - 1), c.dtype, "_pruned")
             elif c is None or c.size != 1:
                 raise ValueError(f"Gemm '{s.name}' bias does not match the units")
     for node in b.region:
         if node.op_type == "BatchNormalization":
             for j in range(1, 5):
-                p = _const_array(node.inputs[j])
-                _set_const(graph, node, j, p[keep], p.dtype)
+                p = const_array(node.inputs[j])
+                set_const(graph, node, j, p[keep], p.dtype, "_pruned")
             continue
         for j, inp in enumerate(node.inputs):
             if inp is None:
                 continue
-            c = _const_array(inp)
+            c = const_array(inp)
             if c is None or c.size == 1:
                 continue
-            _set_const(graph, node, j, np.take(c, keep, axis=c.ndim + b.unit_from_right), c.dtype)
+            set_const(graph, node, j, np.take(c, keep, axis=c.ndim + b.unit_from_right), c.dtype, "_pruned")
     for t, (w2, trans), new in zip(b.terminals, b.w2s, w2_new or [None] * len(b.terminals)):
         if t.op_type == "Conv":
             rows = w2[:, keep] if new is None else new
         else:
             rows = (w2.T if trans else w2)[keep] if new is None else new
             rows = rows.T if trans else rows
-        _set_const(graph, t, 1, rows, w2.dtype)
+        set_const(graph, t, 1, rows, w2.dtype, "_pruned")
     for v in b.values:
         if v.shape is None:
             continue
@@ -595,65 +540,10 @@ def _shrink_block(graph: ir.Graph, b: _Block, keep: np.ndarray, w2_new: list[np.
             v.shape = ir.Shape(dims)
     for t, delta in zip(b.terminals, shifts or []):
         if np.any(delta):
-            _add_bias(graph, t, delta)
+            add_bias(graph, t, delta, "prune")
     s.metadata_props[UNITS_MARK] = f"{b.units}->{kept}"
     for t in b.terminals:
         t.metadata_props[INPUTS_MARK] = f"{b.units}->{kept}"
-
-
-def _add_bias(graph: ir.Graph, node: ir.Node, delta: np.ndarray) -> None:
-    """Add ``delta`` [D] to the node's output: Conv/Gemm bias input, a following constant bias Add, or a new Add."""
-    out = node.outputs[0]
-    if node.op_type in ("Conv", "Gemm"):
-        alpha = node.attributes.get_float("alpha", 1.0) if node.op_type == "Gemm" else 1.0
-        beta = node.attributes.get_float("beta", 1.0) if node.op_type == "Gemm" else 1.0
-        c = node.inputs[2] if len(node.inputs) > 2 else None
-        if c is None:
-            node.resize_inputs(3)
-            bias = np.asarray(delta, np.float64) / (beta if node.op_type == "Gemm" and "beta" in node.attributes and beta != 0 else 1.0)
-            if node.op_type == "Gemm" and beta == 0.0:
-                node.attributes.pop("beta")
-                bias = np.asarray(delta, np.float64)
-            _set_const_new(graph, node, 2, bias.astype(np.float32), f"{node.name}_bias")
-            return
-        arr = _const_array(c)
-        if arr is not None and beta != 0.0 and arr.size == delta.size:
-            _set_const(graph, node, 2, (arr.astype(np.float64) + delta.reshape(arr.shape) / beta).astype(arr.dtype), arr.dtype)
-            return
-        _ = alpha
-    else:
-        uses = list(out.uses())
-        if len(uses) == 1 and not out.is_graph_output():
-            user, index = uses[0]
-            if user.op_type == "Add" and len(user.inputs) == 2:
-                other = user.inputs[1 - index]
-                arr = _const_array(other)
-                if arr is not None and arr.size == delta.size and arr.ndim >= 1 and arr.shape[-1] == delta.size:
-                    _set_const(graph, user, 1 - index, (arr.astype(np.float64) + delta.reshape(arr.shape)).astype(arr.dtype), arr.dtype)
-                    return
-    name = out.name
-    was_output = out.is_graph_output()
-    shifted = ir.Value(name=f"{name}/prune_bias", type=out.type, shape=out.shape)
-    bias = np.asarray(delta, np.float32)
-    if node.op_type == "Conv":
-        bias = bias.reshape([-1] + [1] * (len(out.shape) - 2 if out.shape is not None else 2))
-    add = ir.node("Add", [out, out], outputs=[shifted], name=f"{node.name}/prune_bias")
-    graph.insert_after(node, add)
-    ir.convenience.replace_all_uses_with(out, shifted, replace_graph_outputs=True)
-    add.replace_input_with(0, out)
-    _set_const_new(graph, add, 1, bias, f"{node.name}_prune_bias")
-    if was_output:
-        out.name = f"{name}/prune_unbiased"
-        shifted.name = name
-
-
-def _set_const_new(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray, base: str) -> None:
-    name, i = base, 1
-    while name in graph.initializers:
-        name, i = f"{base}_{i}", i + 1
-    value = ir.Value(name=name, type=ir.TensorType(ir.DataType.from_numpy(array.dtype)), shape=ir.Shape(array.shape), const_value=ir.tensor(array, name=name))
-    graph.register_initializer(value)
-    node.replace_input_with(index, value)
 
 
 # =====================================================================================================
@@ -695,12 +585,20 @@ class Prune(Pass):
         return ir.passes.PassResult(model, self._unstructured(model))
 
     # -- unstructured and N:M ------------------------------------------------------------------------
+    def _skipped(self, node: ir.Node, label: str, found: object, excluded: bool) -> bool:
+        """Whether a candidate is left alone: its classifier gave a reason (a str; '' = silently) or the
+        exclude option names it. Each reason gets a report row."""
+        reason = found if isinstance(found, str) else ("excluded by option" if excluded else None)
+        if reason:
+            self.details.append({"layer": label, "op": node.op_type, "skipped": reason})
+        return reason is not None
+
     def _candidates(self, model: ir.Model) -> Iterator[tuple[ir.Node, str, bool]]:
         """(node, label, excluded) of every plain MatMul/Gemm/Conv the include option selects."""
         for index, node in enumerate(model.graph):
             if node.op_type not in ("MatMul", "Gemm", "Conv") or not _is_plain(node):
                 continue
-            label = _label(node, index)
+            label = node_label(node, index)
             weight = node.inputs[1] if len(node.inputs) > 1 else None
             included, excluded = _selected(self.options, [label, weight.name if weight is not None else ""])
             if included:
@@ -711,12 +609,7 @@ class Prune(Pass):
         out: list[_Layer] = []
         for node, label, excluded in self._candidates(model):
             found = _classify_layer(node, o.min_size)
-            if isinstance(found, str):
-                if found:
-                    self.details.append({"layer": label, "op": node.op_type, "skipped": found})
-                continue
-            if excluded:
-                self.details.append({"layer": label, "op": node.op_type, "skipped": "excluded by option"})
+            if self._skipped(node, label, found, excluded):
                 continue
             array, trans = found
             out.append(_Layer(node, label, node.op_type, array, trans, node.inputs[0]))
@@ -778,7 +671,7 @@ class Prune(Pass):
             self.details.append(row)
             if np.array_equal(new, mat):
                 continue
-            _set_const(model.graph, layer.node, 1, layer.stored(new), layer.array.dtype)
+            set_const(model.graph, layer.node, 1, layer.stored(new), layer.array.dtype, "_pruned")
             modified = True
         return modified
 
@@ -799,14 +692,9 @@ class Prune(Pass):
     def _input_stats(self, model: ir.Model, layers: Sequence[_Layer | _Block]) -> dict[str, dict[str, Any]]:
         """Per captured value: sum of squares per channel (Wanda), and for MatMul/Gemm inputs the second
         moment X^T X / n (SparseGPT, output errors). One onnxruntime run over all calibration batches."""
-        feeds = self.context.calibration
-        if not feeds:
-            raise UsageError(f"prune(calibrated=true) needs calibration data: pass --calibration PATH (CLI) or calibration= (API)")
+        feeds = check_calibration(model, self.context.calibration, "prune(calibrated=true)")
         from onnxpress import runtime
-        from onnxpress.data import check_feeds
 
-        for i, feed in enumerate(feeds):
-            check_feeds(feed, model, where=f"calibration batch {i}")
         channel_axis: dict[str, int | None] = {}  # None: last axis (rows flattened); int: Conv channel axis
         full: dict[str, bool] = {}
         for item in layers:
@@ -848,12 +736,7 @@ class Prune(Pass):
                 self.details.append({"layer": label, "op": node.op_type, "skipped": "already pruned (structured)"})
                 continue
             found = _trace_block(node, label, o.min_size)
-            if isinstance(found, str):
-                if found:
-                    self.details.append({"layer": label, "op": node.op_type, "skipped": found})
-                continue
-            if excluded:
-                self.details.append({"layer": label, "op": node.op_type, "skipped": "excluded by option"})
+            if self._skipped(node, label, found, excluded):
                 continue
             if any(INPUTS_MARK in t.metadata_props for t in found.terminals):
                 self.details.append({"layer": label, "op": node.op_type, "skipped": "the next layer was already pruned (structured)"})
@@ -878,7 +761,7 @@ class Prune(Pass):
                 in_norms = np.linalg.norm(_w_units(b.start.op_type, b.w1, b.trans1, "in").astype(np.float64), axis=1)
                 for node in b.region:
                     if node.op_type == "BatchNormalization":
-                        scale, var = _const_array(node.inputs[1]), _const_array(node.inputs[4])
+                        scale, var = const_array(node.inputs[1]), const_array(node.inputs[4])
                         eps = node.attributes.get_float("epsilon", 1e-5)
                         in_norms = in_norms * np.abs(scale) / np.sqrt(var + eps)
                 scores = unit_scores(in_norms, out_norms)
@@ -968,7 +851,7 @@ def _mean_shift(t: ir.Node, rows: np.ndarray, removed: np.ndarray, mean: np.ndar
     """The bias shift of next layer ``t`` ([D], Conv: [C2]; at Conv borders with padding it is approximate)."""
     if t.op_type != "Conv":
         return mean_shift(rows, removed, mean)
-    c2 = _const_array(t.inputs[1]).shape[0]
+    c2 = const_array(t.inputs[1]).shape[0]
     return mean_shift(rows.reshape(rows.shape[0], c2, -1).sum(axis=2), removed, mean)
 
 
