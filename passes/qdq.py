@@ -18,6 +18,7 @@ import onnx_ir as ir
 from onnxpress.errors import UsageError
 from onnxpress.pass_infra import Pass, option
 from onnxpress.passes import quant_math as qm
+from onnxpress.passes.graph_utils import node_label
 
 _FLOAT = ir.DataType.FLOAT
 _QUANT_OPS = {
@@ -123,7 +124,7 @@ class _Target:
 
     @property
     def label(self) -> str:
-        return self.node.name or f"{self.node.op_type}_{self.index}"
+        return node_label(self.node, self.index)
 
 
 @dataclasses.dataclass
@@ -260,13 +261,13 @@ def find_targets(model: ir.Model, o: QdqOptions) -> tuple[list[_Target], list[di
     embeddings = o.embeddings if o.embeddings != "auto" else ("int4" if o.mode == "int4" else "int8")
     extra_ops = set(o.quantize_activations_of) if o.mode == "static" else set()
     for index, node in enumerate(model.graph):
-        label = node.name or f"{node.op_type}_{index}"
+        label = node_label(node, index)
         if node.domain not in ("", "ai.onnx"):
             continue
         op = node.op_type
         if op not in ("MatMul", "Gemm", "Conv", "Gather") and op not in extra_ops:
             continue
-        if node.name in excluded or op in excluded:
+        if label in excluded or op in excluded:
             skipped.append({"layer": label, "op": op, "skipped": "excluded by option"})
             continue
         t = _classify(index, node, o, embeddings, extra_ops)
@@ -275,7 +276,7 @@ def find_targets(model: ir.Model, o: QdqOptions) -> tuple[list[_Target], list[di
                 skipped.append({"layer": label, "op": op, "skipped": t})
             continue
         # include is checked after classification so only nodes that could have been quantized get a row.
-        if included and node.name not in included and op not in included:
+        if included and label not in included and op not in included:
             skipped.append({"layer": label, "op": op, "skipped": "not in include"})
             continue
         targets.append(t)
