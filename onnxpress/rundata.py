@@ -128,6 +128,8 @@ def parse_holdout(text: str | float | int | None) -> float | int | None:
         value = float(text)
     except ValueError:
         raise UsageError(f"--holdout expects a fraction (0.25) or a sample count (16), got '{text}'") from None
+    if value == 0:  # no hold-out (the old behaviour, as --help says): prepare() labels the verdict as on fitted data
+        return 0
     if value.is_integer() and value >= 1:
         return int(value)
     if not 0.0 < value < 1.0:
