@@ -22,7 +22,7 @@ import unicodedata
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, SpinnerColumn, Task, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
@@ -77,19 +77,36 @@ def safe(value: Any, cap: int | None = NAME_CAP, style: str = "") -> Text:
     return Text(plain(value, cap), style=style)
 
 
+class _PlainConsole(Console):
+    """A console that looks at its stream at every print, not once at creation: the CLI creates its
+    consoles at import, and the stream can change after that (tests capture it, a caller redirects it)."""
+
+    @property  # type: ignore[override]
+    def size(self) -> ConsoleDimensions:
+        if self.is_terminal:
+            return super().size
+        columns = os.environ.get("COLUMNS", "")
+        return ConsoleDimensions(int(columns) if columns.isdigit() else PIPED_WIDTH, super().size.height)
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        Console.size.fset(self, new_size)  # type: ignore[attr-defined]
+
+    @property  # type: ignore[override]
+    def soft_wrap(self) -> bool:
+        return not self.is_terminal  # piped: a line outside a table is one line, never broken or cut
+
+    @soft_wrap.setter
+    def soft_wrap(self, value: bool) -> None:  # Console.__init__ assigns it; the stream decides
+        pass
+
+
 def make_console(stderr: bool = False) -> Console:
     """The console the CLI prints with: markup, highlighting and emoji codes off (text is printed as it
     is); on a terminal rich's usual width and colours; piped, ``PIPED_WIDTH`` columns (or COLUMNS when
-    set) and soft wrapping, so lines outside tables are never broken or cut.
-
-    The stream is looked at now: create the console when the command starts, not at import.
-    """
-    options: dict[str, Any] = {"stderr": stderr, "markup": False, "highlight": False, "emoji": False}
-    console = Console(**options)
-    if console.is_terminal:
-        return console
-    width = None if (os.environ.get("COLUMNS") or "").isdigit() else PIPED_WIDTH  # rich reads COLUMNS itself
-    return Console(**options, width=width, soft_wrap=True)
+    set) and soft wrapping, so lines outside tables are never broken or cut.  Whether the stream is a
+    terminal is decided at each print, so a console created at import is right too."""
+    return _PlainConsole(stderr=stderr, markup=False, highlight=False, emoji=False)
 
 
 def size_change(before: float, after: float) -> str:

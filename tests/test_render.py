@@ -137,7 +137,14 @@ def test_make_console_piped_is_plain_and_wide(monkeypatch):
     out = sys.stdout.getvalue()
     assert out == f"{CLOSE} {LINK} :smile: 'quoted' 12 " + "w" * 300 + "\n"  # no markup, emoji, wrapping
     monkeypatch.setenv("COLUMNS", "120")
-    assert render.make_console().width == 120  # an explicit COLUMNS is the user's choice
+    assert console.width == 120  # an explicit COLUMNS is the user's choice, read at each print
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    console.print("v" * 300)
+    assert sys.stdout.getvalue() == "v" * 300 + "\n"  # the new stream: still piped, still one line
+    monkeypatch.setenv("FORCE_COLOR", "1")  # rich then treats the stream as a terminal: rich's own width and wrapping
+    monkeypatch.setenv("COLUMNS", "77")
+    assert console.is_terminal and not console.soft_wrap and console.width == 77
+    monkeypatch.delenv("FORCE_COLOR")
     monkeypatch.setattr(sys, "stderr", io.StringIO())
     err = render.make_console(stderr=True)
     err.print(BOLD)
