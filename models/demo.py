@@ -11,7 +11,7 @@ chosen point marked) to out/budget-digits.png. The digits CNN keeps the demo to 
 search on MiniLM takes ~3-6 minutes on 2 cores (``onnxpress optimize MODEL --budget "mean_cos>=0.98"
 --task minilm --plot pareto.png``, or ``benchmarks/budget_bench.py``).
 
-    python -m onnxpress.demo [--out DIR] [--only budget|pipelines]
+    python -m onnxpress.models.demo [--out DIR] [--only budget|pipelines]
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+
+from onnxpress.render import make_console, size_change
 from rich.table import Table
 
 # (label, output file stem, pipeline text, validation: least cosine per output or None for optimize's default).
@@ -44,12 +46,12 @@ BUDGET = "accuracy_drop<=1%"
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m onnxpress.demo", description="onnxpress demo: pipelines on MiniLM, accuracy-budget search on digits")
+    parser = argparse.ArgumentParser(prog="python -m onnxpress.models.demo", description="onnxpress demo: pipelines on MiniLM, accuracy-budget search on digits")
     parser.add_argument("--out", type=Path, default=Path("out"), help="folder for the models and plots (default: out)")
     parser.add_argument("--only", choices=("pipelines", "budget"), help="run only one part of the demo")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    console = Console()
+    console = make_console()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.only != "budget":
         pipelines_demo(args.out, console)
@@ -101,7 +103,7 @@ def budget_demo(out_dir: Path, console: Console | None = None, *, cache: Any = T
     from onnxpress import budget
     from onnxpress.models import digits
 
-    console = console or Console()
+    console = console or make_console()
     console.rule(f"accuracy budget: {BUDGET} on the digits CNN")
     console.print(
         "The digits CNN keeps this part to a few minutes; the same search on MiniLM takes ~3-6 minutes on 2 cores:\n"
@@ -122,7 +124,7 @@ def budget_demo(out_dir: Path, console: Console | None = None, *, cache: Any = T
     plot_path = result.plot(out_dir / f"budget-{BUDGET_TASK}.png")
     verdict = "meets" if result.passed else "does NOT meet"
     console.print(
-        f"budget search: {result.bytes_before / 1e6:.3f} MB -> {result.bytes_after / 1e6:.3f} MB ({result.ratio:.1f}x smaller), "
+        f"budget search: {result.bytes_before / 1e6:.3f} MB -> {result.bytes_after / 1e6:.3f} MB ({size_change(result.bytes_before, result.bytes_after)}), "
         f"{result.budget.metric} = {result.value:.4f}: {verdict} {BUDGET}; {seconds:.0f} s. "
         f"Model: {model_path}, Pareto plot: {plot_path}",
         highlight=False,

@@ -18,6 +18,8 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from rich.table import Table
 
 from onnxpress.errors import OnnxpressError, UsageError
+from onnxpress.models import BUILTIN_MODELS, TASKS  # the registries: tasks and models register themselves there
+from onnxpress.targets import TARGETS as TARGET_NAMES
 from onnxpress.render import make_console
 from onnxpress.render import megabytes as _mb
 from onnxpress.render import render_bisect, render_details, render_metrics, render_optimize, render_passes, render_validation
@@ -86,7 +88,7 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--eval-data", "eval_data", type=click.Path(exists=True, path_type=Path), help="Evaluation data (the same as --inputs): what every verdict is computed on.")
 @click.option("--calibration", type=click.Path(exists=True, path_type=Path), help="Calibration data for data-aware passes and the budget search (.npz with a leading sample axis, or a folder).")
 @click.option("--holdout", "holdout", metavar="FRACTION|N", help="Without --inputs: the part of --calibration held out for the verdict (default 0.25, at least 8 samples; 0: none).")
-@click.option("--target", "target_name", type=click.Choice(["cpu", "cuda", "mobile"]), default="cpu", show_default=True, help="Where the model will run: sets pass defaults and the validating runtime (mobile also writes OUT.ort, OUT.required_operators.config, OUT.mobile.json).")
+@click.option("--target", "target_name", type=click.Choice(list(TARGET_NAMES)), default="cpu", show_default=True, help="Where the model will run: sets pass defaults and the validating runtime (mobile also writes OUT.ort, OUT.required_operators.config, OUT.mobile.json).")
 @click.option("--budget", "budget_text", help="Search the smallest per-layer mix of factorization and quantization meeting e.g. 'cos>=0.99', 'min_cos>=0.95', 'accuracy_drop<=1%' (replaces -p).")
 @click.option("--task", help="Task metrics: a built-in task (minilm, digits, lm) or PKG.MOD:FUNCTION / FILE.py:FUNCTION, a function(session_factory, data) -> dict of metrics.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), help="With --budget: write the size-vs-fidelity Pareto plot (PNG).")
@@ -323,7 +325,7 @@ def _load_factory(spec: str):
 
 
 @main.command(name="export")
-@click.argument("name", required=False, metavar="[minilm|digits-mlp|digits-cnn|lm]")
+@click.argument("name", required=False, metavar="[" + "|".join(BUILTIN_MODELS) + "]")
 @click.option("--module", "module_spec", metavar="PKG.MOD:FACTORY", help="A factory returning (module, example_inputs) or (module, example_inputs, export_kwargs); FILE.py:FACTORY works too.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Output .onnx path.")
 @click.option("-p", "--pipeline", default=None, help="Run this pipeline on the exported model before writing it.")
@@ -397,7 +399,7 @@ def export_cmd(name, module_spec, output, pipeline, opset, do_eval, force):
 
 @main.command(name="eval")
 @click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--task", required=True, type=click.Choice(["minilm", "digits", "lm"]), help="The task whose metric to compute.")
+@click.option("--task", required=True, type=click.Choice(list(TASKS)), help="The task whose metric to compute.")
 @click.option("--kind", type=click.Choice(["mlp", "cnn"]), help="digits only: the reference model (default: from the input rank).")
 @click.option("--reference", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Reference ONNX model (default: the cached fp32 build of the task).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")

@@ -3,7 +3,7 @@ model meets the budget when measured again, independently of the search."""
 
 import pytest
 
-from onnxpress import demo
+from onnxpress.models import demo
 
 
 @pytest.mark.slow
