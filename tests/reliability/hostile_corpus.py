@@ -611,6 +611,49 @@ def _external_huge_sparse_file(folder: Path) -> Path:
     return _write(folder, _model([helper.make_node("Add", ["x", "w"], ["y"])], [_vi("x", shape=[1])], [_vi("y", shape=[1 << 34])], [tensor]))
 
 
+# ---------------------------------------------------------------------------------------------- hostile text
+
+# Names a model may hold that the CLI must print as plain text: rich markup (every TorchScript node name starts
+# with "/", so "[/m/...]" in a pipeline is a closing tag to rich), terminal escape sequences (colour, an OSC 8
+# hyperlink, a bell, carriage return, a right-to-left override) and 10,000-character names.
+TS_NAME = "/m/encoder/layer.0/attention/self/query/MatMul"
+HOSTILE_NAMES = {
+    "markup": (TS_NAME, "[/x]", "[link=http://e]a[/link]", "[bold]", "[red]x[/red] :smile:"),
+    "escapes": ("\x1b[31mred\x1b[0m", "\x1b]8;;http://evil\x1b\\link\x1b]8;;\x1b\\", "bell\x07cr\rnl\n", "\u202eevil\x1b[2J"),
+    "long": ("n" * 10_000, "[/" + "x" * 9_998, TS_NAME),
+}
+
+
+def hostile_names_proto(kind: str, d: int = 8) -> onnx.ModelProto:
+    """x -> (MatMul -> Relu) per name -> y: node, weight and value names are the hostile names, and so are
+    the input and output names (which is what the validation table lists)."""
+    names = HOSTILE_NAMES[kind]
+    nodes, inits, prev = [], [], f"in{names[1]}"
+    for i, name in enumerate(names):
+        inits.append(numpy_helper.from_array(_weights((d, d), i), f"{name}.weight"))
+        nodes.append(helper.make_node("MatMul", [prev, f"{name}.weight"], [f"{name}/mm{i}"], name=name))
+        nodes.append(helper.make_node("Relu", [f"{name}/mm{i}"], [f"{name}/relu{i}"], name=f"{name}/Relu"))
+        prev = f"{name}/relu{i}"
+    nodes.append(helper.make_node("Identity", [prev], [f"out{names[-1]}"], name=f"{names[-2]}/out"))
+    return _model(nodes, [_vi(f"in{names[1]}", shape=("N", d))], [_vi(f"out{names[-1]}", shape=("N", d))], inits)
+
+
+def _hostile_names(kind: str) -> Callable[[Path], Path]:
+    return lambda folder: _write(folder, hostile_names_proto(kind))
+
+
+def _hostile_metadata(folder: Path) -> Path:
+    """Model and graph doc strings, graph name, producer and metadata (keys and values) holding markup,
+    escape sequences and 10k characters: ``inspect`` prints them."""
+    proto = mlp_proto()
+    proto.doc_string = "doc [bold]\x1b[31m" + "d" * 10_000
+    proto.graph.doc_string = "[/graph-doc]"
+    proto.graph.name = "[link=http://e]g[/link]"
+    proto.producer_name, proto.producer_version = "[/x]producer", "\x1b[2J1.0"
+    helper.set_model_props(proto, {"[/key]": "[red]v[/red]\x1b]8;;http://evil\x1b\\", "long": "[" * 10_000, "\x1b[31mk": "\n\r"})
+    return _write(folder, proto)
+
+
 # ---------------------------------------------------------------------------------------------- mutations
 
 SEEDS = {"mlp": mlp_proto, "if": if_proto}
@@ -791,6 +834,11 @@ def cases() -> list[Case]:
         c("external_in_sparse_absolute", _external("/etc/passwd", where="sparse"), 1, "absolute", inspect=1),
         c("external_in_function_dotdot", _external("../outside.bin", where="function"), 1, "escapes"),
         c("external_huge_sparse_file", _external_huge_sparse_file, 1, _ORT_LOAD, isolate=True, note="64 GiB of weights: refused by onnxruntime under the 4 GiB limit"),
+        # ---- model-derived text: printed literally (tests/reliability/test_hostile.py also checks what is printed)
+        c("names_markup", _hostile_names("markup"), 0, inspect=0, validate=0, note="node/weight/value/input/output names are rich markup"),
+        c("names_escape_sequences", _hostile_names("escapes"), 0, inspect=0, validate=0, note="names hold ANSI/OSC escapes, BEL, CR, LF, RLO"),
+        c("names_10k_chars", _hostile_names("long"), 0, inspect=0, validate=0, note="10,000-character names"),
+        c("metadata_markup_and_escapes", _hostile_metadata, 0, inspect=0, validate=0, note="doc strings, graph name, producer and metadata"),
     ]
     names = [x.name for x in out]
     assert len(names) == len(set(names)), "case names must be unique"

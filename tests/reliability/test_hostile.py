@@ -31,6 +31,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import hostile_corpus as hc
@@ -395,3 +396,95 @@ def test_single_file_output_of_external_data_input_is_self_contained(tmp_path, c
     proto = onnx.load(str(out), load_external_data=False)
     assert all(t.data_location != onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
     assert run_cli(["validate", str(model), str(out), "--atol", "0", "--rtol", "0"], folders, False, capfd, monkeypatch)[0] == 0
+
+
+# ---------------------------------------------------------------------------------------------- hostile text in the output
+
+PENDING_CLI_WIRING = (
+    "cli.py does not print through onnxpress.render yet (make_console, make_progress, render_inspect): its own "
+    "tables and progress column print model names raw (rich markup, escape sequences, 10,000 characters)"
+)
+
+
+def _cli_prints_through_render() -> bool:
+    import inspect as pyinspect
+
+    import onnxpress.cli
+
+    source = pyinspect.getsource(onnxpress.cli)
+    return all(name in source for name in ("make_console", "make_progress", "render_inspect"))
+
+
+def _visible(text: str) -> str:
+    from onnxpress.render import plain
+
+    return plain(text)
+
+
+@pytest.mark.parametrize("kind", sorted(hc.HOSTILE_NAMES))
+def test_hostile_names_print_literally(kind, tmp_path, capfd, monkeypatch):
+    """optimize (per-layer summary, --verbose, --quiet, a pipeline naming a TorchScript layer and a quoted
+    hostile name) and inspect (tables and JSON) on a model whose names are rich markup, escape sequences or
+    10,000 characters: exit 0, no traceback, nothing on stderr, every name printed as visible plain text
+    (escapes as \\x1b..., long names as head…tail (N chars)), no escape character reaches stdout, JSON whole."""
+    monkeypatch.setenv("COLUMNS", "100000")  # one table row per line: the names can be searched for as they are
+    folders = _layout(tmp_path)
+    names = hc.HOSTILE_NAMES[kind]
+    model = hc._write(folders["in"], hc.hostile_names_proto(kind))
+    out = str(folders["out"] / "out.onnx")
+    quoted = '"' + names[1].replace("\\", "\\\\").replace('"', '\\"') + '"'
+    runs = {
+        "summary": ["optimize", str(model), "-o", out, "--force", "-p", f"strip-metadata,qdq(mode=weight,exclude=[{hc.TS_NAME}])"],
+        "verbose": ["optimize", str(model), "-o", out, "--force", "-p", f"qdq(mode=weight,exclude=[{quoted}])", "--verbose"],
+        "quiet": ["optimize", str(model), "-o", out, "--force", "-p", f"qdq(mode=weight,exclude=[{hc.TS_NAME},{quoted}])", "--quiet"],
+        "inspect": ["inspect", str(model)],
+        "json": ["inspect", str(model), "--json"],
+    }
+    printed: dict[str, str] = {}
+    failures: list[str] = []
+    thread_errors: list[BaseException] = []  # the progress bar renders in a thread: its MarkupError would not reach the exit code
+    monkeypatch.setattr(threading, "excepthook", lambda args: thread_errors.append(args.exc_value))
+    for key, args in runs.items():
+        code, stdout, stderr = run_cli(args, folders, False, capfd, monkeypatch)
+        printed[key] = stdout
+        if code != 0 or "Traceback" in stdout + stderr or stderr.strip():
+            failures.append(f"{key}: exit {code}, stderr {stderr.strip()[-300:]!r}")
+        failures += [f"{key}: {type(e).__name__} in a thread: {e}" for e in thread_errors]
+        thread_errors.clear()
+        for ch in ("\x1b", "\x07", "\u202e"):
+            if ch in stdout and key != "json":
+                failures.append(f"{key}: {ch!r} reached stdout")
+    if not failures:
+        weights = [f"{name}.weight" for name in names]
+        for key in ("summary", "verbose", "inspect"):
+            for text in (*(names if key != "inspect" else weights), f"out{names[-1]}"):
+                if _visible(text) not in printed[key]:
+                    failures.append(f"{key}: {text[:60]!r} not printed as {_visible(text)[:80]!r}")
+        for name in names:  # (the verbose and quiet runs' pipelines name one: the Result table prints a pipeline whole)
+            if len(name) > 1000 and (name in printed["summary"] or name in printed["inspect"]):
+                failures.append("a 10,000-character name printed whole in a table")
+        quiet = printed["quiet"].strip().splitlines()
+        if len(quiet) != 1 or not quiet[0].startswith("passed") or hc.TS_NAME not in quiet[0] or not quiet[0].endswith(out):
+            failures.append(f"--quiet printed {quiet!r}")
+        info = json.loads(printed["json"])
+        if sorted(r["name"] for r in info["largest"]) != sorted(weights) or info["outputs"][0]["name"] != f"out{names[-1]}":
+            failures.append("inspect --json does not hold the names whole")
+    if failures and not _cli_prints_through_render():
+        pytest.xfail(f"{PENDING_CLI_WIRING}: {failures[:2]}")
+    assert not failures, "\n".join(failures)
+
+
+def test_hostile_metadata_prints_literally(tmp_path, capfd, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100000")
+    folders = _layout(tmp_path)
+    model = hc.CASES["metadata_markup_and_escapes"].build(folders["in"])
+    code, stdout, stderr = run_cli(["inspect", str(model)], folders, False, capfd, monkeypatch)
+    failures = [] if code == 0 and not stderr.strip() else [f"exit {code}: {stderr.strip()[-300:]!r}"]
+    for text in ("[/key]", "[red]v[/red]\\x1b]8;;http://evil\\x1b\\", "[link=http://e]g[/link]", "[/x]producer \\x1b[2J1.0", "(10,000 chars)", "\\x1b[31mk", "\\n\\r"):
+        if text not in stdout:
+            failures.append(f"{text!r} not printed")
+    if "\x1b" in stdout:
+        failures.append("an escape character reached stdout")
+    if failures and not _cli_prints_through_render():
+        pytest.xfail(f"{PENDING_CLI_WIRING}: {failures[:2]}")
+    assert not failures, "\n".join(failures)
