@@ -16,14 +16,22 @@ prints piped output (CI logs, ``| tee``, files) at a width that keeps tables rea
 from __future__ import annotations
 
 import collections
-import json
+import math
 import os
 import unicodedata
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from rich.console import Console, ConsoleDimensions
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, SpinnerColumn, Task, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    SpinnerColumn,
+    Task,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 from rich.text import Text
 
@@ -274,7 +282,10 @@ def _fmt(value: Any, key: str = "") -> Text:
 
 
 def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value else None
+    """A numeric cell as float; None for text, booleans and NaN (a NaN error cannot be ranked)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        return None
+    return float(value)
 
 
 def _worst_first(rows: list[dict], key: str, higher_is_worse: bool) -> list[dict]:

@@ -258,7 +258,7 @@ def test_details_of_a_real_run_rank_by_error(hostile_run):
     out = buf.getvalue()
     worst = max(done, key=lambda r: r["weight_rel_error"])
     before, after = sum(r["bytes_before"] for r in done), sum(r["bytes_after"] for r in done)
-    assert f"total: 5 rewritten, 1 skipped" in out and f"{before:,} -> {after:,} ({render.size_change(before, after)})" in out
+    assert "total: 5 rewritten, 1 skipped" in out and f"{before:,} -> {after:,} ({render.size_change(before, after)})" in out
     assert f"{worst['weight_rel_error']:.4g}" in out
 
 
