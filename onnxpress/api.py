@@ -11,7 +11,7 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 
-from onnxpress import __version__
+from onnxpress import __version__, sparse_storage
 from onnxpress.errors import UsageError
 from onnxpress.io import load, release_external_tensors
 from onnxpress.pass_infra import Pass, PassContext, PassStats
@@ -29,7 +29,8 @@ def default_pipeline() -> str:
 
 
 def model_bytes(model: ir.Model | onnx.ModelProto) -> int:
-    """Bytes the model takes on disk: the serialized proto plus its external data."""
+    """Bytes the model takes on disk: the serialized proto plus its external data. For an ``ir.Model``, what
+    ``onnxpress.save`` writes: initializers planned by ``sparsify`` count as their sparse form."""
     if isinstance(model, ir.Model):
         return _ir_model_bytes(model)
     return _proto_bytes(model)
@@ -65,13 +66,21 @@ def _ir_model_bytes(model: ir.Model) -> int:
     """``model_bytes`` without serializing the whole model: serializing it would copy every in-memory tensor
     (a 3 GB model quantized to int8: 0.75 GB) just to measure it. Large in-memory initializers are replaced by
     external-data stand-ins for the measurement; each one's exact serialized size is added back, one tensor at
-    a time."""
+    a time. The initializers a save stores sparse (``onnxpress.sparse_storage``) are left out of the graph
+    for the measurement and their SparseTensorProto sizes added."""
+    stored = sparse_storage.stored_initializers(model)
+    with sparse_storage.detached(model, stored):
+        return _measured_bytes(model, sum(_length_delimited(s.proto.ByteSize()) for s in stored))
+
+
+def _measured_bytes(model: ir.Model, extra_graph_bytes: int) -> int:
+    """Serialized size of ``model`` whose graph message will carry ``extra_graph_bytes`` more (sparse tensors)."""
     big = [
         v for v in model.graph.initializers.values()
         if v.const_value is not None and not isinstance(v.const_value, ir.ExternalTensor) and v.const_value.nbytes >= 1 << 20
     ]
     originals = [v.const_value for v in big]
-    correction = 0
+    correction = extra_graph_bytes
     try:
         for value, tensor in zip(big, originals):
             stand_in = ir.ExternalTensor(_STAND_IN, 0, tensor.nbytes, tensor.dtype, shape=tensor.shape, name=tensor.name)
@@ -177,7 +186,7 @@ def optimize(
     on_pass_start: Callable[[Pass], None] | None = None,
     on_pass_end: Callable[[Pass], None] | None = None,
     on_stage: Callable[[str], None] | None = None,
-) -> tuple[ir.Model | onnx.ModelProto, OptimizeReport]:
+) -> tuple[ir.Model, OptimizeReport]:
     """The one orchestrator: load -> target preparation -> pipeline or budget search -> validation on
     evaluation data -> target artefacts -> atomic save -> report. The CLI only parses and prints.
 
@@ -294,8 +303,7 @@ def _bisect(pipe, working, reference, context, bytes_before, start, tolerance, v
     out: Any = working
     first_failing = None
     for p in pipe:
-        end = _releasing(out, on_pass_end) if isinstance(out, ir.Model) else on_pass_end
-        result = Pipeline([p]).run(out, context=context, verify_each=verify_each, on_pass_start=on_pass_start, on_pass_end=end)
+        result = Pipeline([p]).run(out, context=context, verify_each=verify_each, on_pass_start=on_pass_start, on_pass_end=_releasing(out, on_pass_end))
         out = result.model
         stats.extend(result.stats)
         report = validate(reference, out, tolerance=tolerance, **validate_kwargs)
@@ -329,13 +337,5 @@ def _copy_base_dir(src: ir.Model, dst: ir.Model) -> None:
             return
 
 
-def _stamp_metadata(model: ir.Model | onnx.ModelProto, pipeline: str) -> None:
-    entries = {"onnxpress.pipeline": pipeline, "onnxpress.version": __version__}
-    if isinstance(model, ir.Model):
-        model.metadata_props.update(entries)
-    else:
-        kept = [p for p in model.metadata_props if p.key not in entries]
-        del model.metadata_props[:]
-        model.metadata_props.extend(kept)
-        for key, value in entries.items():
-            model.metadata_props.add(key=key, value=value)
+def _stamp_metadata(model: ir.Model, pipeline: str) -> None:
+    model.metadata_props.update({"onnxpress.pipeline": pipeline, "onnxpress.version": __version__})

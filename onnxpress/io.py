@@ -4,8 +4,8 @@
   escapes the model's folder (``..`` or a symlink), is missing, or is shorter than the tensor it claims is
   refused with one clear line.  Tensors stay lazy (onnx-ir memory-maps external data), so a 3 GB model
   is not copied into memory on load.
-- ``graph.sparse_initializer`` is densified on load, because onnx-ir drops it on a round trip; the sparse
-  form is re-created only by the ``sparsify`` pass at the very end of a pipeline.
+- ``graph.sparse_initializer`` is densified on load, because onnx-ir drops it on a round trip; ``save``
+  writes the sparse form of the initializers the ``sparsify`` pass planned (``onnxpress.sparse_storage``).
 - Saving is atomic: the model goes to a temporary file in the target folder and is moved into place with
   ``os.replace``; on any failure no partial output is left.
 """
@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from onnxpress import sparse_storage
 from onnxpress.errors import ModelLoadError, UsageError
 
 # Above this many initializer bytes a model is saved with external data (protobuf's hard limit is 2 GiB).
@@ -312,10 +313,10 @@ def save(
     the new ``.data`` replaces the old one, so a kill between the renames leaves no output rather than the
     old model beside the new weights.  A SIGKILL can leave a ``.<name>.*.tmp`` file or folder behind.
     """
-    if isinstance(model, onnx.ModelProto):  # a pipeline ending in a proto-stage pass (sparsify)
-        if model.ByteSize() >= 2**31 - 1:
-            raise UsageError(f"{path}: a model with sparse initializers over 2 GB cannot be written as one protobuf")
-        return write_bytes_atomic(model.SerializeToString(), path)
+    stored = sparse_storage.stored_initializers(model)  # sparsify's plan, re-checked on the tensors as they are
+    if stored:
+        with sparse_storage.detached(model, stored):
+            return _save_sparse(model, Path(path), stored, external_data, size_threshold_bytes)
     out = Path(path)
     folder = out.parent if str(out.parent) else Path(".")
     if external_data is None:
@@ -352,12 +353,40 @@ def _save_with_external_data(model: ir.Model, out: Path, folder: Path, size_thre
     try:
         staged = staging / out.name
         ir.save(model, staged, external_data=data_name, size_threshold_bytes=size_threshold_bytes)
-        # Commit. The old .onnx must never meet the new .data: remove it first (a kill in between leaves no output).
-        if (staging / data_name).exists():
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(out)
-            os.replace(staging / data_name, folder / data_name)
-        os.replace(staged, out)
+        _commit_staged(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def _commit_staged(staging: Path, out: Path) -> None:
+    """Move ``staging/<name>`` (and ``<name>.data`` if staged) into place. The old .onnx must never meet the
+    new .data: it is removed first (a kill in between leaves no output)."""
+    folder = out.parent if str(out.parent) else Path(".")
+    data_name = f"{out.name}.data"
+    if (staging / data_name).exists():
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(out)
+        os.replace(staging / data_name, folder / data_name)
+    os.replace(staging / out.name, out)
+
+
+def _save_sparse(model: ir.Model, out: Path, stored: list[sparse_storage.Stored], external_data: bool | None,
+                 size_threshold_bytes: int) -> Path:
+    """``save`` of a model whose ``stored`` initializers are detached (``sparse_storage.detached``): the rest is
+    saved as usual into a staging folder, the sparse tensors are added to the staged .onnx (inline, also with
+    external data: they are the small part), then everything moves into place as one commit."""
+    import shutil
+
+    folder = out.parent if str(out.parent) else Path(".")
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=folder))
+    try:
+        staged = save(model, staging / out.name, external_data=external_data, size_threshold_bytes=size_threshold_bytes)
+        proto = sparse_storage.add_sparse_initializers(onnx.load(str(staged), load_external_data=False), stored)
+        if proto.ByteSize() >= 2**31 - 1:
+            raise UsageError(f"{out}: the model with its sparse initializers is over 2 GB, more than one protobuf holds")
+        staged.write_bytes(proto.SerializeToString())
+        _commit_staged(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out

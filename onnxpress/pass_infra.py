@@ -86,8 +86,6 @@ class Pass(ir.passes.InPlacePass):
     name: ClassVar[str]
     Options: ClassVar[type] = NoOptions
     lossless: ClassVar[bool] = True
-    # Passes that need the serialized proto (sparse initializers, which onnx-ir drops) run last.
-    proto_stage: ClassVar[bool] = False
     # The default-domain (ai.onnx) opset the pass needs, e.g. 13 for per-axis DequantizeLinear: an int, or a
     # function of the pass's options. The pipeline raises an older model to it first with an `upgrade-opset`
     # step (onnx.version_converter, checked in onnxruntime), so the pass itself never converts.

@@ -114,7 +114,7 @@ def parse_pipeline(text: str) -> list[Pass]:
 
 @dataclasses.dataclass
 class PipelineResult:
-    model: Any  # ir.Model, or onnx.ModelProto when the pipeline ends in proto-stage passes
+    model: ir.Model
     modified: bool
     stats: list[PassStats]
 
@@ -124,17 +124,9 @@ class Pipeline:
 
     def __init__(self, passes: Iterable[Pass] = ()) -> None:
         self.passes: list[Pass] = list(passes)
-        seen_proto_stage = None
         for p in self.passes:
             if not isinstance(p, Pass):
                 raise TypeError(f"not an onnxpress pass: {p!r}")
-            if seen_proto_stage is not None and not p.proto_stage:
-                raise UsageError(
-                    f"pass '{p.name}' cannot run after '{seen_proto_stage.name}': "
-                    f"'{seen_proto_stage.name}' works on the serialized model and must come last"
-                )
-            if p.proto_stage:
-                seen_proto_stage = p
 
     @classmethod
     def parse(cls, text: str) -> Pipeline:
@@ -180,44 +172,22 @@ class Pipeline:
     ) -> PipelineResult:
         """Run the passes in order on ``model`` (in place). Errors name the failing pass and those before it."""
         context = context or PassContext()
-        ir_passes = with_prerequisite_steps([p for p in self.passes if not p.proto_stage], model)
-        proto_passes = [p for p in self.passes if p.proto_stage]
-        for p in ir_passes + proto_passes:
+        passes = with_prerequisite_steps(self.passes, model)
+        for p in passes:
             p.context = context
             p.verify = verify_each
-        stats: list[PassStats] = []
-        modified = False
-        if ir_passes:
-            hooked = [_Hooked(p, on_pass_start, on_pass_end) for p in ir_passes]
-            try:
-                result = ir.passes.PassManager(hooked, steps=1)(model)
-            except Exception as exc:  # onnx-ir wraps the failure; report the root cause in one line
-                failed = next((h.inner for h in hooked if h.running), None)
-                before = [str(h.inner) for h in hooked[: hooked.index(next(h for h in hooked if h.running))]] if failed else []
-                raise PassFailedError(
-                    f"pass '{failed}' failed after [{', '.join(before)}]: {_root_cause(exc)}"
-                ) from exc
-            model = result.model
-            modified = result.modified
-            stats.extend(p.stats for p in ir_passes if p.stats is not None)
-        out: Any = model
-        if proto_passes:
-            proto = ir.to_proto(model)
-            for i, p in enumerate(proto_passes):
-                if on_pass_start:
-                    on_pass_start(p)
-                try:
-                    changed = p.run_proto(proto)  # type: ignore[attr-defined]
-                except Exception as exc:
-                    before = [str(q) for q in ir_passes + proto_passes[:i]]
-                    raise PassFailedError(f"pass '{p}' failed after [{', '.join(before)}]: {_root_cause(exc)}") from exc
-                modified = modified or changed
-                if p.stats is not None:
-                    stats.append(p.stats)
-                if on_pass_end:
-                    on_pass_end(p)
-            out = proto
-        return PipelineResult(out, modified, stats)
+        if not passes:
+            return PipelineResult(model, False, [])
+        hooked = [_Hooked(p, on_pass_start, on_pass_end) for p in passes]
+        try:
+            result = ir.passes.PassManager(hooked, steps=1)(model)
+        except Exception as exc:  # onnx-ir wraps the failure; report the root cause in one line
+            failed = next((h.inner for h in hooked if h.running), None)
+            before = [str(h.inner) for h in hooked[: hooked.index(next(h for h in hooked if h.running))]] if failed else []
+            raise PassFailedError(
+                f"pass '{failed}' failed after [{', '.join(before)}]: {_root_cause(exc)}"
+            ) from exc
+        return PipelineResult(result.model, result.modified, [p.stats for p in passes if p.stats is not None])
 
 
 def with_prerequisite_steps(passes: list[Pass], model: ir.Model) -> list[Pass]:

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 import onnxpress
 from onnxpress.errors import PassFailedError, UsageError
-from onnxpress.pass_infra import Pass, option
+from onnxpress.pass_infra import Pass
 from onnxpress.pipeline import Pipeline, parse_pipeline
 from onnxpress.registry import registry
 
@@ -64,7 +64,7 @@ def test_pipeline_text_round_trips(data):
 
     passes = []
     table = registry()
-    for name in data.draw(st.lists(st.sampled_from(sorted(n for n, c in table.items() if not c.proto_stage)), max_size=5)):
+    for name in data.draw(st.lists(st.sampled_from(sorted(table)), max_size=5)):
         cls = table[name]
         hints = option_types(cls.Options)
         kwargs = {}
@@ -115,23 +115,14 @@ def test_stats_and_verification_per_pass():
     assert result.stats[-1].after.parameters <= result.stats[0].before.parameters
 
 
-def test_proto_stage_pass_must_be_last():
-    @dataclasses.dataclass(frozen=True)
-    class _Opts:
-        threshold: float = option(0.5, "x")
-
-    class _ProtoStage(Pass):
-        name = "protostage"
-        Options = _Opts
-        proto_stage = True
-
-        def call(self, model):  # pragma: no cover
-            raise AssertionError
-
+def test_a_pass_may_follow_sparsify():
+    """sparsify only plans (sparse storage is applied at save), so any pass may run after it."""
     from onnxpress.passes.dedup import DeduplicateInitializers
+    from onnxpress.passes.sparse import Sparsify
 
-    with pytest.raises(UsageError, match="must come last"):
-        Pipeline([_ProtoStage(), DeduplicateInitializers()])
+    pipe = Pipeline.parse("sparsify,dedup")
+    assert [type(p) for p in pipe] == [Sparsify, DeduplicateInitializers]
+    assert str(pipe) == "sparsify,dedup"
 
 
 def test_registry_names_unique_and_documented():
