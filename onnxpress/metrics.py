@@ -66,7 +66,7 @@ def feed_batch(feed: Mapping[str, Any]) -> int | None:
 def sample_slices(output: np.ndarray, batch: int | None) -> list[np.ndarray]:
     """The samples of one output of a feed whose batch size is ``batch``."""
     if batch is not None and batch > 1 and output.ndim >= 1 and output.shape[0] == batch:
-        return [output[i] for i in range(batch)]
+        return [np.asarray(output[i]) for i in range(batch)]  # asarray: a row of a 1-D output is a 0-d array, not a scalar
     return [output]
 
 
