@@ -84,10 +84,7 @@ GEMM_OPS = {  # ORT kernel op types after its graph optimizations, by what they 
 # -- builders --------------------------------------------------------------------------------------
 def ours(text: str, src: Path, feeds, out: Path) -> Path:
     result = Pipeline.parse(text).run(ir.load(src), context=PassContext(calibration=feeds))
-    if isinstance(result.model, ir.Model):
-        ir.save(result.model, out)
-    else:  # a proto-stage pass ran last
-        onnx.save(result.model, str(out))
+    ir.save(result.model, out)
     return out
 
 

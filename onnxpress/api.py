@@ -210,81 +210,98 @@ def optimize(
     if inputs is not None and evaluation is not None:
         raise UsageError("give evaluation data once: evaluation= or inputs= (the same thing), not both")
     evaluation = evaluation if evaluation is not None else inputs
-    if budget is not None:
-        if pipeline is not None:
-            raise UsageError("give a pipeline or a budget, not both (the budget search writes its own pipeline)")
-        for flag, name in ((bisect, "--bisect"), (verify_each, "--verify-each")):
-            if flag:
-                raise UsageError(f"{name} applies to -p pipelines, not to --budget (the search verifies its build itself)")
-        if not validate_result:
-            raise UsageError("--no-validate cannot apply to --budget: the budget is decided by its held-out verification")
+    _check_combination(pipeline, budget, bisect, verify_each, validate_result)
     tgt = targets.get_target(target)
     if tgt.name == "cuda":
         targets.check_cuda()
         provider = "cuda"
     if tgt.name == "mobile" and output is None:
         raise UsageError("target mobile writes OUT.ort and its configuration beside the output: give an output path")
-    source_paths = (model,) if isinstance(model, (str, os.PathLike)) else ()
     if output is not None:
-        io.check_writable_output(output, source_paths, force=force)
+        io.check_writable_output(output, (model,) if isinstance(model, (str, os.PathLike)) else (), force=force)
 
     stage("loading")
-    if isinstance(model, (str, os.PathLike)):
-        reference: Any = os.fspath(model)
-        working = load(model)
-        bytes_before = model_bytes(working)
-    else:
-        reference = ir.to_proto(model) if isinstance(model, ir.Model) else model
-        working = ir.serde.deserialize_model(reference)
-        if isinstance(model, ir.Model):
-            _copy_base_dir(model, working)
-        bytes_before = model_bytes(reference)
+    working, reference, bytes_before = _load_working_copy(model)
     task_obj = tasks.resolve(task, reference)
     data = rundata.prepare(working, calibration=calibration, evaluation=evaluation, holdout=holdout,
                            task=task_obj.module if task_obj is not None else None)
-    eval_inputs = data.evaluation  # None: generated at validation time from ``dims``
-
     if budget is not None:
-        from onnxpress import budget as budget_mod
-
         stage("budget search")
-        result = budget_mod.search(
-            working if not isinstance(reference, str) else reference, budget, data=data, task=task_obj, jobs=jobs,
-            progress=progress, **(budget_options or {}),
-        )
-        out: Any = result.model
-        report = OptimizeReport(result.pipeline, bytes_before, model_bytes(out), 0.0, [], None, data=data.to_dict(),
-                                target=tgt.name, budget=result)
+        out, report = _run_budget(working, reference, budget, data, task_obj, jobs, progress, budget_options or {})
+        report.bytes_before = bytes_before
         if tgt.name != "cpu":
             report.notes.append(f"target {tgt.name}: its pass defaults do not apply to the budget's weight-only passes; its runtime checks do")
-        if tolerance is not None:
+        if tolerance is not None:  # an explicit tolerance is checked too; the budget decides otherwise
             stage("validating in onnxruntime")
-            report.validation = validate(reference, out, inputs=eval_inputs, dims=dims, tolerance=tolerance, provider=provider, data=data.describe())
+            report.validation = validate(reference, out, inputs=data.evaluation, dims=dims, tolerance=tolerance, provider=provider, data=data.describe())
     else:
         pipe = targets.apply_target(Pipeline.coerce(pipeline, default_pipeline()), tgt)
+        tolerance = tolerance or (Tolerance() if pipe.lossless else Tolerance(min_cosine=LOSSY_MIN_COSINE))
+        validate_kwargs = dict(inputs=data.evaluation, dims=dims, provider=provider, data=data.describe())
         context = PassContext(calibration=data.calibration)
-        if tolerance is None:
-            tolerance = Tolerance() if pipe.lossless else Tolerance(min_cosine=LOSSY_MIN_COSINE)
-        validate_kwargs = dict(inputs=eval_inputs, dims=dims, provider=provider, data=data.describe())
         if bisect:
             out, report = _bisect(pipe, working, reference, context, bytes_before, start, tolerance, validate_kwargs, verify_each, on_pass_start, on_pass_end)
         else:
             result = pipe.run(working, context=context, verify_each=verify_each, on_pass_start=on_pass_start, on_pass_end=_releasing(working, on_pass_end))
             out = result.model
-            _stamp_metadata(out, str(pipe))
+            stamp_metadata(out, str(pipe))
             report = OptimizeReport(str(pipe), bytes_before, model_bytes(out), 0.0, result.stats, None)
             if validate_result:
                 stage("validating in onnxruntime")
                 report.validation = validate(reference, out, tolerance=tolerance, **validate_kwargs)
-        report.data, report.target = data.to_dict(), tgt.name
         if task_obj is not None:
             stage(f"task metrics ({task_obj.name})")
-            report.task_metrics = task_obj.evaluate(out, eval_inputs if task_obj.uses_data else None)
+            report.task_metrics = task_obj.evaluate(out, data.evaluation if task_obj.uses_data else None)
+    report.data, report.target = data.to_dict(), tgt.name
+    _finish(out, report, reference, data, dims, output, external_data, keep_failed, force, stage)
+    report.seconds = time.perf_counter() - start
+    return out, report
 
-    if tgt.name == "mobile" and (report.passed or keep_failed):
+
+def _check_combination(pipeline: Any, budget: Any, bisect: bool, verify_each: bool, validate_result: bool) -> None:
+    """Flags that cannot apply together: one line each."""
+    if budget is None:
+        return
+    if pipeline is not None:
+        raise UsageError("give a pipeline or a budget, not both (the budget search writes its own pipeline)")
+    for flag, name in ((bisect, "--bisect"), (verify_each, "--verify-each")):
+        if flag:
+            raise UsageError(f"{name} applies to -p pipelines, not to --budget (the search verifies its build itself)")
+    if not validate_result:
+        raise UsageError("--no-validate cannot apply to --budget: the budget is decided by its held-out verification")
+
+
+def _load_working_copy(model: Any) -> tuple[ir.Model, Any, int]:
+    """(working copy, reference for validation: a path or a proto, bytes before). The input is never modified:
+    a path is loaded lazily, an in-memory model is copied."""
+    if isinstance(model, (str, os.PathLike)):
+        working = load(model)
+        return working, os.fspath(model), model_bytes(working)
+    reference = ir.to_proto(model) if isinstance(model, ir.Model) else model
+    working = ir.serde.deserialize_model(reference)
+    if isinstance(model, ir.Model):
+        _copy_base_dir(model, working)
+    # measured on the caller's object: an ir.Model's sparse-storage plan counts as what save would write
+    return working, reference, model_bytes(model)
+
+
+def _run_budget(working: ir.Model, reference: Any, budget: Any, data: Any, task: Any, jobs: int | None, progress: Any, options: dict[str, Any]):
+    """The budget search on the run's data (fit on calibration, verdict on evaluation)."""
+    from onnxpress import budget as budget_mod
+
+    result = budget_mod.search(reference if isinstance(reference, str) else working, budget, data=data, task=task, jobs=jobs, progress=progress, **options)
+    report = OptimizeReport(result.pipeline, result.bytes_before, model_bytes(result.model), 0.0, [], None, budget=result)
+    return result.model, report
+
+
+def _finish(out: Any, report: OptimizeReport, reference: Any, data: Any, dims: Any, output: Any, external_data: Any, keep_failed: bool, force: bool, stage: Callable[[str], None]) -> None:
+    """Target artefacts (mobile: .ort, operator config, EP report) and the atomic save, when the run passed."""
+    from onnxpress import io, targets
+
+    if report.target == "mobile" and (report.passed or keep_failed):
         stage("converting to ORT format and checking the mobile execution providers")
         report.mobile = targets.export_mobile(
-            out, output, reference=reference, inputs=eval_inputs, dims=dims,
+            out, output, reference=reference, inputs=data.evaluation, dims=dims,
             tolerance=report.validation.tolerance if report.validation else None, keep_failed=keep_failed, force=force,
         )
         report.written.extend(report.mobile.files.values())
@@ -292,8 +309,6 @@ def optimize(
         stage("saving")
         io.save(out, output, external_data=external_data)
         report.written.insert(0, str(output))
-    report.seconds = time.perf_counter() - start
-    return out, report
 
 
 def _bisect(pipe, working, reference, context, bytes_before, start, tolerance, validate_kwargs, verify_each, on_pass_start, on_pass_end):
@@ -311,7 +326,7 @@ def _bisect(pipe, working, reference, context, bytes_before, start, tolerance, v
         if not report.passed:
             first_failing = str(p)
             break
-    _stamp_metadata(out, str(pipe))
+    stamp_metadata(out, str(pipe))
     final = log[-1][1] if log else None
     return out, OptimizeReport(str(pipe), bytes_before, model_bytes(out), time.perf_counter() - start, stats, final,
                                bisect=log, first_failing_pass=first_failing)
@@ -337,5 +352,5 @@ def _copy_base_dir(src: ir.Model, dst: ir.Model) -> None:
             return
 
 
-def _stamp_metadata(model: ir.Model, pipeline: str) -> None:
+def stamp_metadata(model: ir.Model, pipeline: str) -> None:
     model.metadata_props.update({"onnxpress.pipeline": pipeline, "onnxpress.version": __version__})

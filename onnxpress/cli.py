@@ -13,14 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.console import Console
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from onnxpress.errors import OnnxpressError, UsageError
 from onnxpress.models import BUILTIN_MODELS, TASKS  # the registries: tasks and models register themselves there
 from onnxpress.targets import TARGETS as TARGET_NAMES
-from onnxpress.render import make_console
+from onnxpress.render import make_console, make_progress, plain, print_all, render_inspect, render_rows, render_sample_metrics
 from onnxpress.render import megabytes as _mb
 from onnxpress.render import render_bisect, render_details, render_metrics, render_optimize, render_passes, render_validation
 
@@ -116,8 +113,7 @@ def optimize(model, output, pipeline, do_validate, inputs, dims, provider, atol,
         if extra:
             io.check_writable_output(extra, (model,), force=False)
     tolerance = _tolerance(atol, rtol, min_cosine, True)
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
-                  console=err_console, transient=True, disable=quiet or bool(budget_text)) as progress:
+    with make_progress(err_console, disable=quiet or bool(budget_text)) as progress:
         bar = progress.add_task("loading", total=None)
 
         def stage(text):
@@ -141,7 +137,7 @@ def optimize(model, output, pipeline, do_validate, inputs, dims, provider, atol,
     if report_path:
         io.write_bytes_atomic(json.dumps(report.to_dict(), indent=2, default=str).encode(), report_path)
     for item in render_optimize(report, verbose=verbose, quiet=quiet):
-        console.print(item)
+        console.print(item, soft_wrap=quiet)  # the --quiet line is wrapped by the terminal, not cut by rich
     _raise_on_failure(report, budget_text)
 
 
@@ -175,11 +171,13 @@ def validate_cmd(reference, candidate, inputs, dims, provider, atol, rtol, min_c
     io.load(candidate)  # same safety checks (external data, format) as for the reference
     report = validate(str(reference), str(candidate), inputs=inputs, dims=_parse_dims(dims), tolerance=tol, provider=provider)
     console.print(render_validation(report))
+    if report.samples > 1:
+        console.print(render_sample_metrics(report))
     if report_path:
         io.write_bytes_atomic(json.dumps(report.to_dict(), indent=2, default=str).encode(), report_path)
     if not report.passed:
         raise OnnxpressError("validation failed: " + ", ".join(o.name for o in report.outputs if not o.within_tolerance))
-    console.print("[green]passed[/]")
+    console.print("passed", style="green")
 
 
 @main.command()
@@ -194,42 +192,7 @@ def inspect(model, top, as_json):
     if as_json:
         click.echo(json.dumps(info, indent=2, default=str))
         return
-    head = Table(title=str(model), show_header=False)
-    head.add_row("ir_version", str(info["ir_version"]))
-    head.add_row("opsets", ", ".join(f"{d or 'ai.onnx'}:{v}" for d, v in info["opsets"].items()))
-    head.add_row("producer", info["producer"])
-    head.add_row("nodes", f"{info['nodes']:,}")
-    head.add_row("parameters", f"{info['parameters']:,}")
-    head.add_row("initializer bytes", f"{info['initializer_bytes']:,}")
-    head.add_row("file bytes", f"{info['file_bytes']:,}")
-    for key, value in info.get("metadata", {}).items():
-        head.add_row(f"metadata {key}", value)
-    console.print(head)
-    io_table = Table(title="Inputs and outputs")
-    for col in ("kind", "name", "dtype", "shape"):
-        io_table.add_column(col)
-    for kind in ("inputs", "outputs"):
-        for v in info[kind]:
-            io_table.add_row(kind[:-1], v["name"], v["dtype"], str(v["shape"]))
-    console.print(io_table)
-    ops = Table(title="Nodes by op type")
-    ops.add_column("op")
-    ops.add_column("count", justify="right")
-    for op, n in info["ops"].items():
-        ops.add_row(op, str(n))
-    console.print(ops)
-    dt = Table(title="Initializers by dtype")
-    for col in ("dtype", "tensors", "parameters", "bytes"):
-        dt.add_column(col, justify="left" if col == "dtype" else "right")
-    for d, row in info["by_dtype"].items():
-        dt.add_row(d, str(row["tensors"]), f"{row['parameters']:,}", f"{row['bytes']:,}")
-    console.print(dt)
-    big = Table(title=f"Largest {top} initializers")
-    for col in ("name", "dtype", "shape", "bytes"):
-        big.add_column(col, justify="right" if col == "bytes" else "left")
-    for row in info["largest"]:
-        big.add_row(row["name"], row["dtype"], str(row["shape"]), f"{row['bytes']:,}")
-    console.print(big)
+    print_all(console, render_inspect(info, title=str(model)))
 
 
 @main.command(name="passes")
@@ -240,14 +203,8 @@ def passes_cmd():
 
     for name, cls in registry().items():
         doc = (cls.__doc__ or "").strip().splitlines()
-        table = Table(title=f"{name}  ({'lossless' if cls.lossless else 'lossy'})", caption=doc[0] if doc else "", title_justify="left")
-        for col in ("option", "type", "default", "help"):
-            table.add_column(col)
-        for row in describe_options(cls):
-            table.add_row(*row)
-        if not describe_options(cls):
-            table.add_row("(none)", "", "", "")
-        console.print(table)
+        rows = describe_options(cls) or [("(none)", "", "", "")]
+        console.print(render_rows(f"{name}  ({'lossless' if cls.lossless else 'lossy'})", ("option", "type", "default", "help"), rows, caption=doc[0] if doc else None))
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -269,13 +226,13 @@ def run(argv: list[str] | None = None) -> int:
     except click.ClickException as exc:
         if debug:
             raise
-        message = exc.format_message().replace("\n", " ")
+        message = plain(exc.format_message().replace("\n", " "), cap=None)
         sys.stderr.write(f"onnxpress: error: {message}\n")
         return exc.exit_code
     except OnnxpressError as exc:
         if debug:
             raise
-        sys.stderr.write(f"onnxpress: error: {' '.join(str(exc).split())}\n")
+        sys.stderr.write(f"onnxpress: error: {plain(' '.join(str(exc).split()), cap=None)}\n")
         return exc.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("onnxpress: interrupted\n")
@@ -283,7 +240,7 @@ def run(argv: list[str] | None = None) -> int:
     except Exception as exc:  # an onnxpress bug or an unexpected library failure: still one line
         if debug:
             raise
-        text = " ".join(str(exc).split())[:400]
+        text = plain(" ".join(str(exc).split())[:400], cap=None)
         sys.stderr.write(f"onnxpress: error: {type(exc).__name__}: {text} (rerun with --debug for the traceback)\n")
         return 1
 
@@ -373,28 +330,21 @@ def export_cmd(name, module_spec, output, pipeline, opset, do_eval, force):
     if not check.passed:
         raise OnnxpressError("the exported model does not match the PyTorch module: " + ", ".join(o.name for o in check.outputs if not o.within_tolerance))
     out_model = model
-    summary = Table(title="Result", show_header=False)
     if pipeline:
-        out_model, report = api.optimize(model, pipeline, calibration=calibration, inputs=inputs)
-        console.print(render_passes(report.passes))
-        for table in render_details(report.passes):
-            console.print(table)
-        console.print(render_validation(report.validation))
-        summary.add_row("pipeline", report.pipeline)
-        summary.add_row("size", f"{_mb(report.bytes_before)} -> {_mb(report.bytes_after)} ({report.ratio:.2f}x smaller)")
+        # the orchestrator validates against the exported fp32 model and writes OUTPUT only when it passed
+        out_model, report = api.optimize(model, pipeline, calibration=calibration, inputs=inputs, output=output, force=force)
+        print_all(console, render_optimize(report))
         if not report.passed:
             raise OnnxpressError("validation of the optimized model against the exported fp32 model failed; nothing written")
-    else:
-        summary.add_row("size", _mb(api.model_bytes(model)))
     if do_eval:
         if task is None:
             raise UsageError("--eval needs a builtin model (its task defines the metric)")
         from onnxpress.models import evaluate_task
 
         console.print(render_metrics(f"Task metrics ({task}{'-' + kind if kind else ''}) vs the fp32 model", evaluate_task(task, out_model, kind=kind)))
-    io.save(out_model, output)
-    summary.add_row("written", str(output))
-    console.print(summary)
+    if not pipeline:
+        io.save(out_model, output)
+        console.print(render_rows("Result", ("", ""), [("size", _mb(api.model_bytes(model))), ("written", str(output))]))
 
 
 @main.command(name="eval")

@@ -489,7 +489,9 @@ def render_optimize(report, verbose: bool = False, quiet: bool = False) -> list[
         return [render_result_line(report, written[0] if written else None, written=bool(written))]
     items: list[Any] = []
     if report.budget is not None:
-        items.extend(report.budget.renderables())
+        from onnxpress.budget.report import renderables as budget_renderables
+
+        items.extend(budget_renderables(report.budget, verbose=verbose))
     else:
         items.append(render_passes(report.passes))
         items.extend(render_details(report.passes, verbose=verbose))
