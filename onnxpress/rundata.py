@@ -59,7 +59,7 @@ class Samples:
 
         def flush() -> None:
             if group:
-                out.append({k: np.concatenate([g[k] for g in group], axis=0) for k in group[0]})
+                out.append({k: np.concatenate([g[k] for g in group], axis=0) if np.ndim(group[0][k]) else group[0][k] for k in group[0]})
                 group.clear()
 
         for feed in self.feeds:
@@ -190,6 +190,11 @@ def load_samples(value: Any, model: ir.Model, what: str) -> Samples:
 
 def _from_arrays(arrays: dict[str, np.ndarray], model: ir.Model, source: str, what: str) -> Samples:
     data_mod.check_feeds(arrays, model, where=source, sample_axis=True)
+    # a 0-d array (e.g. an audio model's sample rate) has no sample axis: every sample shares it
+    shared = {k: v for k, v in arrays.items() if np.ndim(v) == 0}
+    arrays = {k: v for k, v in arrays.items() if k not in shared}
+    if not arrays:
+        raise UsageError(f"{source}: {what} data has no array with a sample axis")
     counts = {len(a) for a in arrays.values()}
     if len(counts) != 1:
         raise UsageError(f"{source}: arrays disagree on the number of samples: {sorted(counts)}")
@@ -199,8 +204,8 @@ def _from_arrays(arrays: dict[str, np.ndarray], model: ir.Model, source: str, wh
     specs = {s.name: s for s in data_mod.input_specs(model)}
     per_sample = any(spec.shape is not None and arrays[name].ndim == len(spec.shape) + 1 for name, spec in specs.items())
     if per_sample:
-        return Samples([{k: v[i] for k, v in arrays.items()} for i in range(n)], False, source)
-    return Samples([{k: v[i : i + 1] for k, v in arrays.items()} for i in range(n)], True, source)
+        return Samples([{**{k: v[i] for k, v in arrays.items()}, **shared} for i in range(n)], False, source)
+    return Samples([{**{k: v[i : i + 1] for k, v in arrays.items()}, **shared} for i in range(n)], True, source)
 
 
 def prepare(

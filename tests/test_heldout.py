@@ -255,3 +255,16 @@ def test_bad_user_task_is_one_line_exit_2(tmp_path, capsys, spec, message):
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and len(err.splitlines()) == 1, err
     assert not out.exists()
+
+
+def test_a_0d_array_in_calibration_data_is_shared_by_every_sample(tmp_path):
+    """An audio model's sample rate is one scalar for all samples: it has no sample axis and is not split."""
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Mul", ["x", "sr"], ["y"])], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4]), onnx.helper.make_tensor_value_info("sr", onnx.TensorProto.FLOAT, [])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])],
+    )
+    model = ir.from_proto(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]))
+    np.savez(tmp_path / "c.npz", x=np.random.default_rng(0).standard_normal((12, 1, 4)).astype(np.float32), sr=np.array(2.0, np.float32))
+    data = rundata.prepare(model, calibration=tmp_path / "c.npz")
+    assert len(data.evaluation) == 8 and all(float(f["sr"]) == 2.0 for f in data.evaluation + data.calibration)
