@@ -6,7 +6,7 @@ MiniLM, ``onnxpress.optimize(fp32, budget="cos>=0.98", calibration=calib.npz)`` 
 sentences; the tool holds out 25% (at least 8) of them itself. Per row: size, the budget metric on the
 fit part, on the held-out part (the verdict), and on a third set the search and the hold-out never saw
 (``minilm``'s 250 evaluation sentences), computed the same way (mean per-sample cosine of
-``last_hidden_state`` against the fp32 model, ``onnxpress.validate``), plus a fourth set (400 sentences from
+``last_hidden_state`` against the fp32 model, ``onnxpress.metrics`` as in the search's own verdict), plus a fourth set (400 sentences from
 other standard-library docstrings, ``heldout_check.heldout_sentences``) and the sentence-embedding task
 figures. One more row reproduces the old behaviour (``holdout=0``: verdict on the calibration data itself).
 
@@ -15,6 +15,9 @@ weigh padding positions equally (the output at every position is part of the sam
 
     .venv/bin/python benchmarks/heldout_bench.py [--sizes 32,128,512] [--jobs 2] [--markdown PATH]
     .venv/bin/python benchmarks/heldout_bench.py --quick [--markdown PATH]   # digits MLP, < 60 s (CI)
+
+Each finished row is appended to ``--rows`` (JSON lines) and the table is rewritten after every row, so a run
+stopped on a loaded machine keeps what it measured; ``--resume`` skips the rows already in that file.
 
 Targets (issue 15): |held-out - unseen| <= 0.01 and unseen mean cosine >= 0.975 at every calibration size.
 """
@@ -25,6 +28,7 @@ import argparse
 import dataclasses
 import datetime
 import hashlib
+import json
 import sys
 import tempfile
 import time
@@ -37,8 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
 
 import onnxpress  # noqa: E402
-from onnxpress import runtime  # noqa: E402
-from onnxpress.validate import Tolerance, validate  # noqa: E402
+from onnxpress import metrics, runtime  # noqa: E402
 
 PREDICT_WITHIN = 0.01
 UNSEEN_FLOOR = 0.975
@@ -150,8 +153,10 @@ def run_row(task: Task, n: int, holdout: Any, budget: str, jobs: int, tmp: Path,
         overlaps[f"calibration & {name}"] = len((fit_keys | held_keys) & set(keys))
     if split:
         assert sorted(fit_idx + held_idx) == list(range(n)), "the split is not a partition of the calibration samples"
+    session = runtime.make_session(model)
     # the held-out figure recomputed here from the report's indices: the tool's verdict is what we think it is
-    held_check = validate(str(task.src), model, inputs=batches(calib, held_idx), tolerance=Tolerance(min_cosine=0.98)).metrics()["cos"]
+    held_feeds = batches(calib, held_idx)
+    held_check = per_sample(session, held_feeds, [_floats(runtime.run(refs["session"], f)) for f in held_feeds])["cos"]
     row: dict[str, Any] = {
         "task": task.name, "n": n, "label": label, "holdout": holdout, "fit": len(fit_idx), "held": len(held_idx) if split else 0,
         "MB": res.bytes_after / 1e6, "fit_cos": res.fit_value, "held_cos": res.value, "held_recomputed": held_check,
@@ -159,11 +164,7 @@ def run_row(task: Task, n: int, holdout: Any, budget: str, jobs: int, tmp: Path,
         "pipeline": res.pipeline, "notes": list(res.notes), "attempts": res.attempts, "overlaps": overlaps,
         "choices": _choice_summary(res), "evaluation": res.evaluation,
     }
-    row["unseen"] = {}
-    for name, (arrays, _) in task.unseen.items():
-        r = validate(str(task.src), model, inputs=refs[name]["feeds"], tolerance=Tolerance(min_cosine=0.98), reference_outputs=refs[name]["outputs"])
-        m = r.metrics()
-        row["unseen"][name] = {"cos": m["cos"], "min_cos": m["min_cos"], "p5_cos": m["p5_cos"], "samples": r.samples}
+    row["unseen"] = {name: per_sample(session, refs[name]["feeds"], refs[name]["outputs"]) for name in task.unseen}
     if task.texts is not None:
         from onnxpress.models import minilm
 
@@ -176,20 +177,34 @@ def run_row(task: Task, n: int, holdout: Any, budget: str, jobs: int, tmp: Path,
             ref = refs.get(name, {}).get("embeddings")
             if ref is None:
                 ref = minilm.embed(str(task.src), feeds)
-            row["embedding"][name] = minilm.compare_embeddings(minilm.embed(model, feeds), ref)
+            row["embedding"][name] = minilm.compare_embeddings(minilm.embed(session, feeds), ref)
         # how much of the unseen text's tokens the fit sentences index (the embedding split keeps those rows int4)
         fit_ids = np.unique(calib["input_ids"][fit_idx][calib["attention_mask"][fit_idx] > 0])
         first = next(iter(task.unseen))
         arrays = task.unseen[first][0]
         tokens = arrays["input_ids"][arrays["attention_mask"] > 0]
         row["unseen_token_coverage"] = float(np.isin(tokens, fit_ids).mean())
-    target = next(iter(row["unseen"].values()))["cos"]
+    first = next(iter(row["unseen"].values()))
+    target = first["cos"]
     row["gap"] = res.value - target
+    # the standard error a mean over the held-out part's sample count has, at the unseen set's spread
+    row["held_se"] = first["std_cos"] / np.sqrt(max(row["held"] or row["fit"], 1))
     row["predicts"] = abs(row["gap"]) <= PREDICT_WITHIN
     row["floor"] = target >= UNSEEN_FLOOR
     print(f"    {res.bytes_after / 1e6:.3f} MB, fit {res.fit_value:.5f}, held-out {res.value:.5f} (recomputed {held_check:.5f}), "
           f"unseen {target:.5f}, passed {res.passed}, {wall:.0f} s, {len(res.attempts)} build(s)", flush=True)
     return row
+
+
+def per_sample(session: Any, feeds: list[dict[str, np.ndarray]], reference_outputs: list[dict[str, np.ndarray]]) -> dict[str, float]:
+    """The budget metric's figures (``onnxpress.metrics``: per-sample cosine, mean / min / p5; worst output),
+    and the spread of the per-sample cosines."""
+    names = list(reference_outputs[0])
+    outputs = [runtime.run(session, f, names) for f in feeds]
+    per_output = metrics.compare_outputs(outputs, reference_outputs, feeds)
+    summary = metrics.worst(m.summary() for m in per_output.values())
+    cos = np.asarray(min(per_output.values(), key=lambda m: float(np.mean(m.cos))).cos)
+    return {"cos": summary["cos"], "min_cos": summary["min_cos"], "p5_cos": summary["p5_cos"], "std_cos": float(cos.std(ddof=1)), "samples": len(cos)}
 
 
 def _choice_summary(result: Any) -> str:
@@ -199,14 +214,18 @@ def _choice_summary(result: Any) -> str:
     return ", ".join(f"{k} x{v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
+def _floats(outputs: dict[str, Any]) -> dict[str, np.ndarray]:
+    return {k: v for k, v in outputs.items() if isinstance(v, np.ndarray) and v.dtype.kind == "f"}
+
+
 def references(task: Task) -> dict[str, Any]:
     """fp32 outputs (and MiniLM sentence embeddings) of every unseen set, computed once."""
     session = runtime.make_session(str(task.src))
     names = [o.name for o in session.get_outputs()]
-    refs: dict[str, Any] = {}
+    refs: dict[str, Any] = {"session": session}
     for name, (arrays, _) in task.unseen.items():
         feeds = batches(arrays)
-        refs[name] = {"feeds": feeds, "outputs": [runtime.run(session, f, names) for f in feeds]}
+        refs[name] = {"feeds": feeds, "outputs": [_floats(runtime.run(session, f, names)) for f in feeds]}
         if task.texts is not None:
             from onnxpress.models import minilm
 
@@ -230,12 +249,14 @@ def render(task: Task, rows: list[dict[str, Any]], budget: str, command: str, ma
         f"Budget `{budget}` (mean per-sample cosine of the model output vs fp32). Calibration: the first *n* of a pool of {len(task.pool_keys)} samples, "
         f"given as one `.npz` to `onnxpress.optimize(..., calibration=...)`; the tool splits it (seeded) into fit and held-out parts. "
         f"Unseen: {', '.join(f'{k}: {v} samples' for k, v in sizes.items())}; never given to the tool. "
-        "The unseen figures are computed like the budget metric (`onnxpress.validate` on batches of 8, per-sample cosine, mean / min / p5). "
+        "The unseen figures are computed like the budget metric (`onnxpress.metrics.compare_outputs` on batches of 8, per-sample cosine, mean / min / p5; "
+        "the same function the search's verdict calls). s.e.: the standard error of a mean over the held-out part's sample count at the unseen set's "
+        "per-sample spread (how well that many samples can predict at all). "
         f"Targets: |held-out - unseen| <= {PREDICT_WITHIN}; unseen mean cosine >= {UNSEEN_FLOOR}.",
         "",
     ]
     cols = ["calibration n", "verdict on", "fit / held-out", "MB", "fit cos", "held-out cos", f"unseen cos ({sizes[first]})", "held-out - unseen",
-            "unseen min / p5 cos"]
+            "s.e. of held-out mean", "unseen min / p5 cos"]
     cols += [f"{name.split(' ')[0]} cos ({sizes[name]})" for name in rest]
     if task.texts is not None:
         cols += ["emb. mean cos fit / held-out / unseen", "unseen emb. min cos / NN", "unseen tokens in fit text"]
@@ -245,7 +266,7 @@ def render(task: Task, rows: list[dict[str, Any]], budget: str, command: str, ma
         u = r["unseen"][first]
         cells = [str(r["n"]), "calibration itself (holdout=0, OLD)" if r["holdout"] == 0 else f"held-out {r['held']}",
                  f"{r['fit']} / {r['held'] if r['held'] else '(same)'}", f"{r['MB']:.3f}", f"{r['fit_cos']:.5f}", f"{r['held_cos']:.5f}",
-                 f"{u['cos']:.5f}", f"{r['gap']:+.5f}", f"{u['min_cos']:.4f} / {u['p5_cos']:.4f}"]
+                 f"{u['cos']:.5f}", f"{r['gap']:+.5f}", f"{r['held_se']:.4f}", f"{u['min_cos']:.4f} / {u['p5_cos']:.4f}"]
         cells += [f"{r['unseen'][name]['cos']:.5f}" for name in rest]
         if task.texts is not None:
             e = r["embedding"]
@@ -278,23 +299,40 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-old", action="store_true", help="skip the holdout=0 row (the old behaviour, at the smallest size)")
     ap.add_argument("--quick", action="store_true", help="digits MLP instead of MiniLM (CI smoke run, < 60 s)")
     ap.add_argument("--markdown", type=Path, default=None)
+    ap.add_argument("--rows", type=Path, default=Path("/tmp/onnxpress-heldout-rows.jsonl"), help="finished rows, one JSON per line")
+    ap.add_argument("--resume", action="store_true", help="keep the rows already in --rows and run only the others")
     args = ap.parse_args(argv)
     task = digits_task() if args.quick else minilm_task()
     sizes = [int(s) for s in (args.sizes or ("32" if args.quick else "32,128,512")).split(",")]
     machine_text = machine()
     when = datetime.date.today().isoformat()
     refs = references(task)
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="heldout-bench-") as tmp:
-        plan: list[tuple[int, Any]] = [(n, None) for n in sizes] + ([] if args.no_old else [(min(sizes), 0)])
-        for n, holdout in plan:
-            rows.append(run_row(task, n, holdout, args.budget, args.jobs, Path(tmp), refs))
     command = "python " + " ".join(["benchmarks/heldout_bench.py", *(argv if argv is not None else sys.argv[1:])])
+    rows: list[dict[str, Any]] = []
+    if args.resume and args.rows.exists():
+        rows = [r for r in map(json.loads, args.rows.read_text().splitlines()) if r["task"] == task.name and r["budget"] == args.budget]
+    elif args.rows.exists():
+        args.rows.unlink()
+    # the smallest size and its old-behaviour twin first: on a slow machine the comparison the issue is about comes first
+    plan: list[tuple[int, Any]] = [(min(sizes), None)] + ([] if args.no_old else [(min(sizes), 0)]) + [(n, None) for n in sorted(sizes)[1:]]
+    with tempfile.TemporaryDirectory(prefix="heldout-bench-") as tmp:
+        for n, holdout in plan:
+            if any(r["n"] == n and r["holdout"] == holdout for r in rows):
+                continue
+            row = run_row(task, n, holdout, args.budget, args.jobs, Path(tmp), refs)
+            row["budget"] = args.budget
+            with args.rows.open("a") as f:
+                f.write(json.dumps(row, default=float) + "\n")
+            rows.append(row)
+            rows.sort(key=lambda r: (r["n"], r["holdout"] == 0))
+            md = render(task, rows, args.budget, command, machine_text, when)
+            if args.markdown:
+                args.markdown.parent.mkdir(parents=True, exist_ok=True)
+                args.markdown.write_text(md)
     md = render(task, rows, args.budget, command, machine_text, when)
-    print(md)
     if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
         args.markdown.write_text(md)
+    print(md)
     return 0  # a missed target is a finding in the table, not a failed run
 
 if __name__ == "__main__":
