@@ -14,8 +14,8 @@ from graphs import init, text_model
 from onnxpress import budget as bg
 from onnxpress import runtime
 from onnxpress.api import model_bytes, optimize
-from onnxpress.budget_eval import Simulator, compare
-from onnxpress.budget_layers import Choice, Grid, Spectra, choice_bytes, collect_input_stats, find_layers, quant_bytes, reconstruct
+from onnxpress.budget.simulate import Simulator, compare
+from onnxpress.budget.layers import Choice, Grid, Spectra, choice_bytes, collect_input_stats, find_layers, quant_bytes, reconstruct
 from onnxpress.errors import UsageError
 from onnxpress.pipeline import Pipeline
 from onnxpress.validate import Tolerance, validate
@@ -392,7 +392,7 @@ def test_relative_increase_metrics_and_grid_validation():
 
 # -- predicted candidates, session scoring, qdq selection -------------------------------------------------
 def test_local_error_and_lowrank_tail_are_relative_output_errors(mlp):
-    from onnxpress.budget_layers import local_error, lowrank_tail
+    from onnxpress.budget.layers import local_error, lowrank_tail
 
     model, calib, _ = mlp
     layers, _ = find_layers(model, Grid())
@@ -456,23 +456,23 @@ def test_an_evaluate_that_accepts_sessions_scores_the_simulation_session(mlp):
 
 def test_qdq_selection_uses_the_shorter_of_include_and_exclude():
     targets = [("a1", "MatMul"), ("a2", "MatMul"), ("a3", "MatMul"), ("g", "Gather")]
-    assert bg._selection(["a1"], ["a2", "a3", "g"], targets) == {"include": ("a1",)}
-    assert bg._selection(["a1", "a2", "a3"], ["g"], targets) == {"exclude": ("Gather",)}  # op types stand for all their nodes
-    assert bg._selection(["a1", "a2", "g"], ["a3"], targets) == {"exclude": ("a3",)}
-    assert bg._selection(["a1"], ["a2", "a3", "g"], targets, has_include=False) == {"exclude": ("Gather", "a2", "a3")}
+    assert bg.qdq_selection(["a1"], ["a2", "a3", "g"], targets) == {"include": ("a1",)}
+    assert bg.qdq_selection(["a1", "a2", "a3"], ["g"], targets) == {"exclude": ("Gather",)}  # op types stand for all their nodes
+    assert bg.qdq_selection(["a1", "a2", "g"], ["a3"], targets) == {"exclude": ("a3",)}
+    assert bg.qdq_selection(["a1"], ["a2", "a3", "g"], targets, has_include=False) == {"exclude": ("Gather", "a2", "a3")}
 
 
 def test_larger_int4_blocks_are_candidates_only_where_they_store_fewer_bytes():
-    from onnxpress.budget_layers import QUANTS, Layer, _useful_quants
+    from onnxpress.budget.layers import QUANTS, Layer, useful_quants
 
     def layer(op, shape):
         return Layer(0, "n", op, "w", np.zeros(shape, np.float32))
 
     # K = 384: blocks of 256 pad to 512 rows (more bytes than blocks of 128); 512 exceeds MatMulNBits' kernels
-    assert _useful_quants(layer("MatMul", (384, 384)), QUANTS) == ["int8", "int4/32", "int4/128"]
-    assert _useful_quants(layer("MatMul", (1536, 384)), QUANTS) == ["int8", "int4/32", "int4/128", "int4/256"]
+    assert useful_quants(layer("MatMul", (384, 384)), QUANTS) == ["int8", "int4/32", "int4/128"]
+    assert useful_quants(layer("MatMul", (1536, 384)), QUANTS) == ["int8", "int4/32", "int4/128", "int4/256"]
     # embedding rows of 384: one block per row still saves scales (GatherBlockQuantized takes any block)
-    assert _useful_quants(layer("Gather", (1000, 384)), QUANTS) == ["int8", "int4/32", "int4/128", "int4/256", "int4/512"]
+    assert useful_quants(layer("Gather", (1000, 384)), QUANTS) == ["int8", "int4/32", "int4/128", "int4/256", "int4/512"]
 
 
 @pytest.fixture(scope="module")

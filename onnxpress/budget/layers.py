@@ -1,4 +1,4 @@
-"""Budget search, part 1: the layers, their candidates, exact stored bytes and reconstructed weights.
+"""The budget's layers, their candidates, exact stored bytes and reconstructed weights.
 
 A *layer* is one node with a constant float weight that a lossy pass can rewrite: MatMul, Gemm, Conv, and
 Gather of an embedding table. A *choice* is what the search may do to it: quantize (int8 per channel,
@@ -11,7 +11,7 @@ choice this module computes
   ``dequant(quant(W))``), plus the output bias a calibrated factorization adds.
 
 Feeding the reconstruction to the original graph reproduces the rewritten model's output up to float
-rounding, which is what makes the sensitivity analysis cheap (see ``onnxpress.budget``).
+rounding, which is what makes the sensitivity analysis cheap (``onnxpress.budget.simulate``).
 
 The maths is not re-implemented here: spectra, factors and bias correction come from
 ``onnxpress.passes.factorize``, scales/codes/GPTQ from ``onnxpress.passes.quant_math``, and which nodes
@@ -28,8 +28,9 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxpress.passes import factorize as fz
-from onnxpress.passes import quant_math as qm
 from onnxpress.passes import qdq as qdq_pass
+from onnxpress.passes import quant_math as qm
+from onnxpress.passes.graph_utils import existing_bias, node_label
 
 # the quantizations of the default grid ("int4/B": blocks of B); a block size is tried on a layer only where
 # it stores fewer bytes than the smaller ones (K = 384 pads blocks of 256 to 512: more bytes, more error)
@@ -142,25 +143,6 @@ class Layer:
         return int(self.w.size * 4)
 
 
-def node_label(node: ir.Node, index: int) -> str:
-    return node.name or (node.outputs[0].name if node.outputs else "") or f"{node.op_type}_{index}"
-
-
-def _has_own_bias(node: ir.Node, n: int) -> bool:
-    """Whether factorize can fold its bias correction into an existing bias (Gemm C, or a constant Add that
-    only this node feeds) instead of adding one: mirrors ``factorize._add_bias``."""
-    if node.op_type == "Gemm":
-        c = node.inputs[2] if len(node.inputs) > 2 else None
-        return c is not None and node.attributes.get_float("beta", 1.0) != 0.0 and fz._own_bias(c, n)
-    out = node.outputs[0]
-    uses = list(out.uses())
-    if len(uses) != 1 or out.is_graph_output():
-        return False
-    user, index = uses[0]
-    other = user.inputs[1 - index] if user.op_type == "Add" and len(user.inputs) == 2 else None
-    return other is not None and fz._own_bias(other, n)
-
-
 def find_layers(model: ir.Model, grid: Grid, calibration: Sequence[dict[str, np.ndarray]] | None = None) -> tuple[list[Layer], list[dict[str, Any]]]:
     """The layers of ``model`` with the choices of ``grid`` that the passes accept for each.
 
@@ -190,13 +172,14 @@ def find_layers(model: ir.Model, grid: Grid, calibration: Sequence[dict[str, np.
         layer = Layer(index, node.name, node.op_type, t.weight.name, np.asarray(w, np.float32), trans_b=trans_b)
         if node.op_type in ("MatMul", "Gemm"):
             layer.x = node.inputs[0].name
-            layer.has_bias = _has_own_bias(node, layer.matrix.shape[1])
+            # factorize folds its bias correction into an existing bias, else it adds one (stored bytes)
+            layer.has_bias = existing_bias(node, layer.matrix.shape[1]) is not None
         quants = [q for q in grid.quants if q == "int8" or index in int4_ok]
         if index not in int4_ok and any(q != "int8" for q in grid.quants):
             layer.skipped["int4"] = next((row["skipped"] for row in skipped4 if row.get("layer") == node_label(node, index)), "not accepted by qdq(mode=int4)")
         if node.op_type == "Gather" and w.shape[1] % 2:
             quants = [q for q in quants if q == "int8"]
-        layer.choices = [Choice(None, q) for q in _useful_quants(layer, quants)]
+        layer.choices = [Choice(None, q) for q in useful_quants(layer, quants)]
         hot = hot_rows.get(index)
         if hot is not None and 0 < hot.size < w.shape[0] and w.shape[1] % 4 == 0:
             layer.hot = hot
@@ -224,7 +207,7 @@ def find_layers(model: ir.Model, grid: Grid, calibration: Sequence[dict[str, np.
     return layers, skipped
 
 
-def _useful_quants(layer: Layer, quants: Sequence[str]) -> list[str]:
+def useful_quants(layer: Layer, quants: Sequence[str]) -> list[str]:
     """The quantizations worth measuring on ``layer``: int4 block sizes the op's kernel takes, each storing
     fewer bytes than every smaller block size (a larger block only ever adds error)."""
     out: list[str] = []
@@ -271,6 +254,26 @@ def collect_input_stats(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]],
             firsts[name] = firsts.get(name, 0.0) + rows.sum(axis=0, dtype=np.float64)
             counts[name] = counts.get(name, 0) + rows.shape[0]
     return {n: InputStats(sums[n] / max(counts[n], 1), firsts[n] / max(counts[n], 1), counts[n]) for n in names}
+
+
+def split_coverage(model: ir.Model, layer: Layer, feeds: Sequence[dict[str, np.ndarray]]) -> tuple[int, int]:
+    """(index occurrences in rows the split stores in 2 bits, all index occurrences) of an embedding layer
+    whose hot rows came from the calibration data, counted on ``feeds`` (the held-out data)."""
+    from onnxpress import runtime
+
+    node = list(model.graph)[layer.index]
+    name = node.inputs[1].name
+    graph_inputs = {v.name for v in model.graph.inputs}
+    values = [f[name] for f in feeds] if name in graph_inputs else [c[name] for c in runtime.capture(model, list(feeds), [name])]
+    hot = np.zeros(layer.w.shape[0], bool)
+    hot[layer.hot] = True
+    cold = total = 0
+    for v in values:
+        idx = np.asarray(v).ravel().astype(np.int64)
+        idx = np.where(idx < 0, idx + hot.size, idx)
+        total += idx.size
+        cold += int((~hot[idx]).sum())
+    return cold, total
 
 
 # =====================================================================================================

@@ -1,4 +1,4 @@
-"""Budget search, part 3: the report: rich tables and the size-vs-fidelity (Pareto) plot."""
+"""The budget report: rich tables and the size-vs-fidelity (Pareto) plot of a ``BudgetResult``."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from rich.text import Text
 from onnxpress.render import TEXT_CAP, WORST_LAYERS, safe, size_change, text_table
 
 if TYPE_CHECKING:  # pragma: no cover
-    from onnxpress.budget import BudgetResult
+    from onnxpress.budget.result import BudgetResult
 
 
 def _mb(n: float) -> str:

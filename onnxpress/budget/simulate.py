@@ -1,4 +1,4 @@
-"""Budget search, part 2: measuring candidates in onnxruntime with one session.
+"""Measuring budget candidates in onnxruntime with one session.
 
 ``Simulator`` builds one ORT session of the model in which every layer weight is an *overridable
 initializer* (an initializer that is also a graph input) and every factorizable layer is followed by an
@@ -23,7 +23,7 @@ import onnx_ir as ir
 
 from onnxpress import metrics as metrics_mod
 from onnxpress import runtime
-from onnxpress.budget_layers import Layer
+from onnxpress.budget.layers import Layer
 
 Feed = dict[str, np.ndarray]
 Override = dict[str, np.ndarray]

@@ -1,0 +1,97 @@
+"""The budget text: ``metric op value`` (``cos>=0.99``, ``accuracy_drop<=1%``), the output metrics a budget
+can name, and how a budget moves when a built model misses it (``Budget.backed_off``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+from onnxpress.errors import UsageError
+from onnxpress.metrics import KEYS as METRIC_KEYS
+
+# output metrics a budget can name (per-sample statistics, ``onnxpress.metrics``): cos = mean per-sample cosine
+OUTPUT_METRICS = {key: direction for key, (_, _, direction) in METRIC_KEYS.items()}
+
+_BUDGET_RE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(>=|<=)\s*([-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?)\s*(%?)\s*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """``metric op value``: ``cos>=0.99`` (mean per-sample cosine), ``min_cos>=0.95``, ``p5_cos>=0.97``,
+    ``rel_l2<=0.05``, ``max_abs<=0.1`` (model outputs against the original on the evaluation data, per sample:
+    ``onnxpress.metrics.KEYS``) or a task metric returned by the task's ``evaluate`` (e.g.
+    ``accuracy_drop<=1%``, ``ppl_increase<=10%``, ``mean_cos>=0.98``). ``%`` divides the value by 100."""
+
+    metric: str
+    op: str  # ">=" or "<="
+    value: float
+    text: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> Budget:
+        match = _BUDGET_RE.match(text or "")
+        if not match:
+            raise UsageError(f"budget '{text}': expected METRIC>=VALUE or METRIC<=VALUE, e.g. 'cos>=0.99', 'rel_l2<=0.05', 'accuracy_drop<=1%'")
+        metric, op, raw, percent = match.groups()
+        value = float(raw) / (100.0 if percent else 1.0)
+        if not math.isfinite(value):
+            raise UsageError(f"budget '{text}': the value must be a finite number")
+        expected = OUTPUT_METRICS.get(metric)
+        if expected is not None and op != expected:
+            raise UsageError(f"budget '{text}': {metric} is bounded {'below' if expected == '>=' else 'above'}: write {metric}{expected}VALUE")
+        if metric.endswith("cos") and not -1.0 <= value < 1.0:
+            raise UsageError(f"budget '{text}': cos must be below 1 (1 means no change at all) and at least -1")
+        if expected == "<=" and value <= 0.0:
+            raise UsageError(f"budget '{text}': {metric} must be > 0")
+        return cls(metric, op, value, text.strip())
+
+    @classmethod
+    def coerce(cls, value: Budget | str) -> Budget:
+        return value if isinstance(value, Budget) else cls.parse(value)
+
+    @property
+    def is_output_metric(self) -> bool:
+        return self.metric in OUTPUT_METRICS
+
+    def ok(self, measured: float) -> bool:
+        if not math.isfinite(measured):
+            return False
+        return measured >= self.value if self.op == ">=" else measured <= self.value
+
+    def margin(self, measured: float) -> float:
+        """How far ``measured`` is inside the budget (negative: outside; -inf for NaN)."""
+        if not math.isfinite(measured):
+            return -math.inf
+        return measured - self.value if self.op == ">=" else self.value - measured
+
+    def tightened(self, gap: float) -> Budget:
+        """The same budget moved ``gap`` (>= 0) towards the safe side."""
+        value = self.value + gap if self.op == ">=" else self.value - gap
+        return dataclasses.replace(self, value=value)
+
+    @property
+    def ideal(self) -> float | None:
+        """The metric's value for an unchanged model, where it has one: 1 for cosines, 0 for errors and drops."""
+        if self.metric.endswith("cos"):
+            return 1.0
+        return 0.0 if self.op == "<=" else None
+
+    def backed_off(self, expected: float, measured: float) -> Budget:
+        """The target for the next search after a build measured ``measured`` where the search expected
+        ``expected`` (the fit-set / simulated value) and the budget failed. Where the metric has an ideal
+        value, the distance to it is scaled by how much larger the real distance was (held-out errors that are
+        k times the fit-set errors need a fit-set target k times closer to ideal, with 20% margin); otherwise
+        the target moves by 1.5x the gap."""
+        ideal = self.ideal
+        if ideal is not None and math.isfinite(expected) and math.isfinite(measured):
+            fit_distance = abs(ideal - expected)
+            real_distance = abs(ideal - measured)
+            if real_distance > fit_distance > 0:
+                distance = abs(ideal - self.value) * fit_distance / real_distance / 1.2
+                return dataclasses.replace(self, value=ideal - distance if self.op == ">=" else ideal + distance)
+        gap = abs(measured - expected) if not math.isclose(measured, expected) else abs(self.value - measured)
+        return self.tightened(1.5 * gap + 1e-12)
+
+    def __str__(self) -> str:
+        return f"{self.metric}{self.op}{self.value:g}"
