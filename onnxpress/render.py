@@ -172,8 +172,9 @@ def _ok(passed: bool, ok: str = "ok", failed: str = "FAIL") -> Text:
 
 
 def render_validation(report) -> Table:
-    title = f"Validation on {report.provider} ({report.tolerance.describe()}, {report.samples} input set(s))"
-    table = _table(title, ("output", ("shape", "right"), ("max abs", "right"), ("rel L2", "right"), ("cosine", "right"), "verdict"))
+    runs = getattr(report, "feeds", 1)
+    title = f"Validation on {report.provider} ({report.tolerance.describe()}; {report.samples} sample(s) in {runs} run(s))"
+    table = _table(title, ("output", ("shape", "right"), ("max abs", "right"), ("rel L2 mean", "right"), ("cosine mean", "right"), "verdict"))
     for o in report.outputs:
         verdict = _ok(o.within_tolerance)
         if not o.within_tolerance and o.note:
