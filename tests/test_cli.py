@@ -174,3 +174,19 @@ def test_optimize_writes_sparsified_model(tmp_path):
     assert len(proto.graph.sparse_initializer) >= 1
     dense = onnxpress.load(out).graph.initializers["w1"].const_value.numpy()
     assert np.mean(dense == 0) >= 0.8
+
+
+def test_budget_on_torchscript_names_prints_its_pipeline_literally(tmp_path, capsys):
+    """Issue 16: a chosen pipeline holding include=[/m/...] ended every --budget run in a MarkupError."""
+    src = tmp_path / "in.onnx"
+    model = mlp_model(k=32, h=64, n=16)
+    for i, node in enumerate(model.graph):
+        node.name = f"/m/encoder/layer.{i}/[bold]MatMul"
+    onnxpress.save(model, src)
+    out = tmp_path / "out.onnx"
+    code = run(["optimize", str(src), "-o", str(out), "--budget", "cos>=0.99", "--report", str(tmp_path / "r.json")])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    pipeline = json.loads((tmp_path / "r.json").read_text())["pipeline"]
+    assert "/m/encoder/layer." in pipeline and pipeline in printed.out.replace("\n", "")
+    assert "[bold]MatMul" in printed.out
