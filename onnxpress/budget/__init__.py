@@ -33,7 +33,7 @@ Algorithm
    reduced to the lower convex hull of (bytes saved, d); all hull segments of all layers are sorted by
    bytes saved per unit of ``d``. A prefix of this list is a configuration; longer prefixes are smaller
    and (predicted) less faithful.
-5. **Search on the path** (``search``): the budget metric of a configuration is measured, not predicted: for output
+5. **Search on the path** (``search.BudgetSearch``, one object whose methods are these stages): the budget metric of a configuration is measured, not predicted: for output
    metrics (``cos``, ``rel_l2``, ``max_abs``) by feeding all its reconstructions at once to the simulation
    session on the calibration (fit) data; for task metrics by the task's ``evaluate`` on that session with the
    reconstructions fed (``accepts_session``) or on a materialized copy of the model. An interpolating
@@ -65,11 +65,11 @@ from onnxpress.budget.build import build, qdq_selection, substring_selectors
 from onnxpress.budget.layers import FP32, Choice, Grid, Layer, find_layers, split_coverage
 from onnxpress.budget.paths import Move, apply_moves, greedy_path, longest_passing_prefix, lower_hull, search_path
 from onnxpress.budget.result import BudgetResult, LayerDecision, Point
-from onnxpress.budget.search import REFINE_SLACK, search
+from onnxpress.budget.search import REFINE_SLACK, BudgetSearch, SearchOptions, search
 from onnxpress.budget.spec import OUTPUT_METRICS, Budget
 
 __all__ = [
-    "FP32", "OUTPUT_METRICS", "REFINE_SLACK", "Budget", "BudgetResult", "Choice", "Grid", "Layer", "LayerDecision", "Move", "Point",
-    "apply_moves", "build", "find_layers", "greedy_path", "longest_passing_prefix", "lower_hull", "qdq_selection", "search",
+    "FP32", "OUTPUT_METRICS", "REFINE_SLACK", "Budget", "BudgetResult", "BudgetSearch", "Choice", "Grid", "Layer", "LayerDecision", "Move", "Point",
+    "SearchOptions", "apply_moves", "build", "find_layers", "greedy_path", "longest_passing_prefix", "lower_hull", "qdq_selection", "search",
     "search_path", "split_coverage", "substring_selectors",
 ]

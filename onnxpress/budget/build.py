@@ -13,7 +13,10 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxpress.budget.layers import Choice, Layer
+from onnxpress.pass_infra import PassContext
+from onnxpress.passes.factorize import Factorize
 from onnxpress.passes.graph_utils import node_label
+from onnxpress.passes.qdq import Qdq, QdqOptions, find_targets
 
 
 def substring_selectors(intended: Sequence[str], universe: Sequence[str], done: Iterable[str] = ()) -> list[tuple[list[str], list[str]]]:
@@ -69,67 +72,63 @@ def qdq_selection(wanted: Sequence[str], excluded: Sequence[str], targets: Seque
     return {"include": by_include} if len(",".join(by_include)) < len(",".join(by_exclude)) else {"exclude": by_exclude}
 
 
-def build(model: ir.Model, layers: Sequence[Layer], decisions: dict[str, Choice], calibration: Sequence[dict[str, np.ndarray]]) -> tuple[ir.Model, list[Any]]:
-    """Run the passes that realise ``decisions`` (layer name -> choice) on a copy of ``model``.
+def qdq_mode_options(quant: str, gather: bool) -> dict[str, Any]:
+    """The ``qdq`` options (only those that differ from its defaults) that quantize as ``quant``:
+    ``int8`` (weight mode), ``int4/B`` (``gather``: an embedding table is among the layers), ``split/H/C``."""
+    defaults = QdqOptions()
+    if quant == "int8":
+        return {"mode": "weight"}
+    if quant.startswith("split/"):
+        hot_block, cold_block = (int(x) for x in quant.split("/")[1:])
+        options: dict[str, Any] = {"mode": "int4", "embedding_split": True}
+        if hot_block != defaults.embedding_block_size:
+            options["embedding_block_size"] = hot_block
+        if cold_block != defaults.embedding_cold_block_size:
+            options["embedding_cold_block_size"] = cold_block
+        return options
+    block = int(quant.split("/")[1])
+    options = {"mode": "int4"}
+    if block != defaults.block_size:
+        options["block_size"] = block
+    if gather and block != defaults.embedding_block_size:
+        options["embedding_block_size"] = block
+    return options
 
-    Returns the rewritten model and the pass objects (their text is the pipeline). Raises RuntimeError if
-    a pass rewrote other layers than planned (the plan and the passes disagree: a bug)."""
-    from onnxpress.pass_infra import PassContext
-    from onnxpress.passes import qdq as qdq_pass
-    from onnxpress.passes.factorize import Factorize
-    from onnxpress.passes.qdq import Qdq
 
-    work = ir.from_proto(ir.to_proto(model))
-    context = PassContext(calibration=list(calibration))
-    passes: list[Any] = []
-    by_name = {layer.name: layer for layer in layers}
+class _Builder:
+    """The passes run so far on one working copy, with the shared calibration context."""
 
-    def run(p: Any) -> None:
-        p.context = context
-        p(work)
-        passes.append(p)
+    def __init__(self, model: ir.Model, calibration: Sequence[dict[str, np.ndarray]]) -> None:
+        self.work = ir.from_proto(ir.to_proto(model))
+        self.context = PassContext(calibration=list(calibration))
+        self.passes: list[Any] = []
 
-    # 1. factorize, one pass per ratio (largest first)
-    universe = [node_label(n, i) for i, n in enumerate(work.graph) if n.op_type in ("MatMul", "Gemm")]
-    done: set[str] = set()
-    for ratio in sorted({c.ratio for c in decisions.values() if c.ratio is not None}, reverse=True):
-        names = [n for n, c in decisions.items() if c.ratio == ratio]
-        for include, exclude in substring_selectors(names, universe, done):
-            kwargs: dict[str, Any] = {"ratio": ratio, "calibrated": True, "include": tuple(include)}
-            if exclude:
-                kwargs["exclude"] = tuple(exclude)
-            p = Factorize(**kwargs)
-            run(p)
-            rewritten = {row["layer"] for row in p.details if "skipped" not in row}
-            if rewritten != set(include):
-                raise RuntimeError(f"factorize rewrote {sorted(rewritten)}, planned {sorted(include)}")
-            done |= set(include)
+    def run(self, p: Any) -> None:
+        p.context = self.context
+        p(self.work)
+        self.passes.append(p)
 
-    # 2. quantize: int4 passes per block size, then int8; factorized layers are quantized as U and V
-    def current_names(name: str, choice: Choice) -> list[str]:
-        return [f"{name}/factorize_U", f"{name}/factorize_V"] if choice.ratio is not None else [name]
+    def factorize(self, decisions: dict[str, Choice]) -> None:
+        """One ``factorize`` per ratio (largest first), each selecting exactly its layers by substring."""
+        universe = [node_label(n, i) for i, n in enumerate(self.work.graph) if n.op_type in ("MatMul", "Gemm")]
+        done: set[str] = set()
+        for ratio in sorted({c.ratio for c in decisions.values() if c.ratio is not None}, reverse=True):
+            names = [n for n, c in decisions.items() if c.ratio == ratio]
+            for include, exclude in substring_selectors(names, universe, done):
+                kwargs: dict[str, Any] = {"ratio": ratio, "calibrated": True, "include": tuple(include)}
+                if exclude:
+                    kwargs["exclude"] = tuple(exclude)
+                p = Factorize(**kwargs)
+                self.run(p)
+                rewritten = {row["layer"] for row in p.details if "skipped" not in row}
+                if rewritten != set(include):
+                    raise RuntimeError(f"factorize rewrote {sorted(rewritten)}, planned {sorted(include)}")
+                done |= set(include)
 
-    quants = sorted({c.quant for c in decisions.values() if c.quant is not None}, key=lambda q: (q == "int8", q))
-    for quant in quants:
-        wanted = [x for n, c in decisions.items() if c.quant == quant for x in current_names(n, c)]
-        defaults = qdq_pass.QdqOptions()
-        if quant == "int8":
-            mode_opts: dict[str, Any] = {"mode": "weight"}
-        elif quant.startswith("split/"):
-            hot_block, cold_block = (int(x) for x in quant.split("/")[1:])
-            mode_opts = {"mode": "int4", "embedding_split": True}
-            if hot_block != defaults.embedding_block_size:
-                mode_opts["embedding_block_size"] = hot_block
-            if cold_block != defaults.embedding_cold_block_size:
-                mode_opts["embedding_cold_block_size"] = cold_block
-        else:
-            block = int(quant.split("/")[1])
-            mode_opts = {"mode": "int4"}
-            if block != qdq_pass.QdqOptions().block_size:
-                mode_opts["block_size"] = block
-            if any(by_name[n].op == "Gather" for n, c in decisions.items() if c.quant == quant) and block != qdq_pass.QdqOptions().embedding_block_size:
-                mode_opts["embedding_block_size"] = block
-        targets, _ = qdq_pass.find_targets(work, qdq_pass.QdqOptions(**{k: v for k, v in mode_opts.items()}))
+    def quantize(self, quant: str, wanted: Sequence[str], gather: bool) -> None:
+        """One ``qdq`` that quantizes exactly the weights of ``wanted`` (current node names) as ``quant``."""
+        mode_opts = qdq_mode_options(quant, gather)
+        targets, _ = find_targets(self.work, QdqOptions(**mode_opts))
         target_names = [(t.node.name, t.node.op_type) for t in targets]
         missing = set(wanted) - {n for n, _ in target_names}
         if missing:
@@ -139,10 +138,25 @@ def build(model: ir.Model, layers: Sequence[Layer], decisions: dict[str, Choice]
             raise RuntimeError(f"qdq cannot exclude unnamed nodes {unnamed}")
         excluded = [n for n, _ in target_names if n not in set(wanted)]
         if excluded:
-            mode_opts.update(qdq_selection(wanted, excluded, target_names, has_include="include" in {f.name for f in dataclasses.fields(qdq_pass.QdqOptions)}))
+            mode_opts.update(qdq_selection(wanted, excluded, target_names, has_include="include" in {f.name for f in dataclasses.fields(QdqOptions)}))
         p = Qdq(**mode_opts)
-        run(p)
+        self.run(p)
         quantized = {row["layer"] for row in p.details if "skipped" not in row and "bytes_after" in row}
         if quantized != set(wanted):
             raise RuntimeError(f"qdq quantized {sorted(quantized)}, planned {sorted(wanted)}")
-    return work, passes
+
+
+def build(model: ir.Model, layers: Sequence[Layer], decisions: dict[str, Choice], calibration: Sequence[dict[str, np.ndarray]]) -> tuple[ir.Model, list[Any]]:
+    """Run the passes that realise ``decisions`` (layer name -> choice) on a copy of ``model``.
+
+    Returns the rewritten model and the pass objects (their text is the pipeline). Raises RuntimeError if
+    a pass rewrote other layers than planned (the plan and the passes disagree: a bug)."""
+    builder = _Builder(model, calibration)
+    builder.factorize(decisions)
+    # then quantize: int4 passes per block size, then int8; factorized layers are quantized as U and V
+    ops = {layer.name: layer.op for layer in layers}
+    for quant in sorted({c.quant for c in decisions.values() if c.quant is not None}, key=lambda q: (q == "int8", q)):
+        chosen = [n for n, c in decisions.items() if c.quant == quant]
+        wanted = [x for n in chosen for x in ([f"{n}/factorize_U", f"{n}/factorize_V"] if decisions[n].ratio is not None else [n])]
+        builder.quantize(quant, wanted, gather=any(ops[n] == "Gather" for n in chosen))
+    return builder.work, builder.passes

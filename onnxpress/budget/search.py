@@ -1,7 +1,18 @@
-"""The budget search: ``search`` (the algorithm is described in ``onnxpress.budget``)."""
+"""The budget search as one object whose stages run top to bottom (``BudgetSearch.run``):
+
+    prepare_data -> find_layers -> measure_sensitivity -> search_on_path -> refine -> baselines
+    -> build_and_verify -> result
+
+Shared state lives on the object: ``layers``; per layer ``tables[li]`` (bytes, d) and ``layer_options[li]``
+(FP32 first, then the candidates measured or predicted); ``path`` (the greedy hull moves); ``config``
+(layer -> option index) and ``accepted`` (its moves); ``target`` (the budget the search aims at, moved by
+back-offs); ``points``, ``attempts``, ``notes`` and ``seconds`` for the report. The algorithm is described
+in ``onnxpress.budget``.
+"""
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import json
@@ -30,24 +41,497 @@ from onnxpress.errors import UsageError
 REFINE_SLACK = 4.0
 
 
-def _as_model(model: Any) -> tuple[ir.Model, Any]:
-    """(working ir.Model copy, reference for evaluate/validate: a path string or a proto)."""
-    from onnxpress.io import load
+@dataclasses.dataclass(frozen=True)
+class SearchOptions:
+    """How hard the search works (``search``'s keyword arguments of the same names)."""
 
-    if isinstance(model, (str, os.PathLike)):
-        return load(model), os.fspath(model)
-    proto = ir.to_proto(model) if isinstance(model, ir.Model) else model
-    if not isinstance(proto, onnx.ModelProto):
-        raise TypeError(f"cannot search a budget for {type(model).__name__}")
-    return ir.serde.deserialize_model(proto), proto
+    grid: Grid = dataclasses.field(default_factory=Grid)
+    jobs: int = 1
+    cache: Any = True  # True, a folder, or False
+    sensitivity_batches: int = 1
+    rounds: int = 3
+    size_tol: float = 0.005
+    backoff: int = 3
+    baselines: bool = False
+    predict: bool = True
+    refine_rounds: int = 3
 
 
-def _blas_threads(limit: int):
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover
-        return contextlib.nullcontext()
-    return threadpool_limits(limits=limit, user_api="blas")
+@dataclasses.dataclass
+class Built:
+    """One build with the real passes and its verdict."""
+
+    model: Any
+    pipeline: str
+    metrics: dict[str, Any]
+    value: float  # the budget metric on the evaluation (held-out) data
+    fit_value: float  # the same on the calibration data
+    passed: bool
+    config: dict[int, int]
+
+
+class BudgetSearch:
+    """One budget search. ``search`` below is the function to call; this object holds its stages."""
+
+    def __init__(self, model: Any, budget: Budget | str, options: SearchOptions, *, task: Any = None,
+                 evaluate: Callable[[Any], dict[str, float]] | None = None) -> None:
+        from onnxpress import tasks
+        from onnxpress.api import model_bytes
+
+        self.t_start = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+        self.notes: list[str] = []
+        self.budget = Budget.coerce(budget)
+        self.opt = options
+        self.jobs = max(1, os.cpu_count() or 1) if options.jobs is None else max(1, int(options.jobs))
+        if not self.budget.is_output_metric and evaluate is None and task is None:
+            raise UsageError(f"budget on '{self.budget.metric}' is a task metric: give task= (CLI --task NAME or PKG.MOD:FUNCTION) or evaluate=; "
+                             f"output budgets are {', '.join(OUTPUT_METRICS)}")
+        self.working, self.reference = _as_model(model)
+        self.bytes_before = model_bytes(self.reference if isinstance(self.reference, onnx.ModelProto) else self.working)
+        self.resolved = tasks.resolve(task, self.reference) if evaluate is None else None
+        # a user's evaluate() decides both on the fit data and for the verdict; a task has one of each
+        self.evaluate = self.evaluate_verdict = evaluate
+        self.target = self.budget
+        self.points: list[Point] = []
+        self.attempts: list[dict[str, Any]] = []
+        self.checked: dict[tuple[tuple[int, int], ...], float] = {}  # configuration -> measured budget metric
+        self._tick: Callable[..., None] = lambda *a, **k: None  # the progress of the stage searching now
+
+    # -- data ---------------------------------------------------------------------------------------------
+    def prepare_data(self, calibration: Any, evaluation: Any, holdout: Any, data: Any, base: str | None) -> None:
+        """Fit (calibration) and verdict (evaluation) feeds, the base pipeline, the task's evaluators."""
+        from onnxpress import rundata
+        from onnxpress.data import generate_inputs
+        from onnxpress.pass_infra import PassContext
+        from onnxpress.passes import DEFAULT_PIPELINE
+        from onnxpress.pipeline import Pipeline
+
+        # No lossless pipeline by default: onnxsim turns MatMul+Add into Gemm, which int4 does not cover.
+        base_text = "" if base is None else (DEFAULT_PIPELINE if base == "default" else base)
+        base_pipe = Pipeline.parse(base_text)
+        self.base_text = base_text
+        # The search fits to the calibration data and decides on held-out data (``onnxpress.rundata``): with
+        # calibration only, a seeded part of it is held out and never seen by the passes or the search.
+        if data is None:
+            data = rundata.prepare(self.working, calibration=calibration, evaluation=evaluation, holdout=holdout,
+                                   task=self.resolved.module if self.resolved is not None else None)
+        elif calibration is not None or evaluation is not None:
+            raise UsageError("give data= (a prepared rundata.RunData) or calibration=/evaluation=, not both")
+        self.data = data
+        calib, eval_feeds, self.evaluation_label = data.calibration, data.evaluation, data.evaluation_source
+        if calib is None:
+            calib = [generate_inputs(self.working, seed=i) for i in range(4)]
+            self.notes.append("no calibration data given: fitted on 4 generated input batches (pass calibration= for real data)")
+        if eval_feeds is None:
+            eval_feeds = [generate_inputs(self.working, seed=100 + i) for i in range(4)]
+            self.evaluation_label = "generated random inputs (no real data given: the last resort), other seeds than the fit inputs"
+        self.calib, self.eval_feeds = calib, eval_feeds
+        if len(base_pipe):
+            self.working = base_pipe.run(self.working, context=PassContext(calibration=calib)).model
+        # task metrics: the search compares configurations on the fit data where the task takes data (user tasks)
+        resolved = self.resolved
+        if resolved is not None:
+            self.evaluate = resolved.evaluator(calib if resolved.uses_data else None)
+            self.evaluate_verdict = resolved.evaluator(eval_feeds if resolved.uses_data else None)
+            if not resolved.uses_data:
+                self.notes.append(f"task {resolved.name} scores every configuration on its own evaluation set (the passes fit only the calibration data)")
+        if not self.budget.is_output_metric:
+            on = self.evaluation_label if resolved is not None and resolved.uses_data else "its own evaluation set"
+            self.evaluation_label = f"task {resolved.name if resolved else 'evaluate()'} on " + on
+        self.sens_feeds = calib[: max(1, self.opt.sensitivity_batches)]
+
+    def run(self, progress: Any) -> BudgetResult:
+        """Every stage after ``prepare_data``, with progress; the result."""
+        with Reporter(progress) as self.rep:
+            self.find_layers()
+            self.measure_sensitivity()
+            self.search_on_path()
+            self.refine()
+            if self.opt.baselines:
+                self.baselines()
+            self.build_and_verify()
+        return self.result()
+
+    # -- layers, statistics ---------------------------------------------------------------------------------
+    def find_layers(self) -> None:
+        t0 = time.perf_counter()
+        self.layers, self.skipped = find_layers(self.working, self.opt.grid, self.calib)
+        if not self.layers:
+            raise UsageError("the model has no MatMul/Gemm/Conv/Gather weights the lossy passes can rewrite")
+        with self.rep.stage("input statistics", 1) as advance:
+            self.stats = collect_input_stats(self.working, self.calib, [layer.x for layer in self.layers if layer.x is not None])
+            advance()
+        self.seconds["statistics"] = time.perf_counter() - t0
+
+    # -- sensitivity: every (layer, candidate) alone ----------------------------------------------------------
+    def measure_sensitivity(self) -> None:
+        """``tables`` and ``layer_options``: per layer its candidates' exact bytes and their ``d`` alone
+        (plain quantizations measured; factorizations predicted from the layer's gain when ``predict``)."""
+        t0 = time.perf_counter()
+        layers = self.layers
+        self.sim = Simulator(self.working, layers, [layer for layer in layers if any(c.ratio is not None for c in layer.choices)], threads=self.jobs)
+        if not self.budget.is_output_metric:
+            # fail fast on a metric the task does not report, or a budget the original model misses itself
+            original_value = _task_value(self.evaluate, self.task_model({}), self.budget.metric)
+            if not self.budget.ok(original_value):
+                raise UsageError(f"the original model does not meet the budget itself: {self.budget.metric} = {original_value:.6g} (budget {self.budget})")
+            self.checked[()] = original_value
+        hot_sizes = {layer.name: int(layer.hot.size) for layer in layers if layer.hot is not None}
+        key = sens_cache.digest(self.working, self.sens_feeds, json.dumps([sens_cache.CACHE_VERSION, dataclasses.asdict(self.opt.grid), hot_sizes]))
+        cache_path = sens_cache.cache_file(self.opt.cache, key)
+        self.cached = sens_cache.load(cache_path)
+        self.spectra = Spectra()
+        self.recon_memo: dict[tuple[int, Choice], tuple[np.ndarray, np.ndarray | None]] = {}
+        self.tables: list[list[tuple[float, float]]] = []
+        self.layer_options: list[list[Choice]] = []
+        self.candidates: list[dict[str, Any]] = []
+        self.predicted: set[tuple[int, Choice]] = set()  # (layer, choice) whose d is predicted, not measured yet
+        self.local_errors: dict[tuple[int, Choice], float] = {}
+        self.sim.references(self.sens_feeds)
+        with self.rep.stage("sensitivity (layer x candidate)", sum(len(layer.choices) for layer in layers)) as advance, _blas_threads(1):
+            pool = concurrent.futures.ThreadPoolExecutor(max_workers=self.jobs) if self.jobs > 1 else None
+            try:
+                for li in range(len(layers)):
+                    self._layer_sensitivity(li, pool, advance)
+            finally:
+                if pool is not None:
+                    pool.shutdown()
+        sens_cache.save(cache_path, self.cached)
+        self.seconds["sensitivity"] = time.perf_counter() - t0
+
+    def _layer_sensitivity(self, li: int, pool: Any, advance: Callable[..., None]) -> None:
+        """One layer's table: groups of candidates, the plain quantizations (measured) first, then one group
+        per ratio (largest first); a ratio whose error alone passes ``max_layer_error`` ends the layer."""
+        layer = self.layers[li]
+        table = [(float(layer.fp32_bytes), 0.0)]
+        tried: list[Choice] = []
+        groups = [[c for c in layer.choices if c.ratio is None]]
+        for r in sorted({c.ratio for c in layer.choices if c.ratio is not None}, reverse=True):
+            groups.append([c for c in layer.choices if c.ratio == r])
+        gain = None
+        for gi, group in enumerate(groups):
+            if gi == 1 and self.opt.predict:
+                gain = self.layer_gain(li, tried, table)
+            todo = [c for c in group if f"{layer.name}|{c.label}" not in self.cached and gain is None]
+            # candidates are computed on the pool while onnxruntime measures the ones ready
+            futures = {c: pool.submit(self.recon, li, c) for c in todo} if pool is not None and len(todo) > 1 else {}
+            group_best = float("inf")
+            for c in group:
+                d = self._candidate_d(li, c, gain, futures)
+                nbytes = choice_bytes(layer, c)
+                table.append((float(nbytes), d))
+                tried.append(c)
+                group_best = min(group_best, d)
+                self.candidates.append({"layer": layer.name, "op": layer.op, "choice": c.label, "technique": c.technique, "bytes_before": layer.fp32_bytes,
+                                        "bytes": nbytes, "d": d, "measured": (li, c) not in self.predicted})
+                advance()
+            if gi > 0 and group_best > self.opt.grid.max_layer_error:
+                skipped_count = sum(len(g) for g in groups[gi + 1 :])
+                if skipped_count:
+                    advance(skipped_count)
+                break
+        opts = [FP32, *tried]
+        self.tables.append(table)
+        self.layer_options.append(opts)
+        # keep the reconstructions on this layer's hull (the search) and the plain quantizations (the uniform
+        # baselines); drop the others
+        keep = {opts[i] for i in lower_hull(table)}
+        for c in tried:
+            if c not in keep and c.ratio is not None:
+                self.recon_memo.pop((li, c), None)
+
+    def _candidate_d(self, li: int, c: Choice, gain: float | None, futures: dict[Choice, Any]) -> float:
+        """``d`` of one candidate: from the cache, predicted from the layer's gain, or measured."""
+        key = f"{self.layers[li].name}|{c.label}"
+        if key in self.cached:
+            return float(self.cached[key])
+        if gain is not None:
+            self.predicted.add((li, c))
+            return self.predict_d(li, c, gain)
+        if c in futures:
+            futures[c].result()
+        return self.measure_alone(li, c)
+
+    def recon(self, li: int, choice: Choice) -> tuple[np.ndarray, np.ndarray | None]:
+        """(weight, bias delta) of layer ``li`` rewritten by ``choice``, memoised."""
+        key = (li, choice)
+        if key not in self.recon_memo:
+            layer = self.layers[li]
+            self.recon_memo[key] = reconstruct(layer, choice, self.stats.get(layer.x) if layer.x else None, self.spectra)
+        return self.recon_memo[key]
+
+    def measure_alone(self, li: int, c: Choice) -> float:
+        """``d`` of candidate ``c`` applied to layer ``li`` alone, measured in the simulation session."""
+        layer = self.layers[li]
+        w, delta = self.recon(li, c)
+        d = self.sim.error(self.sens_feeds, self.sim.override(layer, w, delta)).d
+        self.cached[f"{layer.name}|{c.label}"] = d
+        if layer.x is not None and c.ratio is None:
+            self.local_errors[(li, c)] = local_error(layer, w, self.stats[layer.x])
+        return d
+
+    def layer_gain(self, li: int, measured: Sequence[Choice], table: Sequence[tuple[float, float]]) -> float | None:
+        """How much of a layer's own relative output error reaches the model output (d / local error), from
+        its measured quantizations (geometric mean); None when it cannot be estimated."""
+        layer = self.layers[li]
+        if layer.x is None:
+            return None
+        ratios = []
+        for i, c in enumerate(measured, start=1):
+            if (li, c) not in self.local_errors and c.ratio is None:
+                self.local_errors[(li, c)] = local_error(layer, self.recon(li, c)[0], self.stats[layer.x])
+            e = self.local_errors.get((li, c), 0.0)
+            if e > 0 and table[i][1] > 0:
+                ratios.append(math.log(table[i][1] / e))
+        return math.exp(sum(ratios) / len(ratios)) if ratios else None
+
+    def predict_d(self, li: int, c: Choice, gain: float) -> float:
+        """Predicted d of a factorization candidate: gain x (discarded output energy + the local error of
+        quantizing the whole weight the same way, a stand-in for quantizing the factors)."""
+        layer = self.layers[li]
+        e_quant = self.local_errors.get((li, Choice(None, c.quant)), 0.0) if c.quant is not None else 0.0
+        return gain * (lowrank_tail(layer, self.stats[layer.x], self.spectra, c.ratio) + e_quant)
+
+    # -- configurations -------------------------------------------------------------------------------------
+    def config_bytes(self, config: dict[int, int]) -> int:
+        return int(self.working_bytes - self.base_weight_bytes + sum(self.tables[li][config.get(li, 0)][0] for li in range(len(self.layers))))
+
+    def config_d(self, config: dict[int, int]) -> float:
+        return float(sum(self.tables[li][o][1] for li, o in config.items()))
+
+    def overrides(self, config: dict[int, int]) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        for li, o in config.items():
+            if o == 0:
+                continue
+            w, delta = self.recon(li, self.layer_options[li][o])
+            out.update(self.sim.override(self.layers[li], w, delta))
+        return out
+
+    def task_model(self, over: dict[str, np.ndarray]) -> Any:
+        """What a task's evaluate() scores: an evaluate() marked ``accepts_session`` gets the simulation session
+        with the overrides fed; any other a standalone model with the reconstructions written in."""
+        return self.sim.session_with(over) if getattr(self.evaluate, "accepts_session", False) else self.sim.materialize(over)
+
+    def measure(self, config: dict[int, int]) -> float:
+        """The budget metric of a configuration on the fit data, simulated (each configuration once)."""
+        key = tuple(sorted((li, o) for li, o in config.items() if o))
+        if key not in self.checked:
+            over = self.overrides(config)
+            if self.budget.is_output_metric:
+                value = self.sim.error(self.calib, over).metrics()[self.budget.metric]
+            else:
+                value = _task_value(self.evaluate, self.task_model(over), self.budget.metric)
+            self.checked[key] = value
+        return self.checked[key]
+
+    # -- the search on the greedy path ------------------------------------------------------------------------
+    def probe(self, config: dict[int, int]) -> float:
+        """The margin of ``config`` against the current target (>= 0: passes); recorded as a path point."""
+        value = self.measure(config)
+        ok = self.target.ok(value)
+        self.points.append(Point(f"{sum(1 for o in config.values() if o)} layers rewritten", self.config_bytes(config), self.config_d(config), value, ok, "path"))
+        self._tick()
+        return self.target.margin(value)
+
+    def _search_stage(self, name: str) -> None:
+        """Search the current path (``config``, ``accepted``) under a progress stage called ``name``."""
+        with self.rep.stage(name, 2 * int(math.log2(len(self.path) + 1) + 1) * max(self.opt.rounds, 1)) as advance:
+            self._tick = advance
+            self.config, self.accepted = search_path(self.path, self.probe, self.opt.rounds, size_tol=self.opt.size_tol, size0=float(self.working_bytes))
+
+    def search_on_path(self) -> None:
+        from onnxpress.api import model_bytes
+
+        t0 = time.perf_counter()
+        self.path = greedy_path(self.tables)
+        self.base_weight_bytes = sum(t[0][0] for t in self.tables)
+        self.working_bytes = model_bytes(self.working)
+        self._search_stage("search (verified configurations)")
+        self.seconds["search"] = time.perf_counter() - t0
+
+    # -- refine: measure the predicted candidates the search uses or could use, then search again -------------
+    def refine(self) -> None:
+        t0 = time.perf_counter()
+        for _ in range(self.opt.refine_rounds if self.predicted else 0):
+            todo = self.relevant_predictions(self.config, self.accepted)
+            if not todo:
+                break
+            with self.rep.stage("sensitivity (predicted candidates the search may use)", len(todo)) as advance, _blas_threads(1):
+                for li, c in todo:
+                    o = self.layer_options[li].index(c)
+                    d = self.measure_alone(li, c)
+                    self.tables[li][o] = (self.tables[li][o][0], d)
+                    self.predicted.discard((li, c))
+                    for row in self.candidates:
+                        if row["layer"] == self.layers[li].name and row["choice"] == c.label:
+                            row.update(d=d, measured=True)
+                    advance()
+            self.path = greedy_path(self.tables)
+            self._search_stage("search again (measured candidates)")
+        self.seconds["refine"] = time.perf_counter() - t0
+
+    def relevant_predictions(self, config: dict[int, int], accepted: Sequence[Move]) -> list[tuple[int, Choice]]:
+        """Predicted candidates the chosen configuration uses, or whose hull move, with the prediction
+        REFINE_SLACK times too pessimistic, is as efficient as the best move the search had to reject (the
+        price the budget sets): only these can change the result once measured."""
+        taken = set(accepted)
+        price = max((m.efficiency for m in self.path if m not in taken), default=0.0)
+        out: list[tuple[int, Choice]] = []
+        for li, table in enumerate(self.tables):
+            opts = self.layer_options[li]
+            # optimistic: every prediction REFINE_SLACK times too high (on the hull and efficient enough?)
+            hopeful = [(nbytes, d / REFINE_SLACK if (li, opts[o]) in self.predicted else d) for o, (nbytes, d) in enumerate(table)]
+            hull = lower_hull(hopeful)
+            on_hull = [b for b in hull[1:] if (li, opts[b]) in self.predicted]
+            relevant = any(
+                config.get(li, 0) == b or (hopeful[a][0] - hopeful[b][0]) / max(hopeful[b][1] - hopeful[a][1], TINY) >= price
+                for a, b in zip(hull, hull[1:])
+                if (li, opts[b]) in self.predicted
+            )
+            # a layer with one relevant prediction gets all its hull predictions measured at once: its
+            # neighbours on the hull tend to become relevant next, and each round costs a search
+            if relevant:
+                out.extend((li, opts[b]) for b in on_hull)
+            o = config.get(li, 0)
+            if o and (li, opts[o]) in self.predicted and (li, opts[o]) not in out:
+                out.append((li, opts[o]))
+        return out
+
+    # -- uniform baselines (report and plot) ------------------------------------------------------------------
+    def baselines(self) -> None:
+        t0 = time.perf_counter()
+        with self.rep.stage("uniform baselines", 3) as advance:
+            for quant in ("int8", "int4/32", "int4/128"):
+                cfg: dict[int, int] = {}
+                for li, opts in enumerate(self.layer_options):
+                    pick = Choice(None, quant) if Choice(None, quant) in opts else (Choice(None, "int8") if Choice(None, "int8") in opts else None)
+                    if pick is not None:
+                        cfg[li] = opts.index(pick)
+                value = self.measure(cfg)
+                label = f"all {quant}" + (" (int8 where int4 does not apply)" if quant != "int8" else "")
+                self.points.append(Point(label, self.config_bytes(cfg), self.config_d(cfg), value, self.budget.ok(value), "baseline"))
+                advance()
+        self.seconds["baselines"] = time.perf_counter() - t0
+
+    # -- build with the real passes, verify on held-out data, back off ------------------------------------------
+    def build_and_verify(self) -> None:
+        """Build the configuration with the real passes and verify it on the evaluation data; when it fails,
+        drop embedding splits first (the sharpest overfit), else tighten the target and search again;
+        after ``backoff`` such rounds (+1 for the split) the lossless model is the last resort."""
+        t0 = time.perf_counter()
+        self._reference_outputs()
+        self.final: Built | None = None
+        splits_banned = False
+        backoff = self.opt.backoff
+        with self.rep.stage("build and verify", backoff + 1) as advance:
+            for attempt in range(backoff + 3):  # + 1: a held-out failure with an embedding split first drops the split
+                last_resort = attempt == backoff + 2
+                if last_resort:
+                    self.config = {}
+                    self.notes.append("no configuration met the budget when built with the real passes: returned the lossless model")
+                built, simulated, split_rows = self._build_once()
+                advance()
+                self.final = built
+                if built.passed or last_resort:
+                    break
+                if self.budget.ok(built.fit_value):
+                    self.notes.append(f"attempt {attempt + 1}: {self.budget.metric} {built.fit_value:.6g} on the calibration data but {built.value:.6g} on held-out data: "
+                                      "the calibration set looks too small or unrepresentative; backing off")
+                if split_rows and not splits_banned:
+                    splits_banned = True
+                    self._ban_splits(split_rows)
+                    continue
+                self.target = self.target.backed_off(simulated, built.value)
+                if not np.isfinite(self.target.value):
+                    self.config = {}
+                    continue
+                self._search_stage(f"search again (target tightened to {self.target.value:.6g})")
+        self.seconds["build"] = time.perf_counter() - t0
+
+    def _reference_outputs(self) -> None:
+        """The original model's float outputs on the evaluation and the fit data (output-metric budgets)."""
+        self.reference_outputs = self.fit_reference = None
+        if self.budget.is_output_metric:
+            from onnxpress import runtime
+
+            ref_session = runtime.make_session(self.reference, threads=self.jobs)
+            self.reference_outputs = [_float_outputs(runtime.run(ref_session, f)) for f in self.eval_feeds]
+            self.fit_reference = [_float_outputs(runtime.run(ref_session, f)) for f in self.calib]
+
+    def _build_once(self) -> tuple[Built, float, list[dict[str, Any]]]:
+        """Build ``config``, measure it on held-out and fit data; (the build, its simulated value, the
+        embedding splits' held-out coverage). Appends the attempt to ``attempts``."""
+        from onnxpress.api import model_bytes
+        from onnxpress.pipeline import Pipeline
+
+        config, layers = self.config, self.layers
+        decisions = {layers[li].name: self.layer_options[li][o] for li, o in config.items() if o}
+        built_model, lossy_passes = build(self.working, layers, decisions, self.calib)
+        text = ",".join(p for p in [self.base_text.strip(), str(Pipeline(lossy_passes))] if p)
+        if self.budget.is_output_metric:
+            metrics = output_metrics(built_model, self.eval_feeds, self.reference_outputs, threads=self.jobs).metrics()
+            fit_metrics = output_metrics(built_model, self.calib, self.fit_reference, threads=self.jobs).metrics()
+        else:
+            metrics = dict(self.evaluate_verdict(built_model))
+            fit_metrics = dict(self.evaluate(built_model)) if self.evaluate is not self.evaluate_verdict else dict(metrics)
+        value = float(metrics[self.budget.metric])
+        fit_value = float(fit_metrics[self.budget.metric])
+        ok = self.budget.ok(value)
+        simulated = self.measure(config)
+        split_rows = []
+        for li, o in config.items():
+            choice = self.layer_options[li][o]
+            if o and choice.quant is not None and choice.quant.startswith("split/") and layers[li].hot is not None:
+                cold, total = split_coverage(self.working, layers[li], self.eval_feeds)
+                split_rows.append({"layer": layers[li].name, "held_out_cold_occurrences": cold, "held_out_occurrences": total})
+        self.attempts.append({"pipeline": text, "bytes": model_bytes(built_model), "value": value, "fit_value": fit_value,
+                              "simulated": simulated, "passed": ok, "target": self.target.value, "embedding_split": split_rows})
+        return Built(built_model, text, metrics, value, fit_value, ok, dict(config)), simulated, split_rows
+
+    def _ban_splits(self, split_rows: Sequence[dict[str, Any]]) -> None:
+        """The embedding split is the sharpest overfit: rows the calibration data never indexed are 2-bit.
+        When the held-out verdict fails with a split in the build, splits leave the tables and the path is
+        searched again."""
+        cold_share = sum(r["held_out_cold_occurrences"] for r in split_rows) / max(1, sum(r["held_out_occurrences"] for r in split_rows))
+        self.notes.append(f"embedding split rejected by the held-out check ({cold_share:.1%} of held-out token occurrences fall in 2-bit rows)")
+        for li, opts in enumerate(self.layer_options):
+            for oi, c in enumerate(opts):
+                if c.quant is not None and c.quant.startswith("split/"):
+                    self.tables[li][oi] = (self.tables[li][oi][0], math.inf)
+        self.path = greedy_path(self.tables)
+        self._search_stage("search again (no embedding split)")
+
+    # -- the result -------------------------------------------------------------------------------------------
+    def result(self) -> BudgetResult:
+        from onnxpress.api import model_bytes, stamp_metadata
+        from onnxpress.passes.factorize import rank_for_ratio
+
+        final = self.final
+        assert final is not None
+        stamp_metadata(final.model, final.pipeline)
+        config = final.config
+        layer_rows = []
+        for li, layer in enumerate(self.layers):
+            o = config.get(li, 0)
+            c = self.layer_options[li][o]
+            rank = rank_for_ratio(*layer.matrix.shape, c.ratio) if c.ratio is not None else None
+            layer_rows.append(LayerDecision(layer.name, layer.op, layer.shape, c.label, layer.fp32_bytes, int(self.tables[li][o][0]), float(self.tables[li][o][1]), rank))
+        bytes_after = model_bytes(final.model)
+        self.points.append(Point("chosen (built with the passes)", bytes_after, self.config_d(config), final.value, final.passed, "built"))
+        self.seconds["total"] = time.perf_counter() - self.t_start
+        skipped = list(self.skipped)
+        for layer in self.layers:
+            for tech, reason in layer.skipped.items():
+                skipped.append({"layer": layer.name, "op": layer.op, "skipped": f"{tech}: {reason}"})
+        return BudgetResult(
+            budget=self.budget, pipeline=final.pipeline, model=final.model, bytes_before=self.bytes_before, bytes_after=bytes_after,
+            predicted_bytes=self.config_bytes(config), value=final.value, fit_value=final.fit_value, passed=final.passed,
+            metrics={k: float(v) for k, v in final.metrics.items() if isinstance(v, (int, float))},
+            layers=layer_rows, candidates=self.candidates, points=self.points, attempts=self.attempts, seconds=self.seconds, notes=self.notes,
+            skipped=skipped, evaluation=self.evaluation_label, data=self.data.to_dict(),
+        )
 
 
 def search(
@@ -95,415 +579,24 @@ def search(
     could use (``refine_rounds`` times at most); False measures every candidate. ``cache``: True (``$ONNXPRESS_CACHE`` or
     ``~/.cache/onnxpress``), a folder, or False. Returns a ``BudgetResult``.
     """
-    from onnxpress.api import model_bytes
-    from onnxpress.pass_infra import PassContext
-    from onnxpress.pipeline import Pipeline
+    options = SearchOptions(grid=grid or Grid(), jobs=jobs, cache=cache, sensitivity_batches=sensitivity_batches, rounds=rounds, size_tol=size_tol,
+                            backoff=backoff, baselines=baselines, predict=predict, refine_rounds=refine_rounds)
+    runner = BudgetSearch(model, budget, options, task=task, evaluate=evaluate)
+    runner.prepare_data(calibration, evaluation, holdout, data, base)
+    return runner.run(progress)
 
-    t_start = time.perf_counter()
-    seconds: dict[str, float] = {}
-    notes: list[str] = []
-    budget = Budget.coerce(budget)
-    grid = grid or Grid()
-    jobs = max(1, os.cpu_count() or 1) if jobs is None else max(1, int(jobs))
-    from onnxpress import rundata, tasks
 
-    if not budget.is_output_metric and evaluate is None:
-        if task is None:
-            raise UsageError(f"budget on '{budget.metric}' is a task metric: give task= (CLI --task NAME or PKG.MOD:FUNCTION) or evaluate=; output budgets are {', '.join(OUTPUT_METRICS)}")
-    working, reference = _as_model(model)
-    bytes_before = model_bytes(reference if isinstance(reference, onnx.ModelProto) else working)
-    resolved = tasks.resolve(task, reference) if evaluate is None else None
+# -- helpers ----------------------------------------------------------------------------------------------------
+def _as_model(model: Any) -> tuple[ir.Model, Any]:
+    """(working ir.Model copy, reference for evaluate/validate: a path string or a proto)."""
+    from onnxpress.io import load
 
-    # -- base (lossless) pipeline ------------------------------------------------------------------
-    from onnxpress.passes import DEFAULT_PIPELINE
-
-    # No lossless pipeline by default: onnxsim turns MatMul+Add into Gemm, which int4 does not cover.
-    base_text = "" if base is None else (DEFAULT_PIPELINE if base == "default" else base)
-    base_pipe = Pipeline.parse(base_text)
-    # The search fits to the calibration data and decides on held-out data (``onnxpress.rundata``): with
-    # calibration only, a seeded part of it is held out and never seen by the passes or the search.
-    if data is None:
-        data = rundata.prepare(working, calibration=calibration, evaluation=evaluation, holdout=holdout,
-                               task=resolved.module if resolved is not None else None)
-    elif calibration is not None or evaluation is not None:
-        raise UsageError("give data= (a prepared rundata.RunData) or calibration=/evaluation=, not both")
-    calib, eval_feeds, evaluation_label = data.calibration, data.evaluation, data.evaluation_source
-    if calib is None:
-        from onnxpress.data import generate_inputs
-
-        calib = [generate_inputs(working, seed=i) for i in range(4)]
-        notes.append("no calibration data given: fitted on 4 generated input batches (pass calibration= for real data)")
-    if eval_feeds is None:
-        from onnxpress.data import generate_inputs
-
-        eval_feeds = [generate_inputs(working, seed=100 + i) for i in range(4)]
-        evaluation_label = "generated random inputs (no real data given: the last resort), other seeds than the fit inputs"
-    if len(base_pipe):
-        result = base_pipe.run(working, context=PassContext(calibration=calib))
-        working = result.model
-    # task metrics: the search compares configurations on the fit data where the task takes data (user tasks)
-    evaluate_fit = evaluate_verdict = evaluate
-    if resolved is not None:
-        evaluate_fit = resolved.evaluator(calib if resolved.uses_data else None)
-        evaluate_verdict = resolved.evaluator(eval_feeds if resolved.uses_data else None)
-        if not resolved.uses_data:
-            notes.append(f"task {resolved.name} scores every configuration on its own evaluation set (the passes fit only the calibration data)")
-    evaluate = evaluate_fit
-    if not budget.is_output_metric:
-        evaluation_label = (f"task {resolved.name if resolved else 'evaluate()'} on " + (evaluation_label if resolved is not None and resolved.uses_data else "its own evaluation set"))
-    sens_feeds = calib[: max(1, sensitivity_batches)]
-
-    with Reporter(progress) as rep:
-        # -- layers, statistics ------------------------------------------------------------------------
-        t0 = time.perf_counter()
-        layers, skipped = find_layers(working, grid, calib)
-        if not layers:
-            raise UsageError("the model has no MatMul/Gemm/Conv/Gather weights the lossy passes can rewrite")
-        matmul_inputs = [layer.x for layer in layers if layer.x is not None]
-        with rep.stage("input statistics", 1) as advance:
-            stats = collect_input_stats(working, calib, matmul_inputs)
-            advance()
-        seconds["statistics"] = time.perf_counter() - t0
-
-        # -- sensitivity -----------------------------------------------------------------------------
-        t0 = time.perf_counter()
-        with_bias = [layer for layer in layers if any(c.ratio is not None for c in layer.choices)]
-        sim = Simulator(working, layers, with_bias, threads=jobs)
-        checked: dict[tuple[tuple[int, int], ...], float] = {}
-
-        def task_model(over: dict[str, np.ndarray]) -> Any:
-            # an evaluate() marked ``accepts_session`` scores the simulation session with the overrides fed;
-            # any other gets a standalone model with the reconstructions written in
-            return sim.session_with(over) if getattr(evaluate, "accepts_session", False) else sim.materialize(over)
-
-        if not budget.is_output_metric:
-            # fail fast on a metric the task does not report, or a budget the original model misses itself
-            original_value = _task_value(evaluate, task_model({}), budget.metric)
-            if not budget.ok(original_value):
-                raise UsageError(f"the original model does not meet the budget itself: {budget.metric} = {original_value:.6g} (budget {budget})")
-            checked[()] = original_value
-        hot_sizes = {layer.name: int(layer.hot.size) for layer in layers if layer.hot is not None}
-        digest = sens_cache.digest(working, sens_feeds, json.dumps([sens_cache.CACHE_VERSION, dataclasses.asdict(grid), hot_sizes]))
-        cache_path = sens_cache.cache_file(cache, digest)
-        cached = sens_cache.load(cache_path)
-        spectra = Spectra()
-        recon_memo: dict[tuple[int, Choice], tuple[np.ndarray, np.ndarray | None]] = {}
-
-        def recon(li: int, choice: Choice) -> tuple[np.ndarray, np.ndarray | None]:
-            key = (li, choice)
-            if key not in recon_memo:
-                layer = layers[li]
-                recon_memo[key] = reconstruct(layer, choice, stats.get(layer.x) if layer.x else None, spectra)
-            return recon_memo[key]
-
-        tables: list[list[tuple[float, float]]] = []
-        options: list[list[Choice]] = []
-        candidates: list[dict[str, Any]] = []
-        predicted: set[tuple[int, Choice]] = set()  # (layer, choice) whose d is predicted, not measured yet
-        local_errors: dict[tuple[int, Choice], float] = {}
-
-        def measure_alone(li: int, c: Choice) -> float:
-            layer = layers[li]
-            w, delta = recon(li, c)
-            d = sim.error(sens_feeds, sim.override(layer, w, delta)).d
-            cached[f"{layer.name}|{c.label}"] = d
-            if layer.x is not None and c.ratio is None:
-                local_errors[(li, c)] = local_error(layer, w, stats[layer.x])
-            return d
-
-        def layer_gain(li: int, measured: Sequence[Choice], table: Sequence[tuple[float, float]]) -> float | None:
-            """How much of a layer's own relative output error reaches the model output (d / local error),
-            from its measured quantizations (geometric mean); None when it cannot be estimated."""
-            layer = layers[li]
-            if layer.x is None:
-                return None
-            ratios = []
-            for i, c in enumerate(measured, start=1):
-                if (li, c) not in local_errors and c.ratio is None:
-                    local_errors[(li, c)] = local_error(layer, recon(li, c)[0], stats[layer.x])
-                e = local_errors.get((li, c), 0.0)
-                if e > 0 and table[i][1] > 0:
-                    ratios.append(math.log(table[i][1] / e))
-            return math.exp(sum(ratios) / len(ratios)) if ratios else None
-
-        def predict_d(li: int, c: Choice, gain: float) -> float:
-            """Predicted d of a factorization candidate: gain x (discarded output energy + the local error of
-            quantizing the whole weight the same way, a stand-in for quantizing the factors)."""
-            layer = layers[li]
-            e_quant = local_errors.get((li, Choice(None, c.quant)), 0.0) if c.quant is not None else 0.0
-            return gain * (lowrank_tail(layer, stats[layer.x], spectra, c.ratio) + e_quant)
-        total = sum(len(layer.choices) for layer in layers)
-        sim.references(sens_feeds)
-        with rep.stage("sensitivity (layer x candidate)", total) as advance, _blas_threads(1):
-            import concurrent.futures
-
-            pool = concurrent.futures.ThreadPoolExecutor(max_workers=jobs) if jobs > 1 else None
-            try:
-                for li, layer in enumerate(layers):
-                    table = [(float(layer.fp32_bytes), 0.0)]
-                    tried: list[Choice] = []
-                    # groups of candidates: the plain quantizations (measured), then one group per ratio
-                    # (largest first); a ratio whose error alone passes max_layer_error ends the layer's search
-                    groups = [[c for c in layer.choices if c.ratio is None]]
-                    for r in sorted({c.ratio for c in layer.choices if c.ratio is not None}, reverse=True):
-                        groups.append([c for c in layer.choices if c.ratio == r])
-                    gain = None
-                    for gi, group in enumerate(groups):
-                        if gi == 1 and predict:
-                            gain = layer_gain(li, tried, table)
-                        todo = [c for c in group if f"{layer.name}|{c.label}" not in cached and gain is None]
-                        # candidates are computed on the pool while onnxruntime measures the ones ready
-                        futures = {c: pool.submit(recon, li, c) for c in todo} if pool is not None and len(todo) > 1 else {}
-                        group_best = float("inf")
-                        for c in group:
-                            key = f"{layer.name}|{c.label}"
-                            if key in cached:
-                                d = float(cached[key])
-                            elif gain is not None:
-                                d = predict_d(li, c, gain)
-                                predicted.add((li, c))
-                            else:
-                                if c in futures:
-                                    futures[c].result()
-                                d = measure_alone(li, c)
-                            nbytes = choice_bytes(layer, c)
-                            table.append((float(nbytes), d))
-                            tried.append(c)
-                            group_best = min(group_best, d)
-                            candidates.append({"layer": layer.name, "op": layer.op, "choice": c.label, "technique": c.technique, "bytes_before": layer.fp32_bytes, "bytes": nbytes, "d": d, "measured": (li, c) not in predicted})
-                            advance()
-                        if gi > 0 and group_best > grid.max_layer_error:
-                            skipped_count = sum(len(g) for g in groups[gi + 1 :])
-                            if skipped_count:
-                                advance(skipped_count)
-                            break
-                    opts = [FP32, *tried]
-                    tables.append(table)
-                    options.append(opts)
-                    # keep the reconstructions on this layer's hull (the search) and the plain quantizations
-                    # (the uniform baselines); drop the others
-                    keep = {opts[i] for i in lower_hull(table)}
-                    for c in tried:
-                        if c not in keep and c.ratio is not None:
-                            recon_memo.pop((li, c), None)
-            finally:
-                if pool is not None:
-                    pool.shutdown()
-        sens_cache.save(cache_path, cached)
-        seconds["sensitivity"] = time.perf_counter() - t0
-
-        # -- greedy path and its search --------------------------------------------------------------------
-        t0 = time.perf_counter()
-        path = greedy_path(tables)
-        base_weight_bytes = sum(t[0][0] for t in tables)
-        working_bytes = model_bytes(working)
-        points: list[Point] = []
-
-        def config_bytes(config: dict[int, int]) -> int:
-            return int(working_bytes - base_weight_bytes + sum(tables[li][config.get(li, 0)][0] for li in range(len(layers))))
-
-        def config_d(config: dict[int, int]) -> float:
-            return float(sum(tables[li][o][1] for li, o in config.items()))
-
-        def overrides(config: dict[int, int]) -> dict[str, np.ndarray]:
-            out: dict[str, np.ndarray] = {}
-            for li, o in config.items():
-                if o == 0:
-                    continue
-                w, delta = recon(li, options[li][o])
-                out.update(sim.override(layers[li], w, delta))
-            return out
-
-        def measure(config: dict[int, int]) -> float:
-            key = tuple(sorted((li, o) for li, o in config.items() if o))
-            if key not in checked:
-                over = overrides(config)
-                if budget.is_output_metric:
-                    value = sim.error(calib, over).metrics()[budget.metric]
-                else:
-                    value = _task_value(evaluate, task_model(over), budget.metric)
-                checked[key] = value
-            return checked[key]
-
-        def relevant_predictions(config: dict[int, int], accepted: Sequence[Move]) -> list[tuple[int, Choice]]:
-            """Predicted candidates the chosen configuration uses, or whose hull move, with the prediction
-            REFINE_SLACK times too pessimistic, is as efficient as the best move the search had to reject
-            (the price the budget sets): only these can change the result once measured."""
-            taken = set(accepted)
-            price = max((m.efficiency for m in path if m not in taken), default=0.0)
-            out: list[tuple[int, Choice]] = []
-            for li, table in enumerate(tables):
-                # optimistic: every prediction REFINE_SLACK times too high (on the hull and efficient enough?)
-                hopeful = [(nbytes, d / REFINE_SLACK if (li, options[li][o]) in predicted else d) for o, (nbytes, d) in enumerate(table)]
-                hull = lower_hull(hopeful)
-                on_hull = [b for b in hull[1:] if (li, options[li][b]) in predicted]
-                relevant = any(
-                    config.get(li, 0) == b or (hopeful[a][0] - hopeful[b][0]) / max(hopeful[b][1] - hopeful[a][1], TINY) >= price
-                    for a, b in zip(hull, hull[1:])
-                    if (li, options[li][b]) in predicted
-                )
-                # a layer with one relevant prediction gets all its hull predictions measured at once: its
-                # neighbours on the hull tend to become relevant next, and each round costs a search
-                if relevant:
-                    out.extend((li, options[li][b]) for b in on_hull)
-                o = config.get(li, 0)
-                if o and (li, options[li][o]) in predicted and (li, options[li][o]) not in out:
-                    out.append((li, options[li][o]))
-            return out
-
-        target = budget
-        tick: list[Callable[..., None]] = [lambda *a, **k: None]  # the progress of the stage searching now
-
-        def search_stage(name: str) -> Any:
-            return rep.stage(name, 2 * int(math.log2(len(path) + 1) + 1) * max(rounds, 1))
-
-        with search_stage("search (verified configurations)") as advance:
-            tick[0] = advance
-
-            def probe(config: dict[int, int]) -> float:
-                value = measure(config)
-                ok = target.ok(value)
-                points.append(Point(f"{sum(1 for o in config.values() if o)} layers rewritten", config_bytes(config), config_d(config), value, ok, "path"))
-                tick[0]()
-                return target.margin(value)
-
-            def run_search() -> tuple[dict[int, int], list[Move]]:
-                return search_path(path, probe, rounds, size_tol=size_tol, size0=float(working_bytes))
-
-            config, accepted = run_search()
-        seconds["search"] = time.perf_counter() - t0
-
-        # -- refine: measure the predicted candidates the search uses or could use, then search again -------
-        t0 = time.perf_counter()
-        for _ in range(refine_rounds if predicted else 0):
-            todo = relevant_predictions(config, accepted)
-            if not todo:
-                break
-            with rep.stage("sensitivity (predicted candidates the search may use)", len(todo)) as advance, _blas_threads(1):
-                for li, c in todo:
-                    o = options[li].index(c)
-                    d = measure_alone(li, c)
-                    tables[li][o] = (tables[li][o][0], d)
-                    predicted.discard((li, c))
-                    for row in candidates:
-                        if row["layer"] == layers[li].name and row["choice"] == c.label:
-                            row.update(d=d, measured=True)
-                    advance()
-            path = greedy_path(tables)
-            with search_stage("search again (measured candidates)") as advance:
-                tick[0] = advance
-                config, accepted = run_search()
-        seconds["refine"] = time.perf_counter() - t0
-
-        if baselines:
-            t0 = time.perf_counter()
-            with rep.stage("uniform baselines", 3) as advance:
-                for quant in ("int8", "int4/32", "int4/128"):
-                    cfg: dict[int, int] = {}
-                    for li, opts in enumerate(options):
-                        pick = Choice(None, quant) if Choice(None, quant) in opts else (Choice(None, "int8") if Choice(None, "int8") in opts else None)
-                        if pick is not None:
-                            cfg[li] = opts.index(pick)
-                    value = measure(cfg)
-                    points.append(Point(f"all {quant}" + (" (int8 where int4 does not apply)" if quant != "int8" else ""), config_bytes(cfg), config_d(cfg), value, budget.ok(value), "baseline"))
-                    advance()
-            seconds["baselines"] = time.perf_counter() - t0
-
-        # -- build with the real passes, verify, back off ----------------------------------------------------
-        t0 = time.perf_counter()
-        reference_outputs = fit_reference = None
-        if budget.is_output_metric:
-            from onnxpress import runtime
-
-            ref_session = runtime.make_session(reference, threads=jobs)
-            reference_outputs = [_float_outputs(runtime.run(ref_session, f)) for f in eval_feeds]
-            fit_reference = [_float_outputs(runtime.run(ref_session, f)) for f in calib]
-            del ref_session
-        attempts: list[dict[str, Any]] = []
-        final = None
-        splits_banned = False
-        with rep.stage("build and verify", backoff + 1) as advance:
-            for attempt in range(backoff + 3):  # + 1: a held-out failure with an embedding split first drops the split
-                last_resort = attempt == backoff + 2
-                if last_resort:
-                    config = {}
-                    notes.append("no configuration met the budget when built with the real passes: returned the lossless model")
-                decisions = {layers[li].name: options[li][o] for li, o in config.items() if o}
-                built_model, lossy_passes = build(working, layers, decisions, calib)
-                text = ",".join(p for p in [base_text.strip(), str(Pipeline(lossy_passes))] if p)
-                if budget.is_output_metric:
-                    metrics = output_metrics(built_model, eval_feeds, reference_outputs, threads=jobs).metrics()
-                    fit_metrics = output_metrics(built_model, calib, fit_reference, threads=jobs).metrics()
-                else:
-                    metrics = dict(evaluate_verdict(built_model))
-                    fit_metrics = dict(evaluate_fit(built_model)) if evaluate_fit is not evaluate_verdict else dict(metrics)
-                value = float(metrics[budget.metric])
-                fit_value = float(fit_metrics[budget.metric])
-                ok = budget.ok(value)
-                simulated = measure(config)
-                split_rows = []
-                for li, o in config.items():
-                    if o and options[li][o].quant is not None and options[li][o].quant.startswith("split/") and layers[li].hot is not None:
-                        cold, total = split_coverage(working, layers[li], eval_feeds)
-                        split_rows.append({"layer": layers[li].name, "held_out_cold_occurrences": cold, "held_out_occurrences": total})
-                attempts.append({"pipeline": text, "bytes": model_bytes(built_model), "value": value, "fit_value": fit_value,
-                                 "simulated": simulated, "passed": ok, "target": target.value, "embedding_split": split_rows})
-                advance()
-                final = (built_model, text, metrics, value, ok, dict(config), fit_value)
-                if ok or last_resort:
-                    break
-                if budget.ok(fit_value):
-                    notes.append(f"attempt {attempt + 1}: {budget.metric} {fit_value:.6g} on the calibration data but {value:.6g} on held-out data: "
-                                 "the calibration set looks too small or unrepresentative; backing off")
-                if split_rows and not splits_banned:
-                    # the embedding split is the sharpest overfit: rows the calibration data never indexed are
-                    # 2-bit; when the held-out verdict fails with a split in the build, drop splits first
-                    splits_banned = True
-                    cold_share = sum(r["held_out_cold_occurrences"] for r in split_rows) / max(1, sum(r["held_out_occurrences"] for r in split_rows))
-                    notes.append(f"embedding split rejected by the held-out check ({cold_share:.1%} of held-out token occurrences fall in 2-bit rows)")
-                    for li, opts in enumerate(options):
-                        for oi, c in enumerate(opts):
-                            if c.quant is not None and c.quant.startswith("split/"):
-                                tables[li][oi] = (tables[li][oi][0], math.inf)
-                    path = greedy_path(tables)
-                    with search_stage("search again (no embedding split)") as search_advance:
-                        tick[0] = search_advance
-                        config, accepted = run_search()
-                    continue
-                target = target.backed_off(simulated, value)
-                if not np.isfinite(target.value):
-                    config = {}
-                    continue
-                with search_stage(f"search again (target tightened to {target.value:.6g})") as search_advance:
-                    tick[0] = search_advance
-                    config, accepted = run_search()
-        seconds["build"] = time.perf_counter() - t0
-        assert final is not None
-        built_model, text, metrics, value, ok, config, fit_value = final
-
-    _stamp(built_model, text)
-    layer_rows = []
-    for li, layer in enumerate(layers):
-        o = config.get(li, 0)
-        c = options[li][o]
-        rank = None
-        if c.ratio is not None:
-            from onnxpress.passes.factorize import rank_for_ratio
-
-            k, n = layer.matrix.shape
-            rank = rank_for_ratio(k, n, c.ratio)
-        layer_rows.append(LayerDecision(layer.name, layer.op, layer.shape, c.label, layer.fp32_bytes, int(tables[li][o][0]), float(tables[li][o][1]), rank))
-    points.append(Point("chosen (built with the passes)", model_bytes(built_model), config_d(config), value, ok, "built"))
-    seconds["total"] = time.perf_counter() - t_start
-    for layer in layers:
-        for tech, reason in layer.skipped.items():
-            skipped.append({"layer": layer.name, "op": layer.op, "skipped": f"{tech}: {reason}"})
-    return BudgetResult(
-        budget=budget, pipeline=text, model=built_model, bytes_before=bytes_before, bytes_after=model_bytes(built_model),
-        predicted_bytes=config_bytes(config), value=value, fit_value=fit_value, passed=ok, metrics={k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
-        layers=layer_rows, candidates=candidates, points=points, attempts=attempts, seconds=seconds, notes=notes, skipped=skipped,
-        evaluation=evaluation_label, data=data.to_dict(),
-    )
+    if isinstance(model, (str, os.PathLike)):
+        return load(model), os.fspath(model)
+    proto = ir.to_proto(model) if isinstance(model, ir.Model) else model
+    if not isinstance(proto, onnx.ModelProto):
+        raise TypeError(f"cannot search a budget for {type(model).__name__}")
+    return ir.serde.deserialize_model(proto), proto
 
 
 def _float_outputs(outputs: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -517,7 +610,9 @@ def _task_value(evaluate: Callable[[Any], dict[str, float]], model: Any, metric:
     return float(metrics[metric])
 
 
-def _stamp(model: Any, pipeline: str) -> None:
-    from onnxpress.api import stamp_metadata
-
-    stamp_metadata(model, pipeline)
+def _blas_threads(limit: int) -> Any:
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=limit, user_api="blas")
