@@ -254,31 +254,9 @@ def entry() -> None:
 
 def _load_factory(spec: str):
     """``pkg.mod:factory`` or ``path/to/file.py:factory`` -> the callable."""
-    import importlib
-    import importlib.util
+    from onnxpress.tasks import load_callable
 
-    target, sep, attr = spec.rpartition(":")
-    if not sep or not target or not attr:
-        raise UsageError(f"--module expects PKG.MOD:FACTORY or FILE.py:FACTORY, got '{spec}'")
-    try:
-        if target.endswith(".py"):
-            if not os.path.isfile(target):
-                raise UsageError(f"--module: {target}: no such file")
-            mod_spec = importlib.util.spec_from_file_location(Path(target).stem, target)
-            mod = importlib.util.module_from_spec(mod_spec)
-            mod_spec.loader.exec_module(mod)
-        else:
-            if os.getcwd() not in sys.path:
-                sys.path.insert(0, os.getcwd())
-            mod = importlib.import_module(target)
-    except UsageError:
-        raise
-    except Exception as exc:
-        raise UsageError(f"--module: cannot import {target}: {type(exc).__name__}: {exc}") from None
-    factory = getattr(mod, attr, None)
-    if not callable(factory):
-        raise UsageError(f"--module: {target} has no callable '{attr}'")
-    return factory
+    return load_callable(spec, what="--module")
 
 
 @main.command(name="export")

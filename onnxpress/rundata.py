@@ -188,6 +188,11 @@ def load_samples(value: Any, model: ir.Model, what: str) -> Samples:
     return _from_arrays(arrays, model, str(path), what)
 
 
+def load_calibration(path: str | os.PathLike, model: ir.Model, batch_size: int = BATCH_SIZE) -> list[Feed]:
+    """All of a calibration file or folder as onnxruntime feeds (batches of ``batch_size`` rows; no hold-out)."""
+    return load_samples(path, model, "calibration").batches(batch_size)
+
+
 def _from_arrays(arrays: dict[str, np.ndarray], model: ir.Model, source: str, what: str) -> Samples:
     data_mod.check_feeds(arrays, model, where=source, sample_axis=True)
     # a 0-d array (e.g. an audio model's sample rate) has no sample axis: every sample shares it

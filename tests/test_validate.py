@@ -4,7 +4,8 @@ import pytest
 from graphs import mlp_model, text_model
 
 import onnxpress
-from onnxpress.data import MAX_GENERATED_ELEMENTS, generate_inputs, load_calibration
+from onnxpress.data import MAX_GENERATED_ELEMENTS, generate_inputs
+from onnxpress.rundata import load_calibration
 from onnxpress.errors import UsageError, ValidationError
 from onnxpress.runtime import resolve_providers
 from onnxpress.validate import Tolerance, compare_arrays
