@@ -1,10 +1,10 @@
-"""Shared machinery of the real-model builders: the cache folder, atomic cached builds, seeding, running.
+"""Shared machinery of the real-model builders: cached builds, seeding, running.
 
-The cache folder is ``$ONNXPRESS_CACHE`` when set; otherwise ``<repo>/.cache/onnxpress`` when onnxpress
-runs from a source checkout (git-ignored), else ``~/.cache/onnxpress``.  Every cached file is written to a
-temporary file in the same folder and renamed into place, and a build holds an exclusive file lock, so
-two processes (pytest-xdist workers) building the same model do the work once and never see a partial
-file.
+The cache folder is onnxpress's (``onnxpress.io.cache_dir``: ``$ONNXPRESS_CACHE`` when set; otherwise
+``<repo>/.cache/onnxpress`` when onnxpress runs from a source checkout (git-ignored), else
+``~/.cache/onnxpress``).  Every cached file is written with ``onnxpress.io.atomic_write`` (a temporary file in
+the same folder, renamed into place), and a build holds an exclusive file lock, so two processes
+(pytest-xdist workers) building the same model do the work once and never see a partial file.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import random
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -21,24 +20,10 @@ from typing import Any
 
 import numpy as np
 
+from onnxpress.io import atomic_write, cache_dir
+
 DATA_DIR = Path(__file__).resolve().parent / "data"
 Feed = dict[str, np.ndarray]
-
-
-def cache_dir(override: str | os.PathLike | None = None) -> Path:
-    """The folder for built models and cached reference outputs (created on first use)."""
-    if override is not None:
-        folder = Path(override)
-    elif os.environ.get("ONNXPRESS_CACHE"):
-        folder = Path(os.environ["ONNXPRESS_CACHE"])
-    else:
-        repo = Path(__file__).resolve().parent.parent
-        if (repo / "pyproject.toml").is_file() and (repo / "onnxpress").is_dir():
-            folder = repo / ".cache" / "onnxpress"
-        else:
-            folder = Path.home() / ".cache" / "onnxpress"
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
 
 
 def read_lines(name: str) -> list[str]:
@@ -64,27 +49,11 @@ def file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp_path)`` for a temporary file beside ``path``, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def save_onnx(model: Any, path: Path) -> Path:
     """Save an ir.Model as one self-contained .onnx file, atomically."""
-    import onnx_ir as ir
+    from onnxpress import io
 
-    return atomic_write(path, lambda tmp: ir.save(model, tmp))
+    return io.save(model, path, external_data=False)
 
 
 def save_json(data: dict, path: Path) -> Path:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -323,8 +324,6 @@ def save(
         external_data = has_external_data(model) or initializer_bytes(model) > EXTERNAL_DATA_AUTO_BYTES
     if external_data:
         return _save_with_external_data(model, out, folder, size_threshold_bytes)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
     # ir.save keeps an external tensor's reference as it is: a single-file output would then point at the
     # input's data file, relative to the output's folder. Read such tensors in for the save, then put back.
     external = [v for g in model.graphs() for v in g.initializers.values() if isinstance(v.const_value, ir.ExternalTensor)]
@@ -332,17 +331,10 @@ def save(
     try:
         for value, tensor in zip(external, ir.external_data.convert_tensors_from_external(originals)):
             value.const_value = tensor
-        ir.save(model, tmp_name)
-        os.chmod(tmp_name, _umask_mode())  # mkstemp creates 0600; a model file is an ordinary file
-        os.replace(tmp_name, out)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
-        raise
+        return atomic_write(out, lambda tmp: ir.save(model, tmp))
     finally:
         for value, tensor in zip(external, originals):
             value.const_value = tensor
-    return out
 
 
 def _save_with_external_data(model: ir.Model, out: Path, folder: Path, size_threshold_bytes: int) -> Path:
@@ -392,13 +384,15 @@ def _save_sparse(model: ir.Model, out: Path, stored: list[sparse_storage.Stored]
     return out
 
 
-def write_bytes_atomic(data: bytes, path: str | os.PathLike) -> Path:
-    """Write a file atomically (temp file in the same folder, then os.replace)."""
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """Call ``write(tmp)`` for a hidden temporary file ``.<name>.*.tmp`` beside ``path``, then rename it into
+    place: a reader never sees a partial file, and a failure (exception, Ctrl-C) leaves no temporary and the
+    old file as it was. The file gets the usual permissions (mkstemp's are 0600)."""
     out = Path(path)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent if str(out.parent) else ".")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+        write(Path(tmp_name))
         os.chmod(tmp_name, _umask_mode())
         os.replace(tmp_name, out)
     except BaseException:
@@ -406,3 +400,26 @@ def write_bytes_atomic(data: bytes, path: str | os.PathLike) -> Path:
             os.unlink(tmp_name)
         raise
     return out
+
+
+def write_bytes_atomic(data: bytes, path: str | os.PathLike) -> Path:
+    """Write a file atomically (``atomic_write``)."""
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def cache_dir(override: str | os.PathLike | None = None) -> Path:
+    """The folder for cached builds and results (created on first use): ``override``, else ``$ONNXPRESS_CACHE``,
+    else ``<repo>/.cache/onnxpress`` when onnxpress runs from a source checkout (git-ignored, ``make clean``
+    removes it), else ``~/.cache/onnxpress``."""
+    if override is not None:
+        folder = Path(override)
+    elif os.environ.get("ONNXPRESS_CACHE"):
+        folder = Path(os.environ["ONNXPRESS_CACHE"])
+    else:
+        repo = Path(__file__).resolve().parent.parent
+        if (repo / "pyproject.toml").is_file() and (repo / "onnxpress").is_dir():
+            folder = repo / ".cache" / "onnxpress"
+        else:
+            folder = Path.home() / ".cache" / "onnxpress"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder

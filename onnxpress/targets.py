@@ -290,7 +290,7 @@ def check_cuda(
     status = cuda_status(available, packages, probe)
     if status.problem:
         raise ValidationError(status.problem)
-    return [_CUDA, "CPUExecutionProvider"]
+    return runtime.resolve_providers("cuda", status.providers)  # one provider list for CUDA, runtime's
 
 
 def ep_assignment(model: Any, provider: str = "cpu") -> dict[str, dict[str, int]]:
