@@ -3,7 +3,7 @@ in a conftest.py (or import the names you need).
 
 Each fixture builds (or loads from the cache) its fp32 ONNX model once per test session and returns its
 path; with pytest-xdist, workers share the on-disk cache and a file lock makes the build happen once.
-Building: digits-mlp ~10 s, digits-cnn ~30 s, minilm ~30 s, lm ~4 min (first run only; then cached).
+Building: digits-mlp ~10 s, digits-cnn ~30 s, minilm ~30 s, lm ~30-70 s (first run only; then cached).
 """
 
 from __future__ import annotations

@@ -12,6 +12,8 @@ import onnxpress  # noqa: E402
 from onnxpress.export import compare_with_module  # noqa: E402
 from onnxpress.models import common, lm  # noqa: E402
 
+PARAMETERS = 285_312
+
 
 def test_byte_tokenizer_round_trip():
     ids = lm.encode("def f(x):\n    return 'é'")
@@ -41,19 +43,46 @@ def test_corpus_and_feeds_are_disjoint():
 
 
 def test_module_size():
-    assert common.parameter_count(lm.make_module()) == 1_902_720
+    assert common.parameter_count(lm.make_module()) == PARAMETERS
+
+
+def test_training_is_a_fixed_seeded_number_of_steps():
+    # the first steps of the real recipe, twice: bit-identical weights (one torch thread, seeded data order)
+    a, info_a = lm.train(steps=3)
+    b, info_b = lm.train(steps=3)
+    assert info_a["steps"] == info_b["steps"] == 3 and info_a["tokens_seen"] == 3 * lm.BATCH * lm.CONTEXT
+    assert info_a["final_train_loss"] == info_b["final_train_loss"]
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not torch.equal(sa["head.weight"], lm.make_module().state_dict()["head.weight"])  # it did train
+
+
+def test_learning_rate_schedule_depends_on_the_step_only():
+    rates = [lm.learning_rate(s) for s in range(lm.STEPS)]
+    assert rates[0] == pytest.approx(lm.LEARNING_RATE / lm.WARMUP)
+    assert max(rates) == pytest.approx(lm.LEARNING_RATE, rel=0.01) and rates[-1] == pytest.approx(0.1 * lm.LEARNING_RATE, rel=0.01)
+
+
+def test_cache_key_follows_the_recipe():
+    key = lm.recipe_digest()
+    assert len(key) == 12 and key == lm.recipe_digest()
+    assert lm.recipe_digest({**lm.RECIPE, "steps": lm.STEPS + 1}) != key
+    assert lm.recipe_digest({**lm.RECIPE, "train_files": lm.TRAIN_FILES[:-1]}) != key
 
 
 @pytest.mark.slow
 def test_fp32_perplexity_far_below_uniform(lm_path):
     scores = lm.evaluate(lm_path)
-    # uniform guessing over 256 byte values has perplexity 256
-    assert scores["perplexity"] < lm.FP32_MAX_PERPLEXITY <= lm.VOCAB / 16
+    # uniform guessing over 256 byte values has perplexity 256; byte frequencies alone (unigram) about 23.6
+    unigram = lm.unigram_perplexity()
+    assert 20.0 < unigram < 30.0
+    assert scores["perplexity"] < lm.FP32_MAX_PERPLEXITY < 0.6 * unigram
     assert scores["ppl_increase"] == 0.0 and scores["ppl_increase_rel"] == 0.0 and scores["top1_agreement"] == 1.0
     assert scores["tokens"] == lm.EVAL_WINDOWS * (lm.CONTEXT - 1)
     info = common.build_info(lm_path)
     assert info["perplexity"] == pytest.approx(scores["perplexity"], rel=1e-6)
-    assert info["train_seconds"] <= lm.TRAIN_SECONDS + 30
+    assert info["steps"] == lm.STEPS and info["recipe"] == lm.recipe_digest() and lm.recipe_digest() in lm_path.name
+    assert info["unigram_perplexity"] == pytest.approx(unigram)
 
 
 @pytest.mark.slow
