@@ -281,7 +281,8 @@ def test_search_meets_the_budget_in_the_verified_model(mlp, budget_text, tmp_pat
     assert abs(result.bytes_after - result.predicted_bytes) < 0.05 * result.bytes_after
     # the pipeline text re-runs without search to the same model
     assert dict(result.model.metadata_props)["onnxpress.pipeline"] == result.pipeline
-    again, _ = optimize(model, result.pipeline, calibration=calib, validate_result=False)
+    # the same data as the search: all of calib is fit data when evaluation data is given (no hold-out)
+    again, _ = optimize(model, result.pipeline, calibration=calib, evaluation=evals, validate_result=False)
     assert model_bytes(again) == result.bytes_after
     same = validate(result.model, again, inputs=evals, tolerance=Tolerance(atol=1e-5, rtol=1e-4))
     assert same.passed

@@ -135,6 +135,7 @@ def test_budget_verdict_on_held_out_catches_the_embedding_split_overfit():
     # the report says what happened: the fit/held-out disagreement, the split's coverage on held-out text
     attempts = new.budget.attempts
     assert all("fit_value" in a for a in attempts)
+    assert len({a["pipeline"] for a in attempts}) == len(attempts), "a back-off rebuilt the same model"
     if any(a["embedding_split"] for a in attempts):
         assert any("embedding split rejected" in n or "too small" in n for n in new.budget.notes)
 

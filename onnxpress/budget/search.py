@@ -345,7 +345,7 @@ class BudgetSearch:
         from onnxpress.api import model_bytes
 
         t0 = time.perf_counter()
-        self.path = greedy_path(self.tables)
+        self.path = self._greedy_path()
         self.base_weight_bytes = sum(t[0][0] for t in self.tables)
         self.working_bytes = model_bytes(self.working)
         self._search_stage("search (verified configurations)")
@@ -368,7 +368,7 @@ class BudgetSearch:
                         if row["layer"] == self.layers[li].name and row["choice"] == c.label:
                             row.update(d=d, measured=True)
                     advance()
-            self.path = greedy_path(self.tables)
+            self.path = self._greedy_path()
             self._search_stage("search again (measured candidates)")
         self.seconds["refine"] = time.perf_counter() - t0
 
@@ -490,6 +490,22 @@ class BudgetSearch:
                               "simulated": simulated, "passed": ok, "target": self.target.value, "embedding_split": split_rows})
         return Built(built_model, text, metrics, value, fit_value, ok, dict(config)), simulated, split_rows
 
+    def _greedy_path(self) -> list[Move]:
+        """The greedy path over the tables, without moves into rejected options (error set to infinity, e.g.
+        embedding splits the held-out check rejected) or beyond them on the same layer: an infinite error still
+        sits on a layer's hull (it saves the most bytes), and the path search, which measures the fit set, would
+        take it again."""
+        path: list[Move] = []
+        blocked: set[int] = set()
+        for move in greedy_path(self.tables):
+            if move.layer in blocked:
+                continue
+            if not math.isfinite(self.tables[move.layer][move.dst][1]):
+                blocked.add(move.layer)
+                continue
+            path.append(move)
+        return path
+
     def _ban_splits(self, split_rows: Sequence[dict[str, Any]]) -> None:
         """The embedding split is the sharpest overfit: rows the calibration data never indexed are 2-bit.
         When the held-out verdict fails with a split in the build, splits leave the tables and the path is
@@ -500,7 +516,7 @@ class BudgetSearch:
             for oi, c in enumerate(opts):
                 if c.quant is not None and c.quant.startswith("split/"):
                     self.tables[li][oi] = (self.tables[li][oi][0], math.inf)
-        self.path = greedy_path(self.tables)
+        self.path = self._greedy_path()
         self._search_stage("search again (no embedding split)")
 
     # -- the result -------------------------------------------------------------------------------------------
