@@ -26,7 +26,7 @@ import onnx_ir as ir
 from onnxpress.pass_infra import Pass, option
 from onnxpress.passes import quant_math as qm
 from onnxpress.passes.calib_stats import check_calibration, damped, input_stats
-from onnxpress.passes.graph_utils import add_bias, drop_if_unused, is_bias, new_initializer, node_label
+from onnxpress.passes.graph_utils import add_bias, drop_if_unused, new_initializer, node_label
 
 MARK = "onnxpress.factorize"  # node metadata key set on both products of a factorized layer
 _FLOAT = ir.DataType.FLOAT
@@ -647,8 +647,3 @@ def _rewrite(graph: ir.Graph, g: _Group, u: np.ndarray, v: np.ndarray, delta: np
             add = add_bias(graph, node, delta[start - width : start], "factorize")
             if add is not None:
                 add.metadata_props[MARK] = "bias"
-
-
-# budget_layers still reads fz._own_bias to predict whether factorize's bias correction needs a new bias;
-# it should call graph_utils.existing_bias instead, and then this alias goes.
-_own_bias = is_bias
