@@ -405,7 +405,7 @@ class Factorize(Pass):
         o = self.options
         out: list[_Target] = []
         for node, label in self._selected(model, ("MatMul", "Gemm")):
-            found = _classify(node, o.min_size)
+            found = classify(node, o.min_size)
             if isinstance(found, str):
                 if found:
                     self.details.append({"layer": label, "op": node.op_type, "skipped": found})
@@ -535,7 +535,7 @@ def _constant_matrix(value: ir.Value | None) -> tuple[np.ndarray | None, str]:
     return (array.T if transpose else array), ""
 
 
-def _classify(node: ir.Node, min_size: int) -> tuple[np.ndarray, ir.Value, bool] | str:
+def classify(node: ir.Node, min_size: int) -> tuple[np.ndarray, ir.Value, bool] | str:
     inputs = list(node.inputs)
     if len(inputs) < 2 or inputs[0] is None:
         return ""

@@ -32,11 +32,14 @@ def digest(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], extra: str) 
 
 
 def cache_file(cache: Any, key: str) -> Path | None:
-    """``cache``: True (``$ONNXPRESS_CACHE`` or ``~/.cache/onnxpress``), a folder, or False/None (no cache)."""
+    """``cache``: True (``onnxpress.io.cache_dir()``: ``$ONNXPRESS_CACHE``, a checkout's ``.cache/onnxpress``, else
+    ``~/.cache/onnxpress``), a folder, or False/None (no cache)."""
     if cache is False or cache is None:
         return None
     if cache is True:
-        root = Path(os.environ["ONNXPRESS_CACHE"]) if os.environ.get("ONNXPRESS_CACHE") else Path.home() / ".cache" / "onnxpress"
+        from onnxpress.io import cache_dir
+
+        root = cache_dir()
     else:
         root = Path(cache)
     return root / "budget" / f"{key}.json"

@@ -30,6 +30,7 @@ import onnx_ir as ir
 from onnxpress.passes import factorize as fz
 from onnxpress.passes import qdq as qdq_pass
 from onnxpress.passes import quant_math as qm
+from onnxpress.passes.calib_stats import InputStats, collect_input_stats, damped
 from onnxpress.passes.graph_utils import existing_bias, node_label
 
 # the quantizations of the default grid ("int4/B": blocks of B); a block size is tried on a layer only where
@@ -186,7 +187,7 @@ def find_layers(model: ir.Model, grid: Grid, calibration: Sequence[dict[str, np.
             smallest = min((choice_bytes(layer, c) for c in layer.choices), default=float("inf"))
             layer.choices += [Choice(None, q) for q in grid.splits if choice_bytes(layer, Choice(None, q)) < smallest]
         if node.op_type in ("MatMul", "Gemm"):
-            found = fz._classify(node, FACTORIZE_MIN_SIZE)
+            found = fz.classify(node, FACTORIZE_MIN_SIZE)
             if isinstance(found, str):
                 layer.skipped["lowrank"] = found or f"fewer than {FACTORIZE_MIN_SIZE} parameters"
             elif node.op_type == "Gemm" and node.attributes.get_int("transA", 0):
@@ -229,33 +230,6 @@ def useful_quants(layer: Layer, quants: Sequence[str]) -> list[str]:
 # =====================================================================================================
 # Statistics of layer inputs (one run over the calibration data)
 # =====================================================================================================
-@dataclasses.dataclass
-class InputStats:
-    second_moment: np.ndarray  # E[x^T x] over rows (K x K)
-    mean: np.ndarray  # E[x] (K)
-    rows: int
-
-
-def collect_input_stats(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], names: Sequence[str]) -> dict[str, InputStats]:
-    """Second moment and mean of each named activation (rows = all axes but the last), from one ORT pass."""
-    from onnxpress import runtime
-
-    names = sorted(set(names))
-    sums: dict[str, np.ndarray] = {}
-    firsts: dict[str, np.ndarray] = {}
-    counts: dict[str, int] = {}
-    if not names:
-        return {}
-    for values in runtime.capture(model, feeds, names):
-        for name in names:
-            x = np.asarray(values[name], np.float32)
-            rows = x.reshape(-1, x.shape[-1])
-            sums[name] = sums.get(name, 0.0) + (rows.T @ rows).astype(np.float64)
-            firsts[name] = firsts.get(name, 0.0) + rows.sum(axis=0, dtype=np.float64)
-            counts[name] = counts.get(name, 0) + rows.shape[0]
-    return {n: InputStats(sums[n] / max(counts[n], 1), firsts[n] / max(counts[n], 1), counts[n]) for n in names}
-
-
 def split_coverage(model: ir.Model, layer: Layer, feeds: Sequence[dict[str, np.ndarray]]) -> tuple[int, int]:
     """(index occurrences in rows the split stores in 2 bits, all index occurrences) of an embedding layer
     whose hot rows came from the calibration data, counted on ``feeds`` (the held-out data)."""
@@ -371,7 +345,7 @@ class Spectra:
         sp = self.cache.get(layer.name)
         if sp is None:
             s = fz.centered(stats.second_moment, stats.mean) if FACTORIZE_CENTER else stats.second_moment
-            sp = fz.spectrum(layer.matrix, fz.damped(s, FACTORIZE_DAMPING))
+            sp = fz.spectrum(layer.matrix, damped(s, FACTORIZE_DAMPING))
             self.cache[layer.name] = sp
         return sp
 
