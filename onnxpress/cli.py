@@ -262,19 +262,22 @@ def _load_factory(spec: str):
 @main.command(name="export")
 @click.argument("name", required=False, metavar="[" + "|".join(BUILTIN_MODELS) + "]")
 @click.option("--module", "module_spec", metavar="PKG.MOD:FACTORY", help="A factory returning (module, example_inputs) or (module, example_inputs, export_kwargs); FILE.py:FACTORY works too.")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Output .onnx path.")
+@click.option("--causal-lm", "causal_lm", type=click.Path(exists=True, path_type=Path), help="A causal LM to export: a .gguf file or a Hugging Face folder (local; no hub). -o is then a folder onnxruntime-genai runs.")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output .onnx path (--causal-lm: output folder).")
 @click.option("-p", "--pipeline", default=None, help="Run this pipeline on the exported model before writing it.")
 @click.option("--opset", type=int, default=None, help="ONNX opset for --module exports (default 18).")
 @click.option("--eval", "do_eval", is_flag=True, help="Builtin models: also print the task metrics of the result.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
-def export_cmd(name, module_spec, output, pipeline, opset, do_eval, force):
-    """Export a PyTorch model to ONNX (a builtin model or --module), check it against PyTorch, optionally optimize."""
+def export_cmd(name, module_spec, causal_lm, output, pipeline, opset, do_eval, force):
+    """Export a PyTorch model to ONNX (a builtin model, --module, or a --causal-lm with its KV cache), check it, optionally optimize."""
     from onnxpress import api, io
     from onnxpress.export import DEFAULT_OPSET, compare_with_module, export
     from onnxpress.validate import Tolerance
 
+    if causal_lm is not None:
+        return _export_causal_lm(causal_lm, output, name, module_spec, pipeline, force)
     if (name is None) == (module_spec is None):
-        raise UsageError("give a builtin model name (minilm, digits-mlp, digits-cnn, lm) or --module PKG.MOD:FACTORY, not both")
+        raise UsageError(f"give a builtin model name ({', '.join(BUILTIN_MODELS)}), --module PKG.MOD:FACTORY or --causal-lm PATH: exactly one")
     io.check_writable_output(output, (), force=force)
     task = kind = None
     calibration = inputs = None
@@ -323,6 +326,20 @@ def export_cmd(name, module_spec, output, pipeline, opset, do_eval, force):
     if not pipeline:
         io.save(out_model, output)
         console.print(render_rows("Result", ("", ""), [("size", _mb(api.model_bytes(model))), ("written", str(output))]))
+
+
+def _export_causal_lm(source, output, name, module_spec, pipeline, force):
+    """GGUF / HF folder -> an onnxruntime-genai folder (fp32 decoder with KV cache, tokenizer, genai_config.json)."""
+    from onnxpress.llm.export import export_causal_lm
+
+    if name is not None or module_spec is not None:
+        raise UsageError("give a builtin model name, --module or --causal-lm: exactly one")
+    if pipeline:
+        raise UsageError("--causal-lm exports the fp32 folder; optimize OUT/model.onnx afterwards (e.g. --task llm)")
+    with err_console.status("loading the causal LM (transformers, offline) and building the ONNX decoder"):
+        info = export_causal_lm(source, output, overwrite=force)
+    rows = [(k, f"{v:.1f}" if isinstance(v, float) else str(v)) for k, v in info.to_dict().items()]
+    console.print(render_rows("Exported causal LM", ("", ""), rows))
 
 
 @main.command(name="eval")

@@ -138,11 +138,13 @@ def resolve(task: Any, reference: Any) -> Task | None:
     if isinstance(task, Task):
         return task
     builtins = builtin_tasks()
+    if isinstance(task, str) and task == "llm":
+        return llm_task(reference)
     if isinstance(task, str) and task in builtins:
         return _builtin(task, builtins[task], reference)
     if isinstance(task, str):
         if ":" not in task:
-            raise UsageError(f"unknown task '{task}' (built-in: {', '.join(builtins) or 'none'}; or PKG.MOD:FUNCTION / FILE.py:FUNCTION)")
+            raise UsageError(f"unknown task '{task}' (built-in: {', '.join([*builtins, 'llm']) or 'none'}; or PKG.MOD:FUNCTION / FILE.py:FUNCTION)")
         fn = load_callable(task)
         name = task
     elif callable(task):
@@ -197,3 +199,62 @@ def _builtin(name: str, module: Any, reference: Any) -> Task:
         return with_relative(module.evaluate(model, reference=ref))
 
     return Task(name, evaluate, accepts_session=name in _SESSION_TASKS, uses_data=False, module=module)
+
+
+# -- the LLM task: any causal LM with a KV cache, in a folder with its tokenizer ------------------------------
+class LLMTaskData:
+    """The ``llm`` task's data for ``rundata.prepare``: calibration = prefill feeds (empty past) of the 20
+    calibration paragraphs plus decode steps; evaluation = prefill feeds of the 40 evaluation paragraphs
+    (``onnxpress.models.llm_text``; disjoint sets), tokenized with the model folder's own tokenizer."""
+
+    __name__ = "llm"
+
+    def __init__(self, spec: Any, calibration_ids: list[list[int]], evaluation_ids: list[list[int]], session: Any) -> None:
+        self.spec, self.calibration_ids, self.evaluation_ids, self.session = spec, calibration_ids, evaluation_ids, session
+
+    def calibration_feeds(self) -> list[Feed]:
+        from onnxpress.llm import kv
+
+        prefill = list(kv.kv_feeds(self.spec, self.calibration_ids))
+        decode = list(kv.kv_feeds(self.spec, self.calibration_ids[:4], decode_steps=4, session=self.session))
+        return prefill + decode
+
+    def evaluation_feeds(self) -> list[Feed]:
+        from onnxpress.llm import kv
+
+        return list(kv.kv_feeds(self.spec, self.evaluation_ids))
+
+
+def llm_task(reference: Any, max_tokens: int = 128) -> Task:
+    """Perplexity on held-out prose and greedy-generation agreement (``onnxpress.llm.task``) of any causal-LM
+    ONNX model with a KV cache whose folder holds its tokenizer (an onnxruntime-genai folder, or the output of
+    ``onnxpress export --causal-lm``). Budget keys: ``ppl_increase_rel``, ``greedy_agreement``, ``perplexity``."""
+    if not isinstance(reference, (str, os.PathLike)):
+        raise UsageError("task llm needs the model as a path: its folder holds the tokenizer")
+    folder = Path(reference).resolve().parent
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - any loader failure is the same user error
+        raise UsageError(f"task llm: no tokenizer in {folder} ({type(exc).__name__}); export with 'onnxpress export --causal-lm'") from None
+    from onnxpress import runtime
+    from onnxpress.llm import kv
+    from onnxpress.llm import task as llm
+    from onnxpress.models import llm_text
+
+    session = runtime.make_session(os.fspath(reference))
+    spec = kv.kv_spec(os.fspath(reference))
+    calibration = llm_text.token_ids(tokenizer, llm_text.calibration_texts(), max_tokens=max_tokens)
+    evaluation = llm_text.token_ids(tokenizer, llm_text.eval_texts(), max_tokens=max_tokens)
+    data = llm.LLMData.from_ids(evaluation, n_prompts=10)
+    figures: dict[str, Any] = {}
+
+    def evaluate(model: Any, _data: Sequence[Feed] | None) -> dict[str, float]:
+        if "ref" not in figures:
+            figures["ref"] = llm.reference_figures(session, data, spec)
+        return llm.evaluate(model, figures["ref"], data, spec=spec)
+
+    task = Task("llm", evaluate, accepts_session=True, uses_data=False)
+    task.module = LLMTaskData(spec, calibration, evaluation, session)
+    return task

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from onnxpress import runtime
 from onnxpress.budget.layers import Choice, Layer
 from onnxpress.pass_infra import PassContext
 from onnxpress.passes.factorize import Factorize
@@ -99,7 +100,7 @@ class _Builder:
     """The passes run so far on one working copy, with the shared calibration context."""
 
     def __init__(self, model: ir.Model, calibration: Sequence[dict[str, np.ndarray]]) -> None:
-        self.work = ir.from_proto(ir.to_proto(model))
+        self.work = runtime.copy_model(model)  # keeps where external weights live
         self.context = PassContext(calibration=list(calibration))
         self.passes: list[Any] = []
 

@@ -76,7 +76,7 @@ def bias_name(layer: Layer) -> str:
 def simulation_model(model: ir.Model, layers: Sequence[Layer], with_bias: Sequence[Layer]) -> ir.Model:
     """A copy of ``model`` whose layer weights are overridable and where each layer in ``with_bias`` is
     followed by ``Add(y, delta)`` with an overridable zero ``delta`` (the bias a calibrated factorization adds)."""
-    clone = ir.from_proto(ir.to_proto(model))
+    clone = runtime.copy_model(model)  # keeps where external weights live (a proto round trip forgets the folder)
     graph = clone.graph
     for layer in layers:
         value = graph.initializers[layer.weight]
@@ -151,7 +151,7 @@ class Simulator:
 
     def materialize(self, override: Override) -> ir.Model:
         """A standalone model computing the same function: the overrides written into the initializers."""
-        clone = ir.from_proto(ir.to_proto(self.model))
+        clone = runtime.copy_model(self.model)
         graph = clone.graph
         keep = [v for v in graph.inputs if not v.is_initializer()]
         graph.inputs.clear()

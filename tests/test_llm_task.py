@@ -1,0 +1,63 @@
+"""The built-in ``llm`` task through the orchestrator and the CLI: a causal LM with a KV cache gets real
+calibration (prefill + decode steps) and held-out evaluation prose, perplexity / greedy agreement as
+metrics and budget keys, from any working directory (external data)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("onnxruntime_genai")
+
+import onnxpress  # noqa: E402
+from onnxpress.cli import run  # noqa: E402
+from onnxpress.models import smollm  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return smollm.tiny_onnx() / "model.onnx"
+
+
+def test_pipeline_with_task_llm_validates_on_held_out_prose(tiny_model, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the model's external data is found from anywhere
+    out = tmp_path / "q.onnx"
+    code = run(["optimize", str(tiny_model), "-o", str(out), "-p", "qdq(mode=int4,block_size=32)", "--task", "llm",
+                "--min-cosine", "0.9", "--report", str(tmp_path / "r.json")])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert "task's evaluation data" in report["data"]["evaluation"] and not report["validation"]["generated"]
+    assert report["validation"]["samples"] == 40  # one sample per held-out paragraph (prefill, empty past)
+    metrics = report["task_metrics"]
+    assert metrics["reference_perplexity"] > 1 and abs(metrics["ppl_increase_rel"]) < 0.5
+    assert 0.0 <= metrics["greedy_agreement"] <= 1.0
+    assert report["bytes_after"] < report["bytes_before"] / 2
+
+
+def test_budget_on_perplexity_is_met_on_the_task_data(tiny_model):
+    model, report = onnxpress.optimize(str(tiny_model), budget="ppl_increase_rel<=3%", task="llm", budget_options={"cache": False})
+    assert report.budget.passed and report.budget.metrics["ppl_increase_rel"] <= 0.03
+    assert report.bytes_after < report.bytes_before
+    assert report.budget.metrics["reference_perplexity"] > 1
+
+
+def test_task_llm_without_a_tokenizer_is_a_usage_error(tmp_path, capsys):
+    src = tmp_path / "m.onnx"
+    import onnx
+
+    onnx.save(onnx.load(str(smollm.tiny_onnx() / "model.onnx")), str(src), save_as_external_data=True, location="m.onnx.data")
+    code = run(["optimize", str(src), "-o", str(tmp_path / "o.onnx"), "-p", "qdq(mode=weight)", "--task", "llm"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "no tokenizer" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_export_causal_lm_bad_input_is_one_line(tmp_path, capsys):
+    (tmp_path / "notamodel").mkdir()
+    code = run(["export", "--causal-lm", str(tmp_path / "notamodel"), "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("onnxpress: error:") and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
