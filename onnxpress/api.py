@@ -277,12 +277,12 @@ def _load_working_copy(model: Any) -> tuple[ir.Model, Any, int]:
     if isinstance(model, (str, os.PathLike)):
         working = load(model)
         return working, os.fspath(model), model_bytes(working)
-    reference = ir.to_proto(model) if isinstance(model, ir.Model) else model
-    working = ir.serde.deserialize_model(reference)
+    from onnxpress import runtime
+
     if isinstance(model, ir.Model):
-        _copy_base_dir(model, working)
-    # measured on the caller's object: an ir.Model's sparse-storage plan counts as what save would write
-    return working, reference, model_bytes(model)
+        # the caller's model is the reference (never rewritten); the copy keeps where external weights live
+        return runtime.copy_model(model), model, model_bytes(model)
+    return ir.serde.deserialize_model(model), model, model_bytes(model)
 
 
 def _run_budget(working: ir.Model, reference: Any, budget: Any, data: Any, task: Any, jobs: int | None, progress: Any, options: dict[str, Any]):
@@ -342,14 +342,6 @@ def _releasing(model: ir.Model, on_pass_end: Callable[[Pass], None] | None) -> C
             on_pass_end(p)
 
     return end
-
-
-def _copy_base_dir(src: ir.Model, dst: ir.Model) -> None:
-    for value in src.graph.initializers.values():
-        tensor = value.const_value
-        if isinstance(tensor, ir.ExternalTensor):
-            ir.external_data.set_base_dir(dst.graph, tensor.base_dir)
-            return
 
 
 def stamp_metadata(model: ir.Model, pipeline: str) -> None:

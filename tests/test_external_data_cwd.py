@@ -78,3 +78,20 @@ def _check_rewritten(model, report, pipeline):
         assert (w1 == 0).mean() >= 0.5
     else:
         assert report.bytes_after < report.bytes_before
+
+
+def test_in_memory_model_with_external_data_validates_from_another_folder(tmp_path, monkeypatch):
+    """api.optimize on a loaded ir.Model (external weights) from another working directory: the reference
+    the validation runs is the caller's model, which still knows where its weights live."""
+    import onnxpress
+    from graphs import mlp_model
+
+    folder = tmp_path / "a"
+    folder.mkdir()
+    onnxpress.save(mlp_model(k=64, h=128, n=16), folder / "m.onnx", external_data=True)
+    elsewhere = tmp_path / "b"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    model = onnxpress.load(folder / "m.onnx")
+    _, report = onnxpress.optimize(model, "qdq(mode=weight)")
+    assert report.validation.passed and report.bytes_after < report.bytes_before
