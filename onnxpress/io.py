@@ -423,3 +423,74 @@ def cache_dir(override: str | os.PathLike | None = None) -> Path:
             folder = Path.home() / ".cache" / "onnxpress"
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+# -- size on disk ------------------------------------------------------------------------------------
+def model_bytes(model: ir.Model | onnx.ModelProto) -> int:
+    """Bytes the model takes on disk: the serialized proto plus its external data. For an ``ir.Model``, what
+    ``onnxpress.save`` writes: initializers planned by ``sparsify`` count as their sparse form."""
+    if isinstance(model, ir.Model):
+        return _ir_model_bytes(model)
+    return _proto_bytes(model)
+
+
+def _proto_bytes(proto: onnx.ModelProto, skip_location: str | None = None) -> int:
+    external = 0
+    for tensor in proto.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in tensor.external_data}
+            if info.get("location") != skip_location:
+                external += int(info.get("length", 0) or 0)
+    return proto.ByteSize() + external
+
+
+_STAND_IN = "onnxpress-size-stand-in"
+
+
+def _length_delimited(size: int) -> int:
+    """Bytes of a length-delimited protobuf field of ``size`` bytes with a one-byte tag."""
+    return 1 + _varint_len(size) + size
+
+
+def _varint_len(n: int) -> int:
+    length = 1
+    while n >= 0x80:
+        n >>= 7
+        length += 1
+    return length
+
+
+def _ir_model_bytes(model: ir.Model) -> int:
+    """``model_bytes`` without serializing the whole model: serializing it would copy every in-memory tensor
+    (a 3 GB model quantized to int8: 0.75 GB) just to measure it. Large in-memory initializers are replaced by
+    external-data stand-ins for the measurement; each one's exact serialized size is added back, one tensor at
+    a time. The initializers a save stores sparse (``onnxpress.sparse_storage``) are left out of the graph
+    for the measurement and their SparseTensorProto sizes added."""
+    stored = sparse_storage.stored_initializers(model)
+    with sparse_storage.detached(model, stored):
+        return _measured_bytes(model, sum(_length_delimited(s.proto.ByteSize()) for s in stored))
+
+
+def _measured_bytes(model: ir.Model, extra_graph_bytes: int) -> int:
+    """Serialized size of ``model`` whose graph message will carry ``extra_graph_bytes`` more (sparse tensors)."""
+    big = [
+        v for v in model.graph.initializers.values()
+        if v.const_value is not None and not isinstance(v.const_value, ir.ExternalTensor) and v.const_value.nbytes >= 1 << 20
+    ]
+    originals = [v.const_value for v in big]
+    correction = extra_graph_bytes
+    try:
+        for value, tensor in zip(big, originals):
+            stand_in = ir.ExternalTensor(_STAND_IN, 0, tensor.nbytes, tensor.dtype, shape=tensor.shape, name=tensor.name)
+            real = ir.serde.serialize_tensor(tensor).ByteSize()
+            stub = ir.serde.serialize_tensor(stand_in).ByteSize()
+            correction += _length_delimited(real) - _length_delimited(stub)
+            value.const_value = stand_in
+        proto = ir.to_proto(model)
+    finally:
+        for value, tensor in zip(big, originals):
+            value.const_value = tensor
+    # The graph message grew by ``correction``: its length prefix inside the model may grow by a byte or two.
+    graph_stub = proto.graph.ByteSize()
+    correction += _varint_len(graph_stub + correction) - _varint_len(graph_stub)
+    return _proto_bytes(proto, skip_location=_STAND_IN) + correction

@@ -250,3 +250,10 @@ def _root_cause(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     msg = text[0] if text else ""
     return f"{type(exc).__name__}: {msg}"[:500]
+
+
+def stamp_metadata(model: ir.Model, pipeline: str) -> None:
+    """Store the pipeline text and the onnxpress version in the model's metadata: any result can be re-created."""
+    from onnxpress import __version__
+
+    model.metadata_props.update({"onnxpress.pipeline": pipeline, "onnxpress.version": __version__})

@@ -6,7 +6,7 @@ which options, in the model's ``metadata_props`` under ``onnxpress.sparse_storag
 metadata survives ``ir.to_proto``/``from_proto``, copies and ``strip-metadata``; validation never reads it.
 ``onnxpress.save`` re-checks the plan on the tensors as they are then (a pass after ``sparsify`` may have
 changed or removed one: a tensor that is gone, no longer mostly zero, or no longer smaller sparse is written
-dense) and writes the rest as COO ``sparse_initializer`` entries; ``api.model_bytes`` counts the same.
+dense) and writes the rest as COO ``sparse_initializer`` entries; ``io.model_bytes`` counts the same.
 The saved file keeps the entry, so loading it (which densifies) and saving it again stores it sparse again.
 
 The encoding is pure numpy. An ONNX ``SparseTensorProto`` holds the non-zero ``values`` [NNZ] and their

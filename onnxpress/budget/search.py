@@ -76,7 +76,7 @@ class BudgetSearch:
     def __init__(self, model: Any, budget: Budget | str, options: SearchOptions, *, task: Any = None,
                  evaluate: Callable[[Any], dict[str, float]] | None = None) -> None:
         from onnxpress import tasks
-        from onnxpress.api import model_bytes
+        from onnxpress.io import model_bytes
 
         self.t_start = time.perf_counter()
         self.seconds: dict[str, float] = {}
@@ -342,7 +342,7 @@ class BudgetSearch:
             self.config, self.accepted = search_path(self.path, self.probe, self.opt.rounds, size_tol=self.opt.size_tol, size0=float(self.working_bytes))
 
     def search_on_path(self) -> None:
-        from onnxpress.api import model_bytes
+        from onnxpress.io import model_bytes
 
         t0 = time.perf_counter()
         self.path = self._greedy_path()
@@ -463,7 +463,7 @@ class BudgetSearch:
     def _build_once(self) -> tuple[Built, float, list[dict[str, Any]]]:
         """Build ``config``, measure it on held-out and fit data; (the build, its simulated value, the
         embedding splits' held-out coverage). Appends the attempt to ``attempts``."""
-        from onnxpress.api import model_bytes
+        from onnxpress.io import model_bytes
         from onnxpress.pipeline import Pipeline
 
         config, layers = self.config, self.layers
@@ -521,7 +521,8 @@ class BudgetSearch:
 
     # -- the result -------------------------------------------------------------------------------------------
     def result(self) -> BudgetResult:
-        from onnxpress.api import model_bytes, stamp_metadata
+        from onnxpress.io import model_bytes
+        from onnxpress.pipeline import stamp_metadata
         from onnxpress.passes.factorize import rank_for_ratio
 
         final = self.final
