@@ -66,19 +66,20 @@ def greedy_path(tables: Sequence[Sequence[tuple[float, float]]]) -> list[Move]:
     layer, hull moves have non-increasing efficiency, so the sorted list keeps each layer's moves in order.
     """
     moves: list[tuple[float, int, int, Move]] = []
+    pending: dict[int, list[Move]] = {}  # each layer's moves in hull order
     for li, options in enumerate(tables):
         hull = lower_hull(options)
         for step, (a, b) in enumerate(zip(hull, hull[1:])):
             saved = options[a][0] - options[b][0]
             cost = max(options[b][1], 0.0) - max(options[a][1], 0.0)
-            move = Move(li, a, b, float(saved), float(max(cost, 0.0)))
+            # inf - inf (a move between two rejected, infinite-error options) is NaN, and one NaN key leaves the
+            # whole sort in an undefined order: such a move costs infinitely much
+            move = Move(li, a, b, float(saved), math.inf if math.isnan(cost) else float(max(cost, 0.0)))
             moves.append((-move.efficiency, li, step, move))
+            pending.setdefault(li, []).append(move)
     moves.sort(key=lambda t: (t[0], t[1], t[2]))
     # guard: a later move of a layer must never come before an earlier one (ties in efficiency)
     out: list[Move] = []
-    pending: dict[int, list[Move]] = {}
-    for *_, m in moves:
-        pending.setdefault(m.layer, []).append(m)
     cursor = {li: 0 for li in pending}
     for *_, m in moves:
         lst = pending[m.layer]
