@@ -73,7 +73,18 @@ class QdqOptions:
         "(embedding_cold_block_size); needs calibration data and int4_format=matmulnbits",
     )
     embedding_cold_block_size: int = option(128, "embedding_split: block size of the 2-bit rows (power of 2, >= 16)")
-    accuracy_level: int = option(0, "int4 MatMulNBits accuracy_level (0: fp32 compute, 4: int8 compute, faster and less accurate)")
+    accuracy_level: int = option(
+        0,
+        "int4 MatMulNBits accuracy_level, the least accurate compute ORT may use: 0 unset (fp32), 1 fp32, 2 fp16, 3 bf16, "
+        "4 int8 (the input is quantized per block to int8: faster decoding, slightly less accurate). ORT CPU takes the "
+        "least accurate level it has a kernel for at or above the one given: on x86 1-3 run as fp32, 4 as int8",
+    )
+    awq: bool = option(
+        False,
+        "int4: activation-aware scaling (AWQ): per input channel factors searched on the calibration activations "
+        "(needs calibration data), folded into the producing norm's weight or MatMul where possible, else a Mul; "
+        "combines with weight_method (gptq/mse/rtn rounds the scaled weights)",
+    )
     include: tuple[str, ...] = option(
         (), "node names or op types to quantize, all others left in float (empty: every eligible node); exclude still wins"
     )
@@ -121,6 +132,7 @@ class _Target:
     axis: int = 1  # per-channel (output channel) axis of the weight
     in_axis: int = 0  # input-channel axis of the weight (SmoothQuant)
     acts: tuple[int, ...] = ()  # input indices of activations to quantize
+    tied: _Tied | None = None  # kind "tied": the table's Gather and head uses
 
     @property
     def label(self) -> str:
@@ -197,7 +209,7 @@ class Qdq(Pass):
     def _feeds(self, model: ir.Model) -> list[dict[str, np.ndarray]] | None:
         feeds = self.context.calibration
         o = self.options
-        needs = o.mode == "static" or o.report_errors or o.embedding_split
+        needs = o.mode == "static" or o.report_errors or o.embedding_split or (o.awq and o.mode == "int4")
         if not feeds:
             if o.mode == "static":
                 raise UsageError("qdq(mode=static) needs calibration data: pass --calibration PATH (CLI) or calibration= (API), or use mode=weight")
@@ -205,6 +217,8 @@ class Qdq(Pass):
                 raise UsageError("qdq(embedding_split=true) needs calibration data (it keeps the rows the data uses at 4 bits): pass --calibration PATH or calibration=")
             if o.report_errors:
                 raise UsageError("qdq(report_errors=true) needs calibration data: pass --calibration PATH or calibration=")
+            if o.awq and o.mode == "int4":
+                raise UsageError("qdq(awq=true) needs calibration data (it scales weights by their inputs' magnitudes): pass --calibration PATH or calibration=")
             return None
         from onnxpress.data import check_feeds
 
@@ -286,12 +300,23 @@ def find_targets(model: ir.Model, o: QdqOptions) -> tuple[list[_Target], list[di
         if t.weight is not None:
             wanted.setdefault(t.weight.name, []).append(t)
     keep = []
+    tied_done: set[str] = set()
     for t in targets:
+        if t.weight is not None and t.weight.name in tied_done:
+            continue  # another use of a table already quantized once for all its uses
         if t.weight is not None:
             group = wanted[t.weight.name]
             users = {id(u.node) for u in t.weight.uses()}
             if users != {id(g.node) for g in group} or len({(g.kind, g.axis) for g in group}) != 1 or t.weight.is_graph_output():
-                skipped.append({"layer": t.label, "op": t.node.op_type, "skipped": f"weight '{t.weight.name}' is shared with other uses"})
+                # An embedding table that is also the lm_head (tied): quantized once, read by both (int4 only)
+                tied = tied_target(model, t.weight, o, embeddings) if o.mode == "int4" else None
+                if isinstance(tied, _Target):
+                    if t.weight.name not in tied_done:
+                        tied_done.add(t.weight.name)
+                        keep.append(tied)
+                    continue
+                why = f" ({tied})" if isinstance(tied, str) else ""
+                skipped.append({"layer": t.label, "op": t.node.op_type, "skipped": f"weight '{t.weight.name}' is shared with other uses{why}"})
                 continue
         keep.append(t)
     return keep, skipped
@@ -365,6 +390,10 @@ class _ActParams:
     fold_into: int | None = None
     # restricted plans only: the producer is rewritten but not this activation's consumers, so x * s restores x
     compensate: bool = False
+    # False: AWQ scaling only (int4): x / s feeds the consumers in float, no QuantizeLinear
+    quantize: bool = True
+    # AWQ: the initializers (a normalization's scale, and bias if any) that carry 1/s, by name (copies keep names)
+    fold_norm: tuple[str, ...] | None = None
 
 
 @dataclasses.dataclass
@@ -388,11 +417,15 @@ class _Plan:
         t = self.targets[index]
         node = nodes[index]
         rebound = dataclasses.replace(t, node=node, weight=node.inputs[t.weight_input] if t.weight is not None else None)
+        if t.kind == "tied":  # the head may read the table through a Transpose
+            rebound = _rebind_tied(t, node)
         acts = []
         for a in self.acts:
             consumers = [c for c in a.consumers if c[0] == index]
             if consumers:  # the producer a fold would scale is not rewritten here: use the Mul
-                acts.append(dataclasses.replace(a, consumers=consumers, fold_into=a.fold_into if a.fold_into == index else None))
+                # a norm weight scaled for fewer consumers than all would mis-scale the others: Mul instead
+                norm = a.fold_norm if len(consumers) == len(a.consumers) else None
+                acts.append(dataclasses.replace(a, consumers=consumers, fold_into=a.fold_into if a.fold_into == index else None, fold_norm=norm))
             elif a.fold_into == index:  # this layer's outputs carry 1/s for consumers not rewritten here
                 acts.append(dataclasses.replace(a, consumers=[], compensate=True))
         shifts = {index: self.bias_shifts[index]} if index in self.bias_shifts else {}
@@ -435,8 +468,10 @@ def collect_stats(model: ir.Model, feeds, kinds: dict[str, str], rows: int, hess
 
 
 def _weight_matrix(t: _Target) -> np.ndarray:
-    """The weight as [K_in, N_out] (MatMul layout) for MatMul/Gemm targets."""
+    """The weight as [K_in, N_out] (MatMul layout) for MatMul/Gemm targets; a tied table as the head's [H, V]."""
     w = t.weight.const_value.numpy()
+    if t.kind == "tied":
+        return w if t.tied.table_is_transposed else w.T
     return w.T if (t.kind == "gemm" and t.in_axis == 1) else w
 
 
@@ -456,13 +491,17 @@ def make_plan(model: ir.Model, targets: list[_Target], o: QdqOptions, feeds) -> 
     hessians: set[str] = set()
     if o.weight_method == "gptq" and feeds:
         for t in targets:
-            if t.kind in ("matmul", "gemm"):
+            if t.kind in ("matmul", "gemm", "tied"):
                 a = t.node.inputs[0]
                 kinds.setdefault(a.name, "rows")
                 hessians.add(a.name)
+    if o.awq and o.mode == "int4" and feeds:  # AWQ searches its factors on each MatMul input's row sample
+        for t in targets:
+            if t.kind in ("matmul", "gemm"):
+                kinds.setdefault(t.node.inputs[0].name, "rows")
     stats = collect_stats(model, feeds, kinds, o.calibration_rows, hessians) if (feeds and kinds) else {}
 
-    weights = {t.index: _weight_matrix(t) if t.kind in ("matmul", "gemm") else t.weight.const_value.numpy() for t in targets if t.weight is not None}
+    weights = {t.index: _weight_matrix(t) if t.kind in ("matmul", "gemm", "tied") else t.weight.const_value.numpy() for t in targets if t.weight is not None}
     rows: list[dict[str, Any]] = []
     row_targets: list[int | None] = []
     acts: list[_ActParams] = []
@@ -498,6 +537,9 @@ def make_plan(model: ir.Model, targets: list[_Target], o: QdqOptions, feeds) -> 
                 "max": float(smooth.max()), "min": float(smooth.min()), "folded_into": None if fold_into is None else by_index[fold_into].label,
             },
         }
+    awq_rows: dict[int, dict[str, Any]] = {}
+    if o.awq and o.mode == "int4" and stats:
+        acts.extend(awq_plan(targets, stats, weights, smooth_of, awq_rows, o))
     plan_weights: list[_WeightParams] = []
     bias_shifts: dict[int, np.ndarray] = {}
     embeddings = o.embeddings if o.embeddings != "auto" else ("int4" if o.mode == "int4" else "int8")
@@ -517,24 +559,28 @@ def make_plan(model: ir.Model, targets: list[_Target], o: QdqOptions, feeds) -> 
                     }
             else:
                 act_name = t.node.inputs[0].name
-                h = stats[act_name].hessian if act_name in hessians and t.kind in ("matmul", "gemm") else None
+                block = o.embedding_block_size if t.kind == "tied" else o.block_size
+                h = stats[act_name].hessian if act_name in hessians and t.kind in ("matmul", "gemm", "tied") else None
                 if h is not None:
-                    if act_name not in hinv_cache:
+                    key = f"{act_name}/{block}"
+                    if key not in hinv_cache:
                         if act_name in smooth_of:  # the layer sees x / s
                             inv = 1.0 / smooth_of[act_name].astype(np.float64)
                             h = h * np.outer(inv, inv)
-                        pad = (-h.shape[0]) % o.block_size if o.mode == "int4" else 0
+                        pad = (-h.shape[0]) % block if o.mode == "int4" else 0
                         if pad:
                             h = np.pad(h, ((0, pad), (0, pad)))
-                        hinv_cache[act_name] = qm.gptq_inverse(h)
-                    h = hinv_cache[act_name]
+                        hinv_cache[key] = qm.gptq_inverse(h)
+                    h = hinv_cache[key]
                 method = o.weight_method if (o.weight_method != "gptq" or h is not None) else "mse"
                 clip = "none" if method == "rtn" else "mse"
                 row["method"] = method
                 if o.mode == "int4":
-                    codes, scales, zps = qm.quantize_blockwise(w, o.block_size, 4, o.int4_symmetric, clip=clip, hessian=h if method == "gptq" else None)
-                    wp = _WeightParams(t.index, "int4", {"codes": codes, "scales": scales, "zero_points": zps})
-                    row["block_size"] = o.block_size
+                    codes, scales, zps = qm.quantize_blockwise(w, block, 4, o.int4_symmetric, clip=clip, hessian=h if method == "gptq" else None)
+                    wp = _WeightParams(t.index, "tied4" if t.kind == "tied" else "int4", {"codes": codes, "scales": scales, "zero_points": zps})
+                    row["block_size"] = block
+                    if t.tied is not None:
+                        row["tied"] = t.tied.describe()
                 else:
                     axis = t.axis if o.per_channel else None
                     if method == "gptq":
@@ -555,7 +601,9 @@ def make_plan(model: ir.Model, targets: list[_Target], o: QdqOptions, feeds) -> 
         for i in t.acts:
             name = t.node.inputs[i].name
             row.setdefault("activations", {})[name] = act_rows[name]
-        if t.kind in ("matmul", "gemm") and t.node.inputs[0].name in stats:
+        if t.index in awq_rows:
+            row["awq"] = awq_rows[t.index]
+        if t.kind in ("matmul", "gemm", "tied") and t.node.inputs[0].name in stats:
             shift = None
             if o.bias_correction and t.acts and _bias_of(t) is not None:
                 shift = _bias_shift(t, stats, plan_weights[-1], acts, o)
@@ -579,7 +627,7 @@ def _stored_bytes(wp: _WeightParams, o: QdqOptions) -> int:
     if wp.kind == "gather_split":
         rows, dim = a["remap"].size, a["hot_codes"].shape[1]
         return qm.split_rows_bytes(rows, dim, a["hot_ids"].size, o.embedding_block_size, o.embedding_cold_block_size, o.int4_symmetric)
-    codes = int(np.ceil(a["codes"].size / 2)) if wp.kind in ("int4", "gather4") else 0
+    codes = int(np.ceil(a["codes"].size / 2)) if wp.kind in ("int4", "gather4", "tied4") else 0
     return int(sum(v.nbytes for k, v in a.items() if k not in ("axis", "codes")) + codes)
 
 
@@ -698,7 +746,7 @@ def _layer_outputs(t: _Target, stats, wp: _WeightParams, acts: list[_ActParams],
     if act is not None:
         qmin, qmax = qm.QRANGES[o.activation_type]
         xs = x if act.smooth is None else x / act.smooth
-        xq = qm.fake_quant(xs, act.scale, act.zero_point, qmin, qmax)
+        xq = qm.fake_quant(xs, act.scale, act.zero_point, qmin, qmax) if act.quantize else xs
     else:
         xq = x
     wq = _dequantized(wp, t, o)
@@ -720,10 +768,12 @@ def _dequantized(wp: _WeightParams, t: _Target, o: QdqOptions) -> np.ndarray:
         return qm.dequantize(a["q"], a["scale"])
     if wp.kind == "gather_split":
         return qm.dequantize_split_rows(a, o.embedding_block_size, o.embedding_cold_block_size)
-    if wp.kind in ("int4", "gather4"):
+    if wp.kind in ("int4", "gather4", "tied4"):
         codes, scales, zps = a["codes"], a["scales"], a["zero_points"]
         if wp.kind == "gather4":  # [V, D] blocks along D
             return qm.dequantize_rows_blockwise(codes, scales, zps, o.embedding_block_size)
+        if wp.kind == "tied4":  # [H, V]: the head's layout, blocks along H = the table's rows
+            return qm.dequantize_blockwise(codes, scales, zps, o.embedding_block_size)
         return qm.dequantize_blockwise(codes, scales, zps, o.block_size)
     raise AssertionError(wp.kind)
 
@@ -796,6 +846,9 @@ def apply_plan(model: ir.Model, plan: _Plan, o: QdqOptions) -> None:
             _fold_smoothing(graph, plan.targets[act.fold_into], act)
         if act.compensate:
             continue
+        if not act.quantize:  # AWQ: the float input is scaled by 1/s (norm weight, producer columns or a Mul)
+            _apply_awq_scaling(graph, plan, act)
+            continue
         cons = [(plan.targets[ti], ii) for ti, ii in act.consumers]
         x = cons[0][0].node.inputs[cons[0][1]]
         base = x.name
@@ -842,6 +895,8 @@ def apply_plan(model: ir.Model, plan: _Plan, o: QdqOptions) -> None:
             _apply_gather4(model, t, wp, o)
         elif wp.kind == "gather_split":
             _apply_gather_split(model, t, wp, o)
+        elif wp.kind == "tied4":
+            _apply_tied4(model, t, wp, o)
         if old is not None and not old.uses() and old.name in graph.initializers:
             graph.initializers.pop(old.name)
 
@@ -1166,3 +1221,288 @@ def _apply_gather_split(model: ir.Model, t: _Target, wp: _WeightParams, o: QdqOp
         ir.node("Where", [cond, hot_rows, cold_rows], outputs=[out], name=f"{base}_Select"),
     ]
     _replace_node(graph, t.node, nodes, out)
+
+
+# -- shared (tied) embedding / lm_head tables ----------------------------------------------------------
+@dataclasses.dataclass
+class _Tied:
+    """A table read by embedding Gathers and by lm_head MatMul/Gemm nodes, directly or through Transposes."""
+
+    table_is_transposed: bool  # the [vocab, hidden] table is W^T (W stored [hidden, vocab]: the genai builder's layout)
+    heads: list[ir.Node]
+    gathers: list[ir.Node]
+    transposes: list[ir.Node]
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "gathers": [n.name or n.outputs[0].name for n in self.gathers],
+            "heads": [n.name or n.outputs[0].name for n in self.heads],
+            "stored": "[hidden, vocab]" if self.table_is_transposed else "[vocab, hidden]",
+        }
+
+
+def tied_uses(weight: ir.Value | None) -> _Tied | str:
+    """The Gather and MatMul/Gemm uses of a table shared between an embedding and an lm_head, or why it is not one.
+
+    Recognised: ``Gather(W)`` or ``Gather(Transpose(W))`` (axis 0, indices computed at run time) together with
+    ``MatMul(x, W)``, ``MatMul(x, Transpose(W))`` or ``Gemm(x, W)`` (transA=0, alpha=1; transB either way), as
+    long as every use agrees on which axis of W is the vocabulary."""
+    if weight is None or not _is_float_initializer(weight) or weight.is_graph_output() or len(weight.const_value.shape) != 2:
+        return "not a 2-D float initializer"
+    uses: list[tuple[ir.Node, int, bool]] = []
+    transposes: list[ir.Node] = []
+    for node, index in weight.uses():
+        if node.op_type == "Transpose" and node.domain in ("", "ai.onnx"):
+            perm = node.attributes.get_ints("perm", None)
+            if perm is not None and list(perm) != [1, 0]:
+                return "read by a Transpose that is not [1, 0]"
+            if node.outputs[0].is_graph_output():
+                return "its transpose is a graph output"
+            transposes.append(node)
+            uses.extend((n, i, True) for n, i in node.outputs[0].uses())
+        else:
+            uses.append((node, index, False))
+    heads: list[ir.Node] = []
+    gathers: list[ir.Node] = []
+    sides: set[bool] = set()  # whether the [vocab, hidden] table is W^T, as each use sees it
+    for node, index, through in uses:
+        op = node.op_type
+        if node.domain not in ("", "ai.onnx"):
+            return f"also read by {op}"
+        if op == "Gather" and index == 0 and node.attributes.get_int("axis", 0) == 0 and node.inputs[1] is not None and node.inputs[1].const_value is None:
+            gathers.append(node)  # Gather's rows are the vocabulary
+            sides.add(through)
+        elif op in ("MatMul", "Gemm") and index == 1:
+            act = node.inputs[0]
+            if act is None or act.const_value is not None or (act.dtype is not None and act.dtype != _FLOAT):
+                return f"{op} input is not a float activation"
+            trans_b = 0
+            if op == "Gemm":
+                if node.attributes.get_int("transA", 0):
+                    return "read by a Gemm with transA=1"
+                if node.attributes.get_float("alpha", 1.0) != 1.0:
+                    return "read by a Gemm with alpha != 1 (the shared scales cannot carry it)"
+                trans_b = node.attributes.get_int("transB", 0)
+            # a head computes x @ M with M [hidden, vocab], or x @ M^T (Gemm transB=1) with M [vocab, hidden]
+            sides.add(through if trans_b else not through)
+            heads.append(node)
+        else:
+            return f"also read by {op} (input {index})"
+    if not heads or not gathers:
+        return "not an embedding table that is also a MatMul/Gemm weight"
+    if len(sides) != 1:
+        return "its uses disagree on which axis is the vocabulary"
+    return _Tied(sides.pop(), heads, gathers, transposes)
+
+
+def tied_target(model: ir.Model, weight: ir.Value, o: QdqOptions, embeddings: str) -> _Target | str:
+    """One target for a tied embedding / lm_head table (int4), labelled by its (first) head; or why not."""
+    if embeddings != "int4":
+        return f"embeddings={o.embeddings} leaves the table float; the shared table is quantized as int4 only"
+    found = tied_uses(weight)
+    if isinstance(found, str):
+        return found
+    positions = {id(n): i for i, n in enumerate(model.graph)}
+    members = found.heads + found.gathers
+    if any(id(n) not in positions for n in members):
+        return "used inside a subgraph"
+    labels = [(node_label(n, positions[id(n)]), n.op_type) for n in members]
+    excluded, included = set(o.exclude), set(o.include)
+    if any(label in excluded or op in excluded for label, op in labels):
+        return "one of its uses is excluded"
+    if included and not any(label in included or op in included for label, op in labels):
+        return "not in include"
+    head = found.heads[0]
+    return _Target(positions[id(head)], head, "tied", weight, 1, axis=1, in_axis=0, tied=found)
+
+
+def _rebind_tied(t: _Target, node: ir.Node) -> _Target:
+    """``t`` rebound to its head ``node`` in a copy of the model (the table is the head's weight or its Transpose's input)."""
+    w = node.inputs[1]
+    if w is not None and w.name != t.weight.name and w.producer() is not None:
+        w = w.producer().inputs[0]
+    found = tied_uses(w)
+    if isinstance(found, str):
+        raise AssertionError(f"tied table '{t.weight.name}' not found again in the copy: {found}")
+    return dataclasses.replace(t, node=node, weight=w, tied=found)
+
+
+def _apply_tied4(model: ir.Model, t: _Target, wp: _WeightParams, o: QdqOptions) -> None:
+    """Store the table once as int4 blocks along the hidden dim and make every use read it.
+
+    matmulnbits: the lm_head becomes MatMulNBits over B ``[vocab, blocks, block/2]`` (its rows are the table's
+    rows); each Gather becomes GatherBlockQuantized over ``Reshape(B, [vocab, blocks * block/2])``, the same
+    bytes, with the same scale (and zero point) tensors — onnxruntime-genai's builder layout. qdq: one blocked
+    DequantizeLinear of W in its stored orientation that every use (and its Transpose) reads.
+    """
+    graph = model.graph
+    tied, w = t.tied, t.weight
+    codes, scales, zps = wp.arrays["codes"], wp.arrays["scales"], wp.arrays["zero_points"]  # [H, V], [kb, V], [kb, V]
+    block = o.embedding_block_size
+    hidden, vocab = codes.shape
+    kb = scales.shape[0]
+    positions = {id(n): i for i, n in enumerate(graph)}
+    first = min((u for u, _ in w.uses()), key=lambda n: positions[id(n)])
+    if o.int4_format == "qdq":
+        dtype = ir.DataType.UINT4
+        zps_stored = zps if not o.int4_symmetric else np.full(scales.shape, 8, np.uint8)
+        arrays, axis = (codes, scales, zps_stored), 0
+        if not tied.table_is_transposed:  # W is [V, H]: blocks run along axis 1
+            arrays, axis = tuple(a.T.copy() for a in arrays), 1
+        q = _const(graph, f"{w.name}_quantized", arrays[0], dtype)
+        s = _const(graph, f"{w.name}_scale", arrays[1])
+        z = _const(graph, f"{w.name}_zero_point", arrays[2], dtype)
+        out = ir.Value(name=f"{w.name}_dequantized", type=ir.TensorType(_FLOAT), shape=_shape(w))
+        dq = ir.node("DequantizeLinear", [q, s, z], {"axis": axis, "block_size": block}, outputs=[out], name=f"{w.name}_DequantizeLinear")
+        users = list(w.uses())
+        graph.insert_before(first, dq)
+        for user, index in users:
+            user.replace_input_with(index, out)
+        return
+    model.opset_imports.setdefault(_MS, 1)
+    padded = np.zeros((kb * block, vocab), np.uint8)
+    padded[:hidden] = codes
+    padded[hidden:] = 8 if o.int4_symmetric else zps[-1]  # padded rows dequantize to 0
+    b = _const(graph, f"{w.name}_q4", qm.pack_codes(padded.T.reshape(vocab, kb, block), 4))  # [V, kb, block/2]
+    tail = [_const(graph, f"{w.name}_scales", np.ascontiguousarray(scales.T))]  # [V, kb]: the layout both ops accept
+    if not o.int4_symmetric:
+        tail.append(_const(graph, f"{w.name}_zero_points", qm.pack_codes(np.ascontiguousarray(zps.T), 4)))  # [V, ceil(kb/2)]
+    row_bytes = kb * block // 2
+    flat = ir.Value(name=f"{w.name}_q4_rows", type=ir.TensorType(ir.DataType.UINT8), shape=ir.Shape([vocab, row_bytes]))
+    shape = _const(graph, f"{w.name}_q4_rows_shape", np.array([vocab, row_bytes], np.int64))
+    graph.insert_before(first, ir.node("Reshape", [b, shape], outputs=[flat], name=f"{w.name}_Q4Rows"))
+    for gather in tied.gathers:
+        base = gather.outputs[0].name
+        out = ir.Value(name=f"{base}_dequantized", type=ir.TensorType(_FLOAT), shape=_shape(gather.outputs[0]))
+        rows = out if kb * block == hidden else ir.Value(name=f"{base}_padded", type=ir.TensorType(_FLOAT))
+        nodes = [
+            ir.node(
+                "GatherBlockQuantized", [flat, gather.inputs[1], *tail], {"gather_axis": 0, "quantize_axis": 1, "block_size": block, "bits": 4},
+                domain=_MS, outputs=[rows], name=f"{base}_GatherBlockQuantized",
+            )
+        ]
+        if rows is not out:  # the padded block columns dequantize to 0: cut them off
+            consts = [_const(graph, f"{w.name}_{k}", np.array([v], np.int64)) for k, v in (("slice_start", 0), ("slice_end", hidden), ("slice_axis", -1))]
+            nodes.append(ir.node("Slice", [rows, *consts], outputs=[out], name=f"{base}_Slice"))
+        _replace_node(graph, gather, nodes, out)
+    for head in tied.heads:
+        result = head.outputs[0]
+        out = ir.Value(name=f"{result.name}_q4", type=ir.TensorType(_FLOAT), shape=_shape(result))
+        nodes = [
+            ir.node(
+                "MatMulNBits", [head.inputs[0], b, *tail], {"K": hidden, "N": vocab, "bits": 4, "block_size": block, "accuracy_level": o.accuracy_level},
+                domain=_MS, outputs=[out], name=(head.name or result.name) + "_MatMulNBits",
+            )
+        ]
+        c = head.inputs[2] if head.op_type == "Gemm" and len(head.inputs) > 2 else None
+        if c is not None:
+            beta = head.attributes.get_float("beta", 1.0)
+            if beta != 1.0:
+                scaled = ir.Value(name=f"{result.name}_beta_c", type=ir.TensorType(_FLOAT))
+                nodes.append(ir.node("Mul", [c, _const(graph, f"{result.name}_beta", np.array(beta, np.float32))], outputs=[scaled], name=f"{result.name}_Beta"))
+                c = scaled
+            summed = ir.Value(name=f"{result.name}_q4_bias", type=ir.TensorType(_FLOAT), shape=_shape(result))
+            nodes.append(ir.node("Add", [out, c], outputs=[summed], name=(head.name or result.name) + "_Bias"))
+            out = summed
+        _replace_node(graph, head, nodes, out)
+    for node in tied.transposes:  # their readers are rewritten
+        if not node.outputs[0].uses():
+            graph.remove(node, safe=True)
+
+
+# -- AWQ: activation-aware scaling of int4 weights ----------------------------------------------------
+# normalizations whose output is linear in their scale (and bias) input: op type -> (scale index, bias index or -1)
+_NORM_SCALE = {
+    "SimplifiedLayerNormalization": (1, -1), "SkipSimplifiedLayerNormalization": (2, -1), "RMSNormalization": (1, -1),
+    "LayerNormalization": (1, 2), "SkipLayerNormalization": (2, 3),
+}
+AWQ_SEARCH_ROWS = 1024  # rows of the calibration sample the alpha search multiplies (11 alphas x each weight)
+
+
+def awq_plan(targets: list[_Target], stats, weights: dict[int, np.ndarray], smooth_of: dict[str, np.ndarray], awq_rows: dict[int, dict[str, Any]], o: QdqOptions) -> list[_ActParams]:
+    """AWQ factors for the input of each group of int4 MatMul/Gemm targets that read the same activation.
+
+    Searched by ``quant_math.awq_search`` on the calibration sample; where a factor helps, the group's weight
+    rows are multiplied by it here (``weights``, so GPTQ/MSE then round the scaled weights, and GPTQ's
+    Hessian is rescaled through ``smooth_of``), and ``1/s`` goes into the producer: a normalization's scale
+    (and bias), a MatMul/Gemm target's weight columns (also through a SwiGLU ``Mul``), else a ``Mul``.
+    Returns scaling-only activations (``quantize=False``) for ``apply_plan``; ``awq_rows`` gets each target's report.
+    """
+    groups: dict[str, list[_Target]] = {}
+    for t in targets:
+        if t.kind in ("matmul", "gemm") and t.weight is not None:
+            groups.setdefault(t.node.inputs[0].name, []).append(t)
+    target_of = {id(t.node): t for t in targets}
+    result: list[_ActParams] = []
+    for name, group in groups.items():
+        st = stats.get(name)
+        if st is None or st.sample is None or len(st.sample) == 0:
+            continue
+        s, alpha, errors = qm.awq_search(st.sample[:AWQ_SEARCH_ROWS], [weights[t.index] for t in group], o.block_size, 4, o.int4_symmetric)
+        info: dict[str, Any] = {"alpha": alpha, "error_vs_plain": round(errors[alpha] / errors[0.0], 4) if errors[0.0] > 0 else 1.0}
+        if s is None:
+            for t in group:
+                awq_rows[t.index] = {**info, "folded_into": None}
+            continue
+        producer, norm, where = _awq_fold(group[0].node.inputs[0], group, target_of)
+        for t in group:
+            weights[t.index] = weights[t.index] * s[:, None]
+        if producer is not None:
+            weights[producer.index] = weights[producer.index] / s[None, :]
+        smooth_of[name] = s
+        result.append(_ActParams(name, 0.0, 0, s, [(t.index, 0) for t in group], producer.index if producer else None, quantize=False, fold_norm=norm))
+        for t in group:
+            awq_rows[t.index] = {**info, "folded_into": where}
+    return result
+
+
+def _awq_fold(x: ir.Value, group: list[_Target], target_of: dict[int, _Target]) -> tuple[_Target | None, tuple[str, ...] | None, str]:
+    """Where AWQ's ``1/s`` on ``x`` goes: (producer target whose columns take it, names of a normalization's
+    scale and bias initializers, description); both None: a ``Mul`` before the group."""
+    members = {t.index for t in group}
+    node = x.producer()
+    if node is None or x.is_graph_output() or len(x.uses()) != len(group):
+        return None, None, "Mul"
+    producer = _fold_producer(x, len(group), target_of)
+    if producer is not None and producer.index not in members:
+        return producer, None, producer.label
+    k = _weight_matrix(group[0]).shape[0]
+    if node.op_type in _NORM_SCALE and node.outputs[0] is x:
+        gi, bi = _NORM_SCALE[node.op_type]
+        gamma = node.inputs[gi] if len(node.inputs) > gi else None
+        beta = node.inputs[bi] if 0 <= bi < len(node.inputs) else None
+
+        def own(v: ir.Value | None) -> bool:
+            return _is_float_initializer(v) and tuple(v.const_value.shape) == (k,) and len(v.uses()) == 1
+
+        if own(gamma) and (beta is None or own(beta)):
+            return None, tuple(v.name for v in (gamma, beta) if v is not None), f"{node.op_type} scale '{gamma.name}'"
+    if node.op_type == "Mul" and node.domain in ("", "ai.onnx"):
+        # SwiGLU's act(gate) * up: dividing up's output columns by s divides the product
+        for operand in node.inputs:
+            if operand is None or operand.is_graph_output() or len(operand.uses()) != 1:
+                continue
+            p = _fold_producer(operand, 1, target_of)
+            if p is not None and p.index not in members:
+                return p, None, p.label
+    return None, None, "Mul"
+
+
+def _apply_awq_scaling(graph: ir.Graph, plan: _Plan, act: _ActParams) -> None:
+    """Give the AWQ-scaled layers ``x / s``: a producer target's columns already carry it (its bias is divided
+    by ``_fold_smoothing``); a normalization's scale (and bias) input is divided; else a Mul feeds the group."""
+    if act.fold_into is not None:
+        return
+    if act.fold_norm is not None:
+        for name in act.fold_norm:
+            v = graph.initializers[name]
+            v.const_value = ir.tensor((v.const_value.numpy() / act.smooth).astype(np.float32), name=v.name)
+        return
+    cons = [(plan.targets[ti], ii) for ti, ii in act.consumers]
+    x = cons[0][0].node.inputs[cons[0][1]]
+    first = min((t.node for t, _ in cons), key=lambda n: _position(graph, n))
+    inv = _const(graph, f"{x.name}_awq_inv", (1.0 / act.smooth).astype(np.float32))
+    out = ir.Value(name=f"{x.name}_awq", type=ir.TensorType(_FLOAT), shape=_shape(x))
+    graph.insert_before(first, ir.node("Mul", [x, inv], outputs=[out], name=f"{x.name}_AwqScale"))
+    for t, ii in cons:
+        t.node.replace_input_with(ii, out)

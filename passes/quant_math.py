@@ -553,6 +553,48 @@ def smooth_factors(act_absmax: np.ndarray, weight_absmax: np.ndarray, alpha: flo
     return s.astype(np.float32)
 
 
+# -- AWQ (activation-aware weight quantization) ---------------------------------------------------
+AWQ_ALPHAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+def awq_factors(act_absmean: np.ndarray, alpha: float) -> np.ndarray:
+    """AWQ's per input-channel factors ``s = mean|X_c|^alpha``, normalised so that ``max(s) * min(s) = 1``
+    (Lin et al. 2023). ``diag(s) W`` is quantized and ``X / s`` multiplies it: channels that carry large
+    activations get finer relative steps, the ones that carry little get coarser ones."""
+    a = np.maximum(np.asarray(act_absmean, np.float64), 1e-8) ** float(alpha)
+    s = a / np.sqrt(a.max() * a.min())
+    return np.where(np.isfinite(s) & (s > 0), s, 1.0).astype(np.float32)
+
+
+def awq_search(
+    x: np.ndarray, mats: list[np.ndarray], block_size: int, bits: int = 4, symmetric: bool = False, alphas=AWQ_ALPHAS
+) -> tuple[np.ndarray | None, float, dict[float, float]]:
+    """The AWQ factors for the weights ``mats`` (each ``[K, N]``) that all read the input sample ``x`` [rows, K].
+
+    For each alpha the scaled weights are rounded to nearest in blocks of ``block_size`` along K (no clip
+    search, as in AWQ) and the summed squared output error ``||(x / s) Q(diag(s) W) - x W||^2`` relative to
+    ``||x W||^2`` is measured. Returns (factors of the best alpha, or None when alpha 0 — no scaling — is
+    best; the best alpha; relative error per alpha)."""
+    x = np.asarray(x, np.float32)
+    absmean = np.abs(x).mean(axis=0)
+    refs = [x @ np.asarray(w, np.float32) for w in mats]
+    denom = sum(float(np.square(r, dtype=np.float64).sum()) for r in refs) or 1.0
+    errors: dict[float, float] = {}
+    best_alpha, best_err, best_s = 0.0, np.inf, None
+    for alpha in alphas:
+        s = awq_factors(absmean, alpha) if alpha > 0 else np.ones(x.shape[1], np.float32)
+        xs = x / s
+        err = 0.0
+        for w, ref in zip(mats, refs):
+            codes, scales, zps = quantize_blockwise(np.asarray(w, np.float64) * s[:, None], block_size, bits, symmetric, clip="none")
+            wq = dequantize_blockwise(codes, scales, zps, block_size).astype(np.float32)
+            err += float(np.square(xs @ wq - ref, dtype=np.float64).sum())
+        errors[float(alpha)] = err / denom
+        if err < best_err:
+            best_alpha, best_err, best_s = float(alpha), err, s
+    return (None if best_alpha == 0 else best_s), best_alpha, errors
+
+
 # -- error measures --------------------------------------------------------------------------------
 def relative_output_error(w: np.ndarray, w_new: np.ndarray, second_moment: np.ndarray, error_moment: np.ndarray | None = None) -> float:
     """Relative output error of replacing a layer's weight ``w`` (K x N) by ``w_new``:

@@ -1,0 +1,202 @@
+"""qdq(mode=int4) for decoder LLMs: a tied embedding / lm_head table quantized once and read by both uses,
+MatMulNBits accuracy_level, AWQ scaling (maths in numpy, end to end on the tiny llama), and calibration
+through a KV-cache graph. The SmolLM2-135M test is marked slow."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from graphs import check_full, copy_model, init, op_types, text_model
+
+from onnxpress import runtime
+from onnxpress.errors import UsageError
+from onnxpress.pass_infra import PassContext
+from onnxpress.passes import quant_math as qm
+from onnxpress.passes.qdq import Qdq
+from onnxpress.pipeline import PassFailedError
+from onnxpress.validate import Tolerance, validate
+
+V, H = 96, 64  # vocabulary, hidden
+
+
+def run_pass(p: Qdq, model: ir.Model, calibration=None) -> ir.Model:
+    work = copy_model(model)
+    p.context = PassContext(calibration=calibration)
+    return p(work).model
+
+
+# -- AWQ maths --------------------------------------------------------------------------------------------
+def test_awq_factors_are_normalised_and_follow_the_activation_magnitude():
+    absmean = np.array([0.01, 0.1, 1.0, 10.0])
+    s = qm.awq_factors(absmean, 0.5)
+    assert s.max() * s.min() == pytest.approx(1.0, rel=1e-5)
+    assert np.all(np.diff(s) > 0)  # larger activations, larger factors
+    np.testing.assert_allclose(s[3] / s[2], np.sqrt(10.0), rtol=1e-5)
+    np.testing.assert_allclose(qm.awq_factors(absmean, 0.0), 1.0)
+
+
+def test_awq_search_beats_plain_rounding_when_a_few_channels_carry_the_signal():
+    rng = np.random.default_rng(0)
+    k, n = 128, 48
+    x = rng.standard_normal((512, k)).astype(np.float32)
+    x[:, :6] *= 30.0  # outlier input channels, as LLM activations have
+    w = rng.standard_normal((k, n)).astype(np.float32) * 0.05
+    s, alpha, errors = qm.awq_search(x, [w], block_size=32)
+    assert s is not None and 0 < alpha <= 1
+    # the error at alpha 0 is plain blockwise rounding, computed here independently
+    codes, scales, zps = qm.quantize_blockwise(w.astype(np.float64), 32, 4, clip="none")
+    plain = x @ qm.dequantize_blockwise(codes, scales, zps, 32)
+    ref = x @ w
+    assert errors[0.0] == pytest.approx(float(((plain - ref) ** 2).sum() / (ref**2).sum()), rel=1e-4)
+    assert errors[alpha] < 0.6 * errors[0.0]
+    # the scaling itself is exact: (x / s) @ (diag(s) W) == x @ W
+    np.testing.assert_allclose((x / s) @ (w * s[:, None]), ref, rtol=1e-4, atol=1e-3)
+
+
+def test_awq_search_keeps_plain_rounding_when_scaling_does_not_help():
+    rng = np.random.default_rng(1)
+    x = np.ones((64, 32), np.float32)  # every channel the same magnitude: every alpha gives s = 1
+    w = rng.standard_normal((32, 8)).astype(np.float32)
+    s, alpha, errors = qm.awq_search(x, [w], block_size=16)
+    assert s is None and alpha == 0.0 and errors[0.0] == min(errors.values())
+
+
+# -- tied tables on small graphs -----------------------------------------------------------------------
+def tied_model(form: str, hidden: int = H, seed: int = 0) -> ir.Model:
+    """ids[N] -> embedding Gather -> Tanh -> lm_head on the same table, in the three layouts exporters write."""
+    rng = np.random.default_rng(seed)
+    table = (rng.standard_normal((V, hidden)) * 0.5).astype(np.float32)
+    if form == "builder":  # onnxruntime-genai: W [hidden, vocab], Gather(Transpose(W)), MatMul(h, W)
+        w, body = table.T, "t = Transpose <perm = [1, 0]> (w)\n e = Gather(t, ids)\n h = Tanh(e)\n y = MatMul(h, w)"
+    elif form == "gemm":  # TorchScript-style: Gather(W), Gemm(h, W, transB=1)
+        w, body = table, "e = Gather(w, ids)\n h = Tanh(e)\n y = Gemm <transB = 1> (h, w)"
+    else:  # dynamo-style: Gather(W), MatMul(h, Transpose(W))
+        w, body = table, "e = Gather(w, ids)\n h = Tanh(e)\n t = Transpose <perm = [1, 0]> (w)\n y = MatMul(h, t)"
+    return text_model(
+        f"""
+        <ir_version: 10, opset_import: ["" : 17]>
+        g (int64[N] ids) => (float[N,{V}] y)
+        <{init("w", w)}>
+        {{
+            {body}
+        }}
+        """
+    )
+
+
+def id_feeds(batches: int = 4, n: int = 24, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    return [{"ids": rng.integers(0, V, n).astype(np.int64)} for _ in range(batches)]
+
+
+def _table_from_initializers(model: ir.Model, hidden: int, block: int) -> np.ndarray:
+    """The dequantized [V, hidden] table, read back from the packed initializer, scales and zero points."""
+    inits = model.graph.initializers
+    b = inits["w_q4"].const_value.numpy()  # [V, blocks, block/2]
+    kb = b.shape[1]
+    codes = qm.unpack_codes(b.reshape(V, -1), 4, kb * block).reshape(V, kb * block)
+    scales = inits["w_scales"].const_value.numpy()
+    zps = qm.unpack_codes(inits["w_zero_points"].const_value.numpy(), 4, kb).reshape(V, kb)
+    return qm.dequantize_rows_blockwise(codes, scales, zps, block)[:, :hidden]
+
+
+@pytest.mark.parametrize("form", ["builder", "gemm", "transpose_head"])
+def test_tied_table_is_quantized_once_and_read_by_both_uses(form):
+    model = tied_model(form)
+    check_full(model)
+    p = Qdq(mode="int4", weight_method="rtn", embedding_block_size=32)
+    out = run_pass(p, model)
+    check_full(out)
+    ops = op_types(out)
+    assert sorted(ops) == ["GatherBlockQuantized", "MatMulNBits", "Reshape", "Tanh"], ops
+    assert "w" not in out.graph.initializers  # the float table is gone
+    gbq = next(n for n in out.graph if n.op_type == "GatherBlockQuantized")
+    mnb = next(n for n in out.graph if n.op_type == "MatMulNBits")
+    packed = mnb.inputs[1]
+    assert gbq.inputs[0].producer().op_type == "Reshape" and gbq.inputs[0].producer().inputs[0] is packed  # the same bytes
+    assert gbq.inputs[2] is mnb.inputs[2] and gbq.inputs[3] is mnb.inputs[3]  # the same scales and zero points
+    stored = sum(v.const_value.nbytes for v in out.graph.initializers.values())
+    # once: V*H/2 code bytes + a float32 scale and half a byte of zero point per 32 values, plus the reshape's shape
+    assert stored == V * H // 2 + V * (H // 32) * 4 + V * (H // 32) // 2 + 16
+    (row,) = [r for r in p.details if r.get("tied")]
+    assert row["tied"]["gathers"] and row["bytes_after"] < row["bytes_before"] / 5
+    # onnxruntime computes exactly the graph with the dequantized table, in both uses
+    deq = _table_from_initializers(out, H, 32)
+    feed = id_feeds(1, seed=7)[0]
+    got = runtime.run(runtime.make_session(out), feed)["y"]
+    np.testing.assert_allclose(got, np.tanh(deq[feed["ids"]]) @ deq.T, rtol=1e-4, atol=1e-4)
+    report = validate(ir.to_proto(model), out, inputs=feed, tolerance=Tolerance(min_cosine=0.99))
+    assert report.passed, report.outputs
+
+
+def test_tied_table_with_a_hidden_size_off_the_block_is_padded_and_sliced():
+    hidden = 48  # blocks of 32: the second block is half padding
+    model = tied_model("builder", hidden=hidden)
+    out = run_pass(Qdq(mode="int4", weight_method="rtn", embedding_block_size=32), model)
+    assert "Slice" in op_types(out)
+    deq = _table_from_initializers(out, hidden, 32)
+    feed = id_feeds(1, seed=3)[0]
+    got = runtime.run(runtime.make_session(out), feed)["y"]
+    np.testing.assert_allclose(got, np.tanh(deq[feed["ids"]]) @ deq.T, rtol=1e-4, atol=1e-4)
+
+
+def test_tied_table_in_qdq_format_is_one_blocked_dequantize():
+    model = tied_model("builder")
+    out = run_pass(Qdq(mode="int4", int4_format="qdq", weight_method="rtn", embedding_block_size=32), model)
+    ops = op_types(out)
+    assert ops.count("DequantizeLinear") == 1 and "MatMulNBits" not in ops and ops.count("Transpose") == 1
+    dq = next(n for n in out.graph if n.op_type == "DequantizeLinear")
+    assert dq.inputs[0].const_value.dtype == ir.DataType.UINT4 and dq.attributes.get_int("axis") == 0  # W [H, V]: blocks along H
+    feed = id_feeds(1, seed=5)[0]
+    report = validate(ir.to_proto(model), out, inputs=feed, tolerance=Tolerance(min_cosine=0.99))
+    assert report.passed, report.outputs
+
+
+def test_tied_table_uses_gptq_on_the_head_input_with_calibration():
+    model = tied_model("gemm")
+    p = Qdq(mode="int4", embedding_block_size=32)
+    run_pass(p, model, id_feeds())
+    (row,) = [r for r in p.details if r.get("tied")]
+    assert row["method"] == "gptq" and row["output_cosine"] > 0.99 and row["block_size"] == 32
+
+
+def test_a_table_also_read_by_another_op_stays_float_with_the_reason():
+    rng = np.random.default_rng(0)
+    model = text_model(
+        f"""
+        <ir_version: 10, opset_import: ["" : 17]>
+        g (int64[N] ids) => (float[N,{V}] y, float[{V},{H}] z)
+        <{init("w", rng.standard_normal((V, H)))}>
+        {{
+            e = Gather(w, ids)
+            y = Gemm <transB = 1> (e, w)
+            z = Relu(w)
+        }}
+        """
+    )
+    p = Qdq(mode="int4")
+    out = run_pass(p, model)
+    assert "w" in out.graph.initializers and "MatMulNBits" not in op_types(out)
+    assert any("shared with other uses (also read by Relu" in (r.get("skipped") or "") for r in p.details)
+
+
+def test_embeddings_float_keeps_a_tied_table_float():
+    p = Qdq(mode="int4", embeddings="float")
+    out = run_pass(p, tied_model("builder"))
+    assert "w" in out.graph.initializers and "GatherBlockQuantized" not in op_types(out)
+    assert any("embeddings=float" in (r.get("skipped") or "") for r in p.details)
+
+
+@pytest.mark.parametrize("level", [0, 4])
+def test_accuracy_level_is_written_on_every_matmulnbits(level):
+    out = run_pass(Qdq(mode="int4", weight_method="rtn", accuracy_level=level, embedding_block_size=32), tied_model("builder"))
+    assert {n.attributes.get_int("accuracy_level") for n in out.graph if n.op_type == "MatMulNBits"} == {level}
+
+
+def test_awq_needs_calibration_data():
+    model = tied_model("builder")
+    p = Qdq(mode="int4", awq=True)
+    p.context = PassContext(calibration=None)
+    with pytest.raises(UsageError, match="awq"):
+        p(copy_model(model))
