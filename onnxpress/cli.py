@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from onnxpress.render import make_console, make_progress, plain, print_all, rend
 from onnxpress.render import megabytes as _mb
 from onnxpress.render import render_bisect, render_details, render_metrics, render_optimize, render_passes, render_validation
 
+LOG_AFTER_SECONDS = 20.0  # redirected stderr: progress lines once a run has lasted this long
 console = make_console(stderr=False)
 err_console = make_console(stderr=True)
 
@@ -113,14 +115,26 @@ def optimize(model, output, pipeline, do_validate, inputs, dims, provider, atol,
         if extra:
             io.check_writable_output(extra, (model,), force=False)
     tolerance = _tolerance(atol, rtol, min_cosine, True)
+    # a live bar draws nothing when stderr is redirected (CI logs, nohup): a run that lasts logs a line per stage
+    # and pass instead, from LOG_AFTER_SECONDS on (a short run, or a one-line error, stays one line)
+    log_lines = not quiet and not budget_text and not sys.stderr.isatty()
+    began = time.perf_counter()
+
+    def log(text):
+        if log_lines and time.perf_counter() - began >= LOG_AFTER_SECONDS:
+            sys.stderr.write(f"[{time.perf_counter() - began:7.1f} s] {plain(text, cap=300)}\n")
+            sys.stderr.flush()
+
     with make_progress(err_console, disable=quiet or bool(budget_text)) as progress:
         bar = progress.add_task("loading", total=None)
 
         def stage(text):
             progress.update(bar, description=text)
+            log(text)
 
         def start(p):
             progress.update(bar, description=f"pass {p}")
+            log(f"pass {p}")
 
         def end(p):
             progress.advance(bar)

@@ -3,8 +3,28 @@
 from __future__ import annotations
 
 import contextlib
+import sys
+import time
 from collections.abc import Callable
 from typing import Any
+
+
+class LogLines:
+    """Progress as plain log lines on stderr: each stage's start and end, and about every fifth of it, with
+    the elapsed time (what a redirected run shows instead of a live bar)."""
+
+    def __init__(self, stream: Any = None) -> None:
+        self.stream = stream
+        self.start = time.perf_counter()
+        self.last: dict[str, int] = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        step = max(total // 5, 1)
+        if done == 0 or done >= total or done - self.last.get(stage, 0) >= step:
+            self.last[stage] = done
+            stream = self.stream or sys.stderr
+            stream.write(f"[{time.perf_counter() - self.start:7.1f} s] {stage}: {done}/{total}\n")
+            stream.flush()
 
 
 class Reporter:
@@ -15,12 +35,15 @@ class Reporter:
         self.callback: Callable[[str, int, int], None] | None = None
         self.bar = None
         self._own = False
-        if progress is True:
+        if progress is True and not sys.stderr.isatty():
+            # redirected (CI logs, nohup, | tee): a live bar draws nothing there; log lines instead
+            self.callback = LogLines()
+        elif progress is True:
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
             self.bar = Progress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
                 console=Console(stderr=True), transient=False,
             )
             self._own = True
