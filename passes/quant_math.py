@@ -567,16 +567,24 @@ def awq_factors(act_absmean: np.ndarray, alpha: float) -> np.ndarray:
 
 
 def awq_search(
-    x: np.ndarray, mats: list[np.ndarray], block_size: int, bits: int = 4, symmetric: bool = False, alphas=AWQ_ALPHAS
+    x: np.ndarray, mats: list[np.ndarray], block_size: int, bits: int = 4, symmetric: bool = False, alphas=AWQ_ALPHAS,
+    max_columns: int | None = None, seed: int = 0,
 ) -> tuple[np.ndarray | None, float, dict[float, float]]:
     """The AWQ factors for the weights ``mats`` (each ``[K, N]``) that all read the input sample ``x`` [rows, K].
 
     For each alpha the scaled weights are rounded to nearest in blocks of ``block_size`` along K (no clip
     search, as in AWQ) and the summed squared output error ``||(x / s) Q(diag(s) W) - x W||^2`` relative to
     ``||x W||^2`` is measured. Returns (factors of the best alpha, or None when alpha 0 — no scaling — is
-    best; the best alpha; relative error per alpha)."""
+    best; the best alpha; relative error per alpha).
+
+    ``max_columns``: measure on that many output columns of each weight (seeded random choice). A column's
+    blocks run along K, so its rounding does not depend on the other columns: the subset's error is an
+    unbiased sample of the whole at a fraction of the cost."""
     x = np.asarray(x, np.float32)
     absmean = np.abs(x).mean(axis=0)
+    rng = np.random.default_rng(seed)
+    if max_columns is not None:
+        mats = [w if w.shape[1] <= max_columns else w[:, np.sort(rng.choice(w.shape[1], max_columns, replace=False))] for w in mats]
     refs = [x @ np.asarray(w, np.float32) for w in mats]
     denom = sum(float(np.square(r, dtype=np.float64).sum()) for r in refs) or 1.0
     errors: dict[float, float] = {}
