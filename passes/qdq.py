@@ -74,7 +74,7 @@ class QdqOptions:
     )
     embedding_cold_block_size: int = option(128, "embedding_split: block size of the 2-bit rows (power of 2, >= 16)")
     accuracy_level: int = option(
-        0,
+        4,
         "int4 MatMulNBits accuracy_level, the least accurate compute ORT may use: 0 unset (fp32), 1 fp32, 2 fp16, 3 bf16, "
         "4 int8 (the input is quantized per block to int8). ORT CPU takes the least accurate level it has a kernel for at "
         "or above the one given: on x86 1-3 run as fp32, 4 as int8. Default 4: SmolLM2-135M decodes 3.5x faster than at 0 "

@@ -105,7 +105,8 @@ def _table_from_initializers(model: ir.Model, hidden: int, block: int) -> np.nda
 def test_tied_table_is_quantized_once_and_read_by_both_uses(form):
     model = tied_model(form)
     check_full(model)
-    p = Qdq(mode="int4", weight_method="rtn", embedding_block_size=32)
+    # accuracy_level 0: MatMulNBits computes in fp32, so onnxruntime must give the numpy result below exactly
+    p = Qdq(mode="int4", weight_method="rtn", embedding_block_size=32, accuracy_level=0)
     out = run_pass(p, model)
     check_full(out)
     ops = op_types(out)
@@ -133,7 +134,7 @@ def test_tied_table_is_quantized_once_and_read_by_both_uses(form):
 def test_tied_table_with_a_hidden_size_off_the_block_is_padded_and_sliced():
     hidden = 48  # blocks of 32: the second block is half padding
     model = tied_model("builder", hidden=hidden)
-    out = run_pass(Qdq(mode="int4", weight_method="rtn", embedding_block_size=32), model)
+    out = run_pass(Qdq(mode="int4", weight_method="rtn", embedding_block_size=32, accuracy_level=0), model)
     assert "Slice" in op_types(out)
     deq = _table_from_initializers(out, hidden, 32)
     feed = id_feeds(1, seed=3)[0]
@@ -188,10 +189,22 @@ def test_embeddings_float_keeps_a_tied_table_float():
     assert any("embeddings=float" in (r.get("skipped") or "") for r in p.details)
 
 
-@pytest.mark.parametrize("level", [0, 4])
+@pytest.mark.parametrize("level", [0, 1, 4])
 def test_accuracy_level_is_written_on_every_matmulnbits(level):
-    out = run_pass(Qdq(mode="int4", weight_method="rtn", accuracy_level=level, embedding_block_size=32), tied_model("builder"))
+    model = tied_model("builder")
+    out = run_pass(Qdq(mode="int4", weight_method="rtn", accuracy_level=level, embedding_block_size=32), model)
     assert {n.attributes.get_int("accuracy_level") for n in out.graph if n.op_type == "MatMulNBits"} == {level}
+    exact = run_pass(Qdq(mode="int4", weight_method="rtn", accuracy_level=0, embedding_block_size=32), model)
+    feed = id_feeds(1, seed=2)[0]
+    got, fp32 = (runtime.run(runtime.make_session(m), feed)["y"] for m in (out, exact))
+    if level == 4:  # int8 inputs per block: close to, not equal to, the fp32-compute result
+        assert 0 < qm.relative_error(got, fp32) < 0.02
+    else:  # on x86 levels 1-3 run the fp32 kernel
+        np.testing.assert_allclose(got, fp32, rtol=1e-5, atol=1e-5)
+
+
+def test_accuracy_level_default_is_int8_compute():
+    assert Qdq(mode="int4").options.accuracy_level == 4
 
 
 def test_awq_needs_calibration_data():
