@@ -224,7 +224,9 @@ def test_find_layers_uses_the_passes_rules(mlp):
 
 @pytest.mark.parametrize(
     "choice, exact",
-    [(Choice(None, "int8"), True), (Choice(None, "int4/32"), True), (Choice(0.3, None), True), (Choice(0.3, "int8"), False), (Choice(0.2, "int4/128"), False)],
+    # int4: MatMulNBits computes with accuracy_level=4 (int8 activations, the default for decode speed), so the
+    # built model agrees with the fp32 simulation in error size, not bit for bit
+    [(Choice(None, "int8"), True), (Choice(None, "int4/32"), False), (Choice(0.3, None), True), (Choice(0.3, "int8"), False), (Choice(0.2, "int4/128"), False)],
 )
 def test_reconstruction_reproduces_the_real_passes(mlp, choice, exact):
     """Feeding the reconstruction for one layer gives the output of the model built by the passes.
