@@ -297,7 +297,6 @@ def export_cmd(name, module_spec, causal_lm, output, pipeline, opset, do_eval, f
     calibration = inputs = None
     with err_console.status("exporting"):
         if name is not None:
-            from onnxpress.models import BUILTIN_MODELS, TASKS
 
             if name not in BUILTIN_MODELS:
                 raise UsageError(f"unknown builtin model '{name}' (valid: {', '.join(BUILTIN_MODELS)}; or use --module)")
