@@ -481,11 +481,10 @@ def _weight_matrix(t: _Target) -> np.ndarray:
     return w.T if (t.kind == "gemm" and t.in_axis == 1) else w
 
 
-def make_plan(model: ir.Model, targets: list[_Target], o: QdqOptions, feeds) -> _Plan:
+def _statistics_wanted(targets: list[_Target], o: QdqOptions, feeds) -> tuple[dict[str, list[tuple[int, int]]], dict[str, ir.Value], dict[str, str], set[str]]:
+    """Which activations the plan needs statistics of: each quantized activation and its consumers (target
+    index, input index), how to sample it (conv channels or rows), and the MatMul inputs GPTQ needs a Hessian of."""
     by_index = {t.index: t for t in targets}
-    qmax_w = 63 if o.reduce_range else 127
-    a_qmin, a_qmax = qm.QRANGES[o.activation_type]
-    # Activation tensors and their consumers
     consumers: dict[str, list[tuple[int, int]]] = {}
     act_values: dict[str, ir.Value] = {}
     for t in targets:
@@ -505,6 +504,63 @@ def make_plan(model: ir.Model, targets: list[_Target], o: QdqOptions, feeds) -> 
         for t in targets:
             if t.kind in ("matmul", "gemm"):
                 kinds.setdefault(t.node.inputs[0].name, "rows")
+    return consumers, act_values, kinds, hessians
+
+
+def _plan_weight(t: _Target, w: np.ndarray, o: QdqOptions, stats: dict, hessians: set[str], smooth_of: dict[str, np.ndarray],
+                 hinv_cache: dict[str, tuple[np.ndarray, np.ndarray]], embeddings: str, hot: dict[int, np.ndarray], row: dict[str, Any]) -> _WeightParams:
+    """One target's quantized weight (embedding table, int4 blocks or int8 per channel; GPTQ with the layer
+    input's Hessian when there is one); fills the layer's report ``row``."""
+    qmax_w = 63 if o.reduce_range else 127
+    if t.kind == "gather":
+        wp = _quantize_table(t, w, embeddings, o, hot.get(t.index))
+        if wp.kind == "gather_split":
+            row["embedding_split"] = {
+                "hot_rows": int(wp.arrays["hot_ids"].size), "cold_rows": int(wp.arrays["cold_ids"].size),
+                "hot_bits": 4, "hot_block": o.embedding_block_size, "cold_bits": 2, "cold_block": o.embedding_cold_block_size,
+            }
+    else:
+        act_name = t.node.inputs[0].name
+        block = o.embedding_block_size if t.kind == "tied" else o.block_size
+        h = stats[act_name].hessian if act_name in hessians and t.kind in ("matmul", "gemm", "tied") else None
+        if h is not None:
+            key = f"{act_name}/{block}"
+            if key not in hinv_cache:
+                if act_name in smooth_of:  # the layer sees x / s
+                    inv = 1.0 / smooth_of[act_name].astype(np.float64)
+                    h = h * np.outer(inv, inv)
+                pad = (-h.shape[0]) % block if o.mode == "int4" else 0
+                if pad:
+                    h = np.pad(h, ((0, pad), (0, pad)))
+                hinv_cache[key] = qm.gptq_inverse(h)
+            h = hinv_cache[key]
+        method = o.weight_method if (o.weight_method != "gptq" or h is not None) else "mse"
+        clip = "none" if method == "rtn" else "mse"
+        row["method"] = method
+        if o.mode == "int4":
+            codes, scales, zps = qm.quantize_blockwise(w, block, 4, o.int4_symmetric, clip=clip, hessian=h if method == "gptq" else None)
+            wp = _WeightParams(t.index, "tied4" if t.kind == "tied" else "int4", {"codes": codes, "scales": scales, "zero_points": zps})
+            row["block_size"] = block
+            if t.tied is not None:
+                row["tied"] = t.tied.describe()
+        else:
+            axis = t.axis if o.per_channel else None
+            if method == "gptq":
+                q, scale = qm.gptq_per_channel(w, h, qmax_w, per_channel=o.per_channel)
+            else:
+                q, scale = qm.quantize_weight(w, (t.axis if t.kind == "conv" else 1) if o.per_channel else None, qmax_w, clip)
+            if t.kind == "gemm" and t.in_axis == 1:
+                q = q.T.copy()  # back to the node's [N, K] layout
+            wp = _WeightParams(t.index, "int8", {"q": q, "scale": scale, "axis": np.array(-1 if axis is None else axis)})
+            row["weight_type"] = resolved_weight_type(o)
+    return wp
+
+
+def make_plan(model: ir.Model, targets: list[_Target], o: QdqOptions, feeds) -> _Plan:
+    by_index = {t.index: t for t in targets}
+    qmax_w = 63 if o.reduce_range else 127
+    a_qmin, a_qmax = qm.QRANGES[o.activation_type]
+    consumers, act_values, kinds, hessians = _statistics_wanted(targets, o, feeds)
     # int4 uses its row sample only for the layer-error report (1024 rows) and AWQ's search (512): SmolLM2-135M's
     # 121 MatMul inputs x 4096 rows were 1.6 GB of a 3.7 GB peak. Its X^T X are kept in float32 (each batch's
     # product is a float32 matmul already): 0.4 of 0.8 GB.
@@ -561,47 +617,7 @@ def make_plan(model: ir.Model, targets: list[_Target], o: QdqOptions, feeds) -> 
             w = weights[t.index]
             orig = t.weight.const_value.numpy()
             row.update({"weight": t.weight.name, "shape": list(orig.shape), "bytes_before": int(orig.nbytes)})
-            if t.kind == "gather":
-                wp = _quantize_table(t, w, embeddings, o, hot.get(t.index))
-                if wp.kind == "gather_split":
-                    row["embedding_split"] = {
-                        "hot_rows": int(wp.arrays["hot_ids"].size), "cold_rows": int(wp.arrays["cold_ids"].size),
-                        "hot_bits": 4, "hot_block": o.embedding_block_size, "cold_bits": 2, "cold_block": o.embedding_cold_block_size,
-                    }
-            else:
-                act_name = t.node.inputs[0].name
-                block = o.embedding_block_size if t.kind == "tied" else o.block_size
-                h = stats[act_name].hessian if act_name in hessians and t.kind in ("matmul", "gemm", "tied") else None
-                if h is not None:
-                    key = f"{act_name}/{block}"
-                    if key not in hinv_cache:
-                        if act_name in smooth_of:  # the layer sees x / s
-                            inv = 1.0 / smooth_of[act_name].astype(np.float64)
-                            h = h * np.outer(inv, inv)
-                        pad = (-h.shape[0]) % block if o.mode == "int4" else 0
-                        if pad:
-                            h = np.pad(h, ((0, pad), (0, pad)))
-                        hinv_cache[key] = qm.gptq_inverse(h)
-                    h = hinv_cache[key]
-                method = o.weight_method if (o.weight_method != "gptq" or h is not None) else "mse"
-                clip = "none" if method == "rtn" else "mse"
-                row["method"] = method
-                if o.mode == "int4":
-                    codes, scales, zps = qm.quantize_blockwise(w, block, 4, o.int4_symmetric, clip=clip, hessian=h if method == "gptq" else None)
-                    wp = _WeightParams(t.index, "tied4" if t.kind == "tied" else "int4", {"codes": codes, "scales": scales, "zero_points": zps})
-                    row["block_size"] = block
-                    if t.tied is not None:
-                        row["tied"] = t.tied.describe()
-                else:
-                    axis = t.axis if o.per_channel else None
-                    if method == "gptq":
-                        q, scale = qm.gptq_per_channel(w, h, qmax_w, per_channel=o.per_channel)
-                    else:
-                        q, scale = qm.quantize_weight(w, (t.axis if t.kind == "conv" else 1) if o.per_channel else None, qmax_w, clip)
-                    if t.kind == "gemm" and t.in_axis == 1:
-                        q = q.T.copy()  # back to the node's [N, K] layout
-                    wp = _WeightParams(t.index, "int8", {"q": q, "scale": scale, "axis": np.array(-1 if axis is None else axis)})
-                    row["weight_type"] = resolved_weight_type(o)
+            wp = _plan_weight(t, w, o, stats, hessians, smooth_of, hinv_cache, embeddings, hot, row)
             plan_weights.append(wp)
             deq = _dequantized(wp, t, o)
             row["bytes_after"] = _stored_bytes(wp, o)
@@ -704,7 +720,8 @@ def _fake_quant_acts(st: _ActStats, smooth, x, method, percentile, qmin, qmax) -
 
 def _layer_error(t: _Target, stats, weights, wp: _WeightParams, acts: list[_ActParams], o: QdqOptions, shift: np.ndarray | None = None) -> dict[str, float]:
     """Output error of this layer alone on the calibration sample: quantized (+ bias shift) vs float product."""
-    out, ref = _layer_outputs(t, stats, wp, acts, o, rows=1024)
+    # at most ~4M output values: an lm_head's 49152 columns x 1024 rows were 0.8 GB of float64 copies in cosine()
+    out, ref = _layer_outputs(t, stats, wp, acts, o, rows=max(64, min(1024, (1 << 22) // max(1, _weight_matrix(t).shape[1]))))
     result = {"output_rel_error": round(qm.relative_error(out, ref), 6), "output_cosine": round(qm.cosine(out, ref), 6)}
     if shift is not None:
         out = out + shift
