@@ -301,7 +301,7 @@ def quantize_blockwise(
         else:
             h = np.zeros((kb * block_size, kb * block_size))
             h[:k, :k] = hessian
-        codes, scales, zps = gptq(work, h, block_size, lambda blk: params(blk), qmin, qmax, damp)
+        codes, scales, zps = gptq(work, h, block_size, lambda blk: params(blk), qmin, qmax, damp, copy=False)
     return codes[:k].astype(np.uint8), scales, zps.astype(np.uint8)
 
 
@@ -316,11 +316,18 @@ def quantize_rows_blockwise(
 
 
 def dequantize_blockwise(codes: np.ndarray, scales: np.ndarray, zps: np.ndarray, block_size: int) -> np.ndarray:
-    """Inverse of ``quantize_blockwise`` for ``[K, N]`` codes in blocks of ``block_size`` rows."""
-    k = codes.shape[0]
-    rep = np.repeat(scales, block_size, axis=0)[:k]
-    zrep = np.repeat(zps.astype(np.int64), block_size, axis=0)[:k]
-    return dequantize(codes.astype(np.int64), rep, zrep)
+    """Inverse of ``quantize_blockwise`` for ``[K, N]`` codes in blocks of ``block_size`` rows (float64).
+
+    Broadcast per block in place: one float64 array of the weight's size (a 576 x 49152 lm_head: 226 MB; the
+    repeated scale and zero-point arrays this replaced took three times that)."""
+    k, n = codes.shape
+    kb = scales.shape[0]
+    out = np.zeros((kb * block_size, n))
+    out[:k] = codes
+    blocks = out.reshape(kb, block_size, n)
+    blocks -= np.asarray(zps, np.float64)[:, None, :]
+    blocks *= np.asarray(scales, np.float64)[:, None, :]
+    return out[:k]
 
 
 def dequantize_rows_blockwise(codes: np.ndarray, scales: np.ndarray, zps: np.ndarray, block_size: int) -> np.ndarray:
@@ -400,7 +407,8 @@ def gptq_inverse(hessian: np.ndarray, damp: float = 0.01) -> tuple[np.ndarray, n
 
 
 def gptq(
-    w: np.ndarray, hessian: np.ndarray | tuple[np.ndarray, np.ndarray], group: int, params: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], qmin: int, qmax: int, damp: float = 0.01
+    w: np.ndarray, hessian: np.ndarray | tuple[np.ndarray, np.ndarray], group: int, params: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], qmin: int, qmax: int, damp: float = 0.01,
+    copy: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """GPTQ (Frantar et al. 2022) on ``w[K, N]`` (MatMul layout, rows = input features) with group scales.
 
@@ -408,10 +416,11 @@ def gptq(
     to the (already error-compensated) rows of the group. Returns (codes [K,N], scales [K/g,N], zps [K/g,N]).
     """
     k, n = w.shape
-    w = w.astype(np.float64).copy()
+    # copy=False: ``w`` is the caller's float64 scratch copy and is overwritten (no second weight-sized copy)
+    w = w.astype(np.float64, copy=copy)
     hinv, dead = hessian if isinstance(hessian, tuple) else gptq_inverse(hessian, damp)
     w[dead, :] = 0.0
-    codes = np.zeros((k, n), np.int64)
+    codes = np.zeros((k, n), np.int16)  # int8/int4 codes: a quarter of int64's memory
     groups = k // group
     scales = np.zeros((groups, n), np.float32)
     zps = np.zeros((groups, n), np.int64)
