@@ -113,9 +113,17 @@ class SampleMetrics:
             return float(np.percentile(values, 95))
         raise ValueError(f"unknown statistic '{stat}'")
 
+    def standard_error(self, metric: str) -> float:
+        """The standard error of the mean of ``metric`` over these samples (sample std / sqrt(n); 0 for one sample)."""
+        values = np.asarray(getattr(self, metric), np.float64)
+        values = values[np.isfinite(values)]
+        return float(values.std(ddof=1) / np.sqrt(values.size)) if values.size > 1 else 0.0
+
     def summary(self) -> dict[str, float]:
-        """Every key of ``KEYS`` for this output."""
-        return {key: self.statistic(metric, stat) for key, (metric, stat, _) in KEYS.items()}
+        """Every key of ``KEYS`` for this output, and ``KEY_se`` (standard error) for the keys that are means."""
+        out = {key: self.statistic(metric, stat) for key, (metric, stat, _) in KEYS.items()}
+        out.update({f"{key}_se": self.standard_error(metric) for key, (metric, stat, _) in KEYS.items() if stat == "mean"})
+        return out
 
 
 def worst(summaries: Iterable[Mapping[str, float]]) -> dict[str, float]:
@@ -128,6 +136,8 @@ def worst(summaries: Iterable[Mapping[str, float]]) -> dict[str, float]:
             better = KEYS[key][2]
             if key not in out or (value < out[key] if better == ">=" else value > out[key]) or math.isnan(value):
                 out[key] = value
+                if f"{key}_se" in summary:  # the standard error travels with the output that is worst
+                    out[f"{key}_se"] = summary[f"{key}_se"]
     return out
 
 

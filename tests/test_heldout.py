@@ -269,3 +269,19 @@ def test_a_0d_array_in_calibration_data_is_shared_by_every_sample(tmp_path):
     np.savez(tmp_path / "c.npz", x=np.random.default_rng(0).standard_normal((12, 1, 4)).astype(np.float32), sr=np.array(2.0, np.float32))
     data = rundata.prepare(model, calibration=tmp_path / "c.npz")
     assert len(data.evaluation) == 8 and all(float(f["sr"]) == 2.0 for f in data.evaluation + data.calibration)
+
+
+def test_a_held_out_mean_must_clear_the_budget_by_its_standard_error():
+    """8 held-out samples whose mean just meets the budget with a wide spread are not enough evidence."""
+    from onnxpress.budget import Budget
+
+    per = metrics.SampleMetrics(cos=[0.999, 0.999, 0.999, 0.999, 0.999, 0.999, 0.96, 0.99])
+    summary = per.summary()
+    assert summary["cos"] == pytest.approx(0.993) and summary["cos_se"] == pytest.approx(np.std(per.cos, ddof=1) / np.sqrt(8))
+    budget = Budget.parse("cos>=0.99")
+    assert budget.ok(summary["cos"]) and not budget.ok_with_confidence(summary["cos"], summary["cos_se"])
+    assert budget.ok_with_confidence(0.995, 0.001) and Budget.parse("rel_l2<=0.05").ok_with_confidence(0.04, 0.005)
+    assert not Budget.parse("rel_l2<=0.05").ok_with_confidence(0.045, 0.005)
+    # the standard error travels with the worst output
+    worst = metrics.worst([{"cos": 0.99, "cos_se": 0.001}, {"cos": 0.97, "cos_se": 0.02}])
+    assert worst == {"cos": 0.97, "cos_se": 0.02}

@@ -34,7 +34,9 @@ def summary_table(result: BudgetResult) -> Any:
     table = text_table(f"budget {result.budget.text or result.budget}: {'met' if result.passed else 'NOT met'}", ("", ""), show_header=False)
     table.columns[0].style = "bold"
     table.add_row("size", f"{_mb(result.bytes_before)} MB -> {_mb(result.bytes_after)} MB ({size_change(result.bytes_before, result.bytes_after)}; predicted {_mb(result.predicted_bytes)} MB)")
-    table.add_row(f"{result.budget.metric} (held-out: the verdict)", f"{_fmt(result.value)} (budget {result.budget.op} {result.budget.value:g}; measured on the built model, {result.evaluation})")
+    se = result.attempts[-1].get("standard_error", 0.0) if result.attempts else 0.0
+    se_text = f" ± {se:.2g} s.e.; met means clearing the budget by 1.645 s.e." if se else ""
+    table.add_row(f"{result.budget.metric} (held-out: the verdict)", f"{_fmt(result.value)}{se_text} (budget {result.budget.op} {result.budget.value:g}; measured on the built model, {result.evaluation})")
     table.add_row(f"{result.budget.metric} (fit set)", f"{_fmt(result.fit_value)} (the same model on the calibration data the search fitted to; for comparison only)")
     others = {k: v for k, v in result.metrics.items() if k not in (result.budget.metric, "d")}
     if others:

@@ -30,6 +30,7 @@ from onnxpress.budget import cache as sens_cache
 from onnxpress.budget.build import build
 from onnxpress.budget.layers import FP32, Choice, Grid, Spectra, choice_bytes, collect_input_stats, find_layers, local_error, lowrank_tail, reconstruct, split_coverage
 from onnxpress.budget.paths import TINY, Move, greedy_path, lower_hull, search_path
+from onnxpress.budget.spec import CONFIDENCE_Z
 from onnxpress.budget.progress import Reporter
 from onnxpress.budget.result import BudgetResult, LayerDecision, Point
 from onnxpress.budget.simulate import Simulator, output_metrics
@@ -478,7 +479,11 @@ class BudgetSearch:
             fit_metrics = dict(self.evaluate(built_model)) if self.evaluate is not self.evaluate_verdict else dict(metrics)
         value = float(metrics[self.budget.metric])
         fit_value = float(fit_metrics[self.budget.metric])
-        ok = self.budget.ok(value)
+        standard_error = float(metrics.get(f"{self.budget.metric}_se", 0.0))
+        ok = self.budget.ok_with_confidence(value, standard_error)
+        if self.budget.ok(value) and not ok:
+            self.notes.append(f"held-out {self.budget.metric} {value:.6g} meets the budget, but not by {CONFIDENCE_Z} standard errors "
+                              f"(s.e. {standard_error:.3g} over {len(self.eval_feeds)} held-out feeds): not enough evidence; backing off")
         simulated = self.measure(config)
         split_rows = []
         for li, o in config.items():
@@ -487,7 +492,8 @@ class BudgetSearch:
                 cold, total = split_coverage(self.working, layers[li], self.eval_feeds)
                 split_rows.append({"layer": layers[li].name, "held_out_cold_occurrences": cold, "held_out_occurrences": total})
         self.attempts.append({"pipeline": text, "bytes": model_bytes(built_model), "value": value, "fit_value": fit_value,
-                              "simulated": simulated, "passed": ok, "target": self.target.value, "embedding_split": split_rows})
+                              "standard_error": standard_error, "simulated": simulated, "passed": ok, "target": self.target.value,
+                              "embedding_split": split_rows})
         return Built(built_model, text, metrics, value, fit_value, ok, dict(config)), simulated, split_rows
 
     def _greedy_path(self) -> list[Move]:

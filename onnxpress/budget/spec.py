@@ -16,6 +16,10 @@ OUTPUT_METRICS = {key: direction for key, (_, _, direction) in METRIC_KEYS.items
 _BUDGET_RE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(>=|<=)\s*([-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?)\s*(%?)\s*$")
 
 
+# a held-out mean meets a budget only when it clears it by this many standard errors (one-sided 95%)
+CONFIDENCE_Z = 1.645
+
+
 @dataclasses.dataclass(frozen=True)
 class Budget:
     """``metric op value``: ``cos>=0.99`` (mean per-sample cosine), ``min_cos>=0.95``, ``p5_cos>=0.97``,
@@ -53,6 +57,12 @@ class Budget:
     @property
     def is_output_metric(self) -> bool:
         return self.metric in OUTPUT_METRICS
+
+    def ok_with_confidence(self, measured: float, standard_error: float = 0.0) -> bool:
+        """``ok`` for a mean over few samples: the mean must clear the budget by ``CONFIDENCE_Z`` standard errors
+        (one-sided 95%), so a verdict on 8 held-out samples cannot rest on 8 easy ones."""
+        shift = CONFIDENCE_Z * max(float(standard_error), 0.0) if math.isfinite(standard_error) else 0.0
+        return self.ok(measured - shift if self.op == ">=" else measured + shift)
 
     def ok(self, measured: float) -> bool:
         if not math.isfinite(measured):
