@@ -61,3 +61,14 @@ def test_export_causal_lm_bad_input_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("onnxpress: error:") and len(err.splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
+
+
+def test_export_causal_lm_from_an_hf_folder_writes_a_genai_folder(tmp_path, capsys):
+    out = tmp_path / "exported"
+    code = run(["export", "--causal-lm", str(smollm.tiny_hf_folder()), "-o", str(out)])
+    assert code == 0, capsys.readouterr().err
+    for name in ("genai_config.json", "model.onnx", "model.onnx.data", "tokenizer.json"):
+        assert (out / name).is_file(), name
+    # the exported folder is a valid target for the llm task straight away
+    _, report = onnxpress.optimize(str(out / "model.onnx"), "qdq(mode=weight)", task="llm", validate_result=False)
+    assert report.task_metrics["reference_perplexity"] > 1 and abs(report.task_metrics["ppl_increase_rel"]) < 0.05
