@@ -77,22 +77,9 @@ def _evaluate(module, model, kwargs):
     return with_relative(module.evaluate(model))
 
 
-class _LogProgress:
-    """Progress as log lines when stderr is not a terminal (a rich bar draws nothing into a file)."""
-
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-        self.last: dict[str, int] = {}
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        step = max(total // 5, 1)
-        if done == 0 or done >= total or done - self.last.get(stage, 0) >= step:
-            self.last[stage] = done
-            print(f"    [{time.perf_counter() - self.start:7.1f} s] {stage}: {done}/{total}", flush=True)
-
-
 def run_one(name: str, jobs: int, plots: Path, tmp: Path) -> list[dict]:
     from onnxpress import budget, tasks
+    from onnxpress.budget.progress import LogLines
 
     task, kwargs, budget_text, metric, target_text, check = TARGETS[name]
     module = _module(task)
@@ -117,7 +104,7 @@ def run_one(name: str, jobs: int, plots: Path, tmp: Path) -> list[dict]:
 
     print(f"  {name}: searching {budget_text} ...", flush=True)
     start = time.perf_counter()
-    result = budget.search(str(src), budget_text, calibration=calib, evaluate=evaluate, base=BASE, jobs=jobs, progress=True if sys.stderr.isatty() else _LogProgress(), cache=False, baselines=True)
+    result = budget.search(str(src), budget_text, calibration=calib, evaluate=evaluate, base=BASE, jobs=jobs, progress=True if sys.stderr.isatty() else LogLines(sys.stdout), cache=False, baselines=True)
     seconds = time.perf_counter() - start
     png = result.plot(plots / f"budget-{name}.png")
     ratio = fp32_bytes / result.bytes_after

@@ -42,6 +42,7 @@ from common import machine  # noqa: E402
 
 import onnxpress  # noqa: E402
 from onnxpress import metrics, runtime  # noqa: E402
+from onnxpress.budget.progress import LogLines  # noqa: E402
 
 PREDICT_WITHIN = 0.01
 UNSEEN_FLOOR = 0.975
@@ -115,20 +116,6 @@ def subset(arrays: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
     return {k: v[:n] for k, v in arrays.items()}
 
 
-class Progress:
-    """Search progress as log lines (a rich bar draws nothing into a log file)."""
-
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-        self.last: dict[str, int] = {}
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        step = max(total // 4, 1)
-        if done == 0 or done >= total or done - self.last.get(stage, 0) >= step:
-            self.last[stage] = done
-            print(f"      [{time.perf_counter() - self.start:7.1f} s] {stage}: {done}/{total}", flush=True)
-
-
 def run_row(task: Task, n: int, holdout: Any, budget: str, jobs: int, tmp: Path, refs: dict[str, Any]) -> dict[str, Any]:
     calib = subset(task.pool, n)
     path = tmp / f"calib-{task.name}-{n}.npz"
@@ -137,7 +124,7 @@ def run_row(task: Task, n: int, holdout: Any, budget: str, jobs: int, tmp: Path,
     print(f"  {task.name}: --budget {budget!r} --calibration {n} samples, holdout {holdout if holdout is not None else 'default'} ...", flush=True)
     start = time.perf_counter()
     model, report = onnxpress.optimize(str(task.src), budget=budget, calibration=str(path), holdout=holdout, jobs=jobs,
-                                       budget_options={"cache": False}, progress=Progress())
+                                       budget_options={"cache": False}, progress=LogLines(sys.stdout))
     wall = time.perf_counter() - start
     res = report.budget
     split = report.data.get("split") if report.data else None
