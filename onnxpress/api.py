@@ -157,8 +157,7 @@ def optimize(
                            task=task_obj.module if task_obj is not None else None)
     if budget is not None:
         stage("budget search")
-        out, report = _run_budget(working, reference, budget, data, task_obj, jobs, progress, budget_options or {})
-        report.bytes_before = bytes_before
+        out, report = _run_budget(working, reference, budget, data, task_obj, jobs, progress, budget_options or {}, bytes_before)
         if tgt.name != "cpu":
             report.notes.append(f"target {tgt.name}: its pass defaults do not apply to the budget's weight-only passes; its runtime checks do")
         if tolerance is not None:  # an explicit tolerance is checked too; the budget decides otherwise
@@ -215,12 +214,13 @@ def _load_working_copy(model: Any) -> tuple[ir.Model, Any, int]:
     return ir.serde.deserialize_model(model), model, model_bytes(model)
 
 
-def _run_budget(working: ir.Model, reference: Any, budget: Any, data: Any, task: Any, jobs: int | None, progress: Any, options: dict[str, Any]):
+def _run_budget(working: ir.Model, reference: Any, budget: Any, data: Any, task: Any, jobs: int | None, progress: Any,
+                options: dict[str, Any], bytes_before: int):
     """The budget search on the run's data (fit on calibration, verdict on evaluation)."""
     from onnxpress import budget as budget_mod
 
     result = budget_mod.search(reference if isinstance(reference, str) else working, budget, data=data, task=task, jobs=jobs, progress=progress, **options)
-    report = OptimizeReport(result.pipeline, result.bytes_before, model_bytes(result.model), 0.0, [], None, budget=result)
+    report = OptimizeReport(result.pipeline, bytes_before, result.bytes_after, 0.0, [], None, budget=result)
     return result.model, report
 
 

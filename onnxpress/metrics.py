@@ -88,11 +88,6 @@ class SampleMetrics:
         self.rel_l2.append(relative_l2(a, b))
         self.max_abs.append(float(np.abs(a - b).max()) if a.size else 0.0)
 
-    def extend(self, other: SampleMetrics) -> None:
-        self.cos.extend(other.cos)
-        self.rel_l2.extend(other.rel_l2)
-        self.max_abs.extend(other.max_abs)
-
     @property
     def count(self) -> int:
         return len(self.cos)

@@ -226,9 +226,8 @@ def prepare(
 
     ``task``: an object with ``calibration_feeds()`` / ``evaluation_feeds()`` (a built-in task module) used
     when the user gives no data of that kind."""
-    evaluation_given = evaluation is not None
     calib = load_samples(calibration, model, "calibration") if calibration is not None else None
-    if evaluation_given:
+    if evaluation is not None:
         ev = load_samples(evaluation, model, "evaluation")
         return RunData(
             calibration=calib.batches() if calib is not None else None,
@@ -238,7 +237,8 @@ def prepare(
         )
     if calib is not None:
         if holdout == 0:
-            return RunData(calib.batches(), calib.batches(), f"the calibration data itself ({calib.source}, {len(calib)} samples; "
+            feeds = calib.batches()
+            return RunData(feeds, feeds, f"the calibration data itself ({calib.source}, {len(calib)} samples; "
                            "--holdout 0: the verdict is on data the passes fitted to)", f"{calib.source}, {len(calib)} samples")
         fit, held = split_indices(len(calib), holdout, seed)
         return RunData(

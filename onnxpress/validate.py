@@ -102,7 +102,7 @@ class ValidationReport:
 
     def metrics(self) -> dict[str, float]:
         """The worst value over float outputs of every key in ``onnxpress.metrics.KEYS``."""
-        return metrics_mod.worst(o.summary() for o in self.outputs if o.dtype.startswith("float") or o.dtype in ("bfloat16", "float16"))
+        return metrics_mod.worst(o.summary() for o in self.outputs if o.dtype.startswith("float") or o.dtype == "bfloat16")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -160,23 +160,22 @@ def compare_samples(name: str, pairs: list[tuple[Any, Any]], tol: Tolerance) -> 
     if len(rows) == 1:
         return rows[0]
     first = rows[0]
-    cos = np.array([r.cosine for r in rows], np.float64)
-    rel = np.array([r.rel_l2 for r in rows], np.float64)
-    mabs = np.array([r.max_abs for r in rows], np.float64)
-    finite_cos = cos[np.isfinite(cos)]
-    mean_cos = float(finite_cos.mean()) if finite_cos.size else float("nan")
+    # the statistics over samples are onnxpress.metrics' (cosines of samples whose cosine is undefined left out)
+    per = metrics_mod.SampleMetrics(
+        cos=[r.cosine for r in rows if np.isfinite(r.cosine)], rel_l2=[r.rel_l2 for r in rows], max_abs=[r.max_abs for r in rows]
+    )
+    mean_cos, max_abs = per.statistic("cos", "mean"), per.statistic("max_abs", "max")
     note = next((r.note for r in rows if r.note), "")
     if tol.min_cosine is None:
         ok = all(r.within_tolerance for r in rows)
     else:
         hard_ok = all(compare_arrays(name, a, e, _HARD).within_tolerance for a, e in pairs) if not all(r.within_tolerance for r in rows) else True
-        ok = hard_ok and ((mean_cos >= tol.min_cosine) if np.isfinite(mean_cos) else float(mabs.max()) <= tol.atol)
+        ok = hard_ok and ((mean_cos >= tol.min_cosine) if np.isfinite(mean_cos) else max_abs <= tol.atol)
     shape = (len(rows), *first.shape)
     return OutputComparison(
-        name, shape, first.dtype, float(mabs.max()), float(rel.mean()), mean_cos, bool(ok), note, samples=len(rows),
-        cosine_min=float(finite_cos.min()) if finite_cos.size else float("nan"),
-        cosine_p5=float(np.percentile(finite_cos, 5)) if finite_cos.size else float("nan"),
-        rel_l2_max=float(rel.max()), rel_l2_p95=float(np.percentile(rel, 95)), max_abs_mean=float(mabs.mean()),
+        name, shape, first.dtype, max_abs, per.statistic("rel_l2", "mean"), mean_cos, bool(ok), note, samples=len(rows),
+        cosine_min=per.statistic("cos", "min"), cosine_p5=per.statistic("cos", "p5"),
+        rel_l2_max=per.statistic("rel_l2", "max"), rel_l2_p95=per.statistic("rel_l2", "p95"), max_abs_mean=per.statistic("max_abs", "mean"),
     )
 
 
