@@ -42,7 +42,7 @@ def _parse_dims(values: tuple[str, ...]) -> dict[str, int]:
     return dims
 
 
-def _tolerance(atol: float | None, rtol: float | None, min_cosine: float | None, lossless: bool):
+def _tolerance(atol: float | None, rtol: float | None, min_cosine: float | None):
     from onnxpress.validate import LOSSLESS_TOLERANCE, Tolerance
 
     if atol is None and rtol is None and min_cosine is None:
@@ -107,14 +107,12 @@ def optimize(model, output, pipeline, do_validate, inputs, dims, provider, atol,
 
     if inputs is not None and eval_data is not None:
         raise UsageError("--inputs and --eval-data are the same option: give one")
-    if budget_text and pipeline:
-        raise UsageError("--budget replaces -p: give one of them")
     if plot_path and not budget_text:
         raise UsageError("--plot draws the budget search's Pareto plot: it needs --budget")
     for extra in (report_path, plot_path):
         if extra:
             io.check_writable_output(extra, (model,), force=False)
-    tolerance = _tolerance(atol, rtol, min_cosine, True)
+    tolerance = _tolerance(atol, rtol, min_cosine)
     # a live bar draws nothing when stderr is redirected (CI logs, nohup): a run that lasts logs a line per stage
     # and pass instead, from LOG_AFTER_SECONDS on (a short run, or a one-line error, stays one line)
     log_lines = not quiet and not budget_text and not sys.stderr.isatty()
@@ -181,7 +179,7 @@ def validate_cmd(reference, candidate, inputs, dims, provider, atol, rtol, min_c
     from onnxpress import io
     from onnxpress.validate import Tolerance, validate
 
-    tol = _tolerance(atol, rtol, min_cosine, True) or Tolerance()
+    tol = _tolerance(atol, rtol, min_cosine) or Tolerance()
     io.load(candidate)  # same safety checks (external data, format) as for the reference
     report = validate(str(reference), str(candidate), inputs=inputs, dims=_parse_dims(dims), tolerance=tol, provider=provider)
     console.print(render_validation(report))
