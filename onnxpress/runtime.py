@@ -6,6 +6,7 @@ Every numeric fact in onnxpress (validation, calibration statistics, latency) co
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import os
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
@@ -39,12 +40,49 @@ def resolve_providers(provider: str = "cpu", available: Sequence[str] | None = N
     wanted = PROVIDERS[key]
     if wanted not in available:
         if key == "cuda":
-            raise ValidationError(
-                "CUDA validation needs onnxruntime-gpu and a visible GPU: CUDAExecutionProvider is not available "
-                f"(installed onnxruntime offers {', '.join(available)}); `pip install onnxruntime-gpu` on a GPU machine"
-            )
+            raise ValidationError(cuda_provider_missing(available, installed_ort_packages()))
         raise ValidationError(f"{wanted} is not available in this onnxruntime ({', '.join(available)})")
     return [wanted] if key == "cpu" else [wanted, "CPUExecutionProvider"]
+
+
+def installed_ort_packages() -> list[str]:
+    """The onnxruntime distributions installed here, e.g. ``["onnxruntime-gpu 1.32.0"]``."""
+    found = []
+    for dist in ("onnxruntime", "onnxruntime-gpu", "ort-nightly-gpu", "onnxruntime-directml", "onnxruntime-openvino"):
+        try:
+            found.append(f"{dist} {importlib.metadata.version(dist)}")
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def cuda_provider_missing(available: Sequence[str], packages: Sequence[str]) -> str:
+    """Why CUDAExecutionProvider is not among the ``available`` providers, with the fix: the one message for
+    it (``resolve_providers`` and ``onnxpress.targets.cuda_status`` both say this). ``packages``: as
+    ``installed_ort_packages``."""
+    import onnxruntime as ort
+
+    offered = ", ".join(available) or "nothing"
+    names = [p.split()[0] for p in packages]
+    if "onnxruntime-gpu" in names and "onnxruntime" in names:
+        return (
+            "CUDA validation needs onnxruntime-gpu, but both onnxruntime and onnxruntime-gpu are installed and the "
+            f"CPU-only build was imported (it offers {offered}); fix: `pip uninstall -y onnxruntime onnxruntime-gpu "
+            "&& pip install onnxruntime-gpu`"
+        )
+    return (
+        f"CUDA validation needs onnxruntime-gpu, which is not installed: onnxruntime {ort.__version__} offers "
+        f"{offered}; fix: `pip uninstall -y onnxruntime && pip install onnxruntime-gpu` on a machine with an NVIDIA GPU"
+    )
+
+
+def runs_on(session, provider: str) -> bool:
+    """Whether ``session`` really runs on ``provider`` (onnxruntime silently falls back to the CPU when CUDA
+    does not start); if so, that fallback is switched off for its runs too."""
+    if session.get_providers()[0] != provider:
+        return False
+    session.disable_fallback()
+    return True
 
 
 def session_options(threads: int | None = None, optimization: str = "all", low_memory: bool = False):
@@ -154,11 +192,9 @@ def make_session(model: Any, provider: str = "cpu", threads: int | None = None, 
             session = ort.InferenceSession(source, sess_options=session_options(threads, optimization, low_memory), providers=providers)
         except Exception as exc:
             raise ValidationError(f"onnxruntime cannot load the model: {_one_line(exc)}") from None
-    if providers[0] != "CPUExecutionProvider":
-        # onnxruntime silently falls back to the CPU when CUDA fails to start: a CUDA check must not pass on CPU.
-        if session.get_providers()[0] != providers[0]:
-            raise ValidationError(f"{providers[0]} could not start (onnxruntime fell back to {session.get_providers()[0]}); check the CUDA/cuDNN libraries")
-        session.disable_fallback()
+    # A CUDA check must not pass on the CPU.
+    if providers[0] != "CPUExecutionProvider" and not runs_on(session, providers[0]):
+        raise ValidationError(f"{providers[0]} could not start (onnxruntime fell back to {session.get_providers()[0]}); check the CUDA/cuDNN libraries")
     return session
 
 

@@ -22,6 +22,7 @@ from onnxpress import runtime, targets
 from onnxpress.errors import OnnxpressError, UsageError, ValidationError
 from onnxpress.pipeline import Pipeline
 from onnxpress.registry import registry
+from onnxpress.targets import export as mobile_export
 from onnxpress.validate import Tolerance
 
 REPO = Path(__file__).resolve().parent.parent
@@ -217,14 +218,14 @@ def test_fixed_style_bakes_cpu_fusions_in(tmp_path):
 
 
 def test_runtime_style_failure_falls_back_to_fixed_with_a_note(monkeypatch):
-    real = targets._convert
+    real = mobile_export._convert
 
     def convert(src, work, style, *args):
         if style == "runtime":
             raise OnnxpressError("ONNX Runtime Mobile cannot convert the model to ORT format: simulated")
         return real(src, work, style, *args)
 
-    monkeypatch.setattr(targets, "_convert", convert)
+    monkeypatch.setattr(mobile_export, "_convert", convert)
     report = targets.check_mobile(mlp_model())
     assert report.style == "fixed" and report.validation.passed
     assert report.notes and report.notes[0].startswith("runtime style failed (cannot convert the model to ORT format: simulated)")
@@ -358,6 +359,16 @@ def test_cuda_usable_gives_the_resolve_providers_list(monkeypatch):
     assert targets.cuda_status(probe=False).to_dict()["ok"] is True
 
 
+def test_one_message_for_a_missing_cuda_provider(monkeypatch):
+    """runtime.resolve_providers and cuda_status say the same thing when CUDA is not compiled in."""
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CPU])
+    for packages in (["onnxruntime 1.32.0"], ["onnxruntime 1.32.0", "onnxruntime-gpu 1.32.0"]):
+        monkeypatch.setattr(runtime, "installed_ort_packages", lambda packages=packages: packages)
+        with pytest.raises(ValidationError) as info:
+            runtime.resolve_providers("cuda")
+        assert str(info.value) == targets.cuda_status().problem == runtime.cuda_provider_missing([CPU], packages)
+
+
 @pytest.mark.skipif(CUDA in ort.get_available_providers(), reason="this machine has onnxruntime-gpu")
 def test_cuda_on_this_machine_names_the_missing_package():
     status = targets.cuda_status()
@@ -371,7 +382,7 @@ def test_cuda_on_this_machine_names_the_missing_package():
 def test_probe_reports_no_cuda_session_here():
     if CUDA in ort.get_available_providers():
         pytest.skip("this machine has onnxruntime-gpu")
-    ok, _ = targets._probe_cuda()  # CUDA not compiled in: onnxruntime drops the provider, the session is CPU
+    ok, _ = targets.probe_cuda()  # CUDA not compiled in: onnxruntime drops the provider, the session is CPU
     assert ok is False
 
 

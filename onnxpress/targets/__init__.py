@@ -1,0 +1,127 @@
+"""Deployment targets: ``cpu``, ``cuda`` and ONNX Runtime Mobile (``mobile``).
+
+A target says where the rewritten model will run and therefore
+- which execution provider validates it (``Target.provider``, a key of ``runtime.PROVIDERS``);
+- which pass options it implies (``Target.pass_defaults``: pass name -> option overrides; an option the
+  user set in the pipeline text always wins, see ``apply_target``).
+
+The rest of the package, re-exported here:
+- ``cuda``: ``check_cuda`` says precisely what is missing for CUDA validation; ``ep_assignment``;
+- ``mobile``: per mobile execution provider coverage (``ep_coverage``);
+- ``export``: ORT-format conversion and the mobile artefacts (``export_mobile``, ``check_mobile``).
+Imports go one way: ``__init__`` -> ``export`` -> ``mobile`` -> ``ort_output``; ``cuda`` -> ``ort_output``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+from onnxpress.errors import UsageError
+from onnxpress.pipeline import Pipeline
+from onnxpress.targets.cuda import CudaStatus, check_cuda, cuda_status, ep_assignment, probe_cuda
+from onnxpress.targets.export import (
+    STYLES,
+    MobilePaths,
+    MobileReport,
+    OptimizationStyle,
+    check_mobile,
+    convert_to_ort,
+    export_mobile,
+    mobile_paths,
+    required_ops,
+)
+from onnxpress.targets.mobile import XNNPACK_OPS, EpCoverage, ep_coverage
+
+__all__ = [
+    "STYLES", "TARGETS", "XNNPACK_OPS", "CudaStatus", "EpCoverage", "MobilePaths", "MobileReport", "OptimizationStyle",
+    "Target", "apply_target", "check_cuda", "check_mobile", "convert_to_ort", "cuda_status", "ep_assignment",
+    "ep_coverage", "export_mobile", "get_target", "mobile_paths", "probe_cuda", "required_ops",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """Where the model will run: the provider that validates it and the pass options it implies."""
+
+    name: str
+    provider: str  # key of runtime.PROVIDERS: validation runs on this execution provider
+    description: str
+    pass_defaults: Mapping[str, Mapping[str, Any]]  # pass name -> {option: value}
+    reasons: Mapping[str, str] = dataclasses.field(default_factory=lambda: MappingProxyType({}))  # "pass.option" -> why
+
+
+def _frozen(d: dict[str, dict[str, Any]]) -> Mapping[str, Mapping[str, Any]]:
+    return MappingProxyType({k: MappingProxyType(dict(v)) for k, v in d.items()})
+
+
+TARGETS: Mapping[str, Target] = MappingProxyType({
+    "cpu": Target(
+        "cpu", "cpu",
+        "ONNX Runtime CPU (x86/ARM servers and desktops): the pass defaults are tuned for it",
+        _frozen({}),
+    ),
+    "cuda": Target(
+        "cuda", "cuda",
+        "ONNX Runtime with CUDAExecutionProvider (onnxruntime-gpu and an NVIDIA GPU)",
+        _frozen({"qdq": {"weight_type": "int8"}}),
+        MappingProxyType({
+            "qdq.weight_type": "symmetric int8 weights (zero point 0); uint8+128 only helps AVX2 CPU kernels",
+        }),
+    ),
+    "mobile": Target(
+        "mobile", "cpu",
+        "ONNX Runtime Mobile (.ort format; NNAPI on Android, CoreML on iOS, XNNPACK, or the CPU provider)",
+        # per_channel stays True on purpose: NNAPI's QDQ MatMul/Gemm want per-tensor weight scales, but
+        # per-tensor int8 weights wreck transformers (MiniLM: embedding cosine 0.42 per-tensor vs 0.9925
+        # per-channel, same run); the CPU provider and XNNPACK take per-channel weights, NNAPI Conv does too.
+        _frozen({"qdq": {
+            "activation_type": "uint8",
+            "weight_type": "int8",
+            "reduce_range": False,
+            "smooth": "off",
+        }}),
+        MappingProxyType({
+            "qdq.activation_type": "NNAPI takes only uint8 (asymmetric) activations in QDQ groups",
+            "qdq.weight_type": "NNAPI/XNNPACK take int8 weights only when symmetric (zero point 0)",
+            "qdq.reduce_range": "7-bit weights are an x86 AVX2 workaround; mobile kernels use the full int8 range",
+            "qdq.smooth": "SmoothQuant puts a float Mul in front of most QuantizeLinear nodes: one more op per quantized input for the mobile EPs to place",
+        }),
+    ),
+})
+
+
+def get_target(target: str | Target) -> Target:
+    if isinstance(target, Target):
+        return target
+    key = str(target).lower()
+    if key not in TARGETS:
+        raise UsageError(f"unknown target '{target}' (valid: {', '.join(TARGETS)})")
+    return TARGETS[key]
+
+
+def apply_target(pipeline: Any, target: str | Target) -> Pipeline:
+    """The pipeline with the target's option defaults filled in; options set in the pipeline text win.
+
+    ``pipeline``: a Pipeline, pipeline text or a list of passes. Returns a new ``Pipeline`` whose text shows
+    the effective options (e.g. ``qdq(per_channel=false,...)``), so reports say what really ran.
+    """
+    t = get_target(target)
+    pipe = Pipeline.coerce(pipeline)
+    passes = []
+    for p in pipe:
+        overrides = t.pass_defaults.get(p.name)
+        if not overrides:
+            passes.append(p)
+            continue
+        fields = {f.name for f in dataclasses.fields(p.Options)}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:  # a renamed option must not silently drop a target constraint
+            raise UsageError(f"target {t.name}: pass '{p.name}' has no option {', '.join(unknown)}")
+        kwargs = {k: getattr(p.options, k) for k in p.explicit}
+        for key, value in overrides.items():
+            kwargs.setdefault(key, value)
+        passes.append(type(p)(**kwargs))
+    return Pipeline(passes)
