@@ -16,7 +16,7 @@ import dataclasses
 import time
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -90,6 +90,11 @@ class Pass(ir.passes.InPlacePass):
     # function of the pass's options. The pipeline raises an older model to it first with an `upgrade-opset`
     # step (onnx.version_converter, checked in onnxruntime), so the pass itself never converts.
     min_opset: ClassVar[Any] = None
+    # Deployment targets (onnxpress.targets) this pass tunes itself for: target name -> {option: value}, filled
+    # in by ``--target`` unless the pipeline text sets the option; target_reasons: target -> option -> why
+    # (every default needs one). Read-only on the base class, so no pass can mutate what others inherit.
+    target_defaults: ClassVar[Mapping[str, Mapping[str, Any]]] = types.MappingProxyType({})
+    target_reasons: ClassVar[Mapping[str, Mapping[str, str]]] = types.MappingProxyType({})
 
     def __init__(self, options: Any = None, **kwargs: Any) -> None:
         if options is not None and kwargs:

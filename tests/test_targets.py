@@ -20,6 +20,7 @@ from graphs import init, mlp_model, text_model
 import onnxpress
 from onnxpress import runtime, targets
 from onnxpress.errors import OnnxpressError, UsageError, ValidationError
+from onnxpress.pass_infra import Pass
 from onnxpress.pipeline import Pipeline
 from onnxpress.registry import registry
 from onnxpress.targets import export as mobile_export
@@ -92,6 +93,35 @@ def test_every_target_default_names_a_real_option():
                 assert key in fields, f"{target.name}: {pass_name} has no option {key}"
                 passes[pass_name](**{key: value})  # the value is valid for the option
                 assert f"{pass_name}.{key}" in target.reasons, f"{target.name}: no reason given for {pass_name}.{key}"
+
+
+def test_targets_take_their_pass_defaults_from_the_passes():
+    for cls in registry().values():
+        for target, options in cls.target_defaults.items():
+            assert target in targets.TARGETS, f"{cls.name}: unknown target {target}"
+            assert dict(targets.TARGETS[target].pass_defaults[cls.name]) == dict(options)
+            assert set(cls.target_reasons.get(target, {})) == set(options), f"{cls.name}: reasons for {target}"
+    assert dict(targets.TARGETS["cuda"].pass_defaults) == {"qdq": {"weight_type": "int8"}}
+    assert targets.TARGETS["cpu"].pass_defaults == {} and targets.TARGETS["cpu"].reasons == {}
+    assert list(targets.TARGETS["mobile"].reasons) == ["qdq.activation_type", "qdq.weight_type", "qdq.reduce_range", "qdq.smooth"]
+    assert targets.TARGETS["cuda"].reasons["qdq.weight_type"].startswith("symmetric int8 weights (zero point 0)")
+
+
+def test_a_pass_declaring_defaults_for_an_unknown_target_is_refused():
+    class Tuned(Pass):
+        name = "tuned"
+        target_defaults = {"moblie": {"ratio": 0.5}}
+
+        def call(self, model):
+            return ir.passes.PassResult(model, False)
+
+    with pytest.raises(RuntimeError, match="pass 'tuned' declares options for unknown target.s. moblie"):
+        targets.collect_pass_options([Tuned])
+    Tuned.target_defaults = {"mobile": {"ratio": 0.5}}
+    Tuned.target_reasons = {"mobile": {"ratio": "fewer weights"}}
+    collected = targets.collect_pass_options([Tuned])
+    assert dict(collected["mobile"].defaults) == {"tuned": {"ratio": 0.5}} and dict(collected["mobile"].reasons) == {"tuned.ratio": "fewer weights"}
+    assert collected["cuda"].defaults == {}
 
 
 def test_providers_of_targets():

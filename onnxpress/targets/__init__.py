@@ -3,7 +3,9 @@
 A target says where the rewritten model will run and therefore
 - which execution provider validates it (``Target.provider``, a key of ``runtime.PROVIDERS``);
 - which pass options it implies (``Target.pass_defaults``: pass name -> option overrides; an option the
-  user set in the pipeline text always wins, see ``apply_target``).
+  user set in the pipeline text always wins, see ``apply_target``). Each pass declares its own, with the
+  reason for each, in ``Pass.target_defaults`` / ``Pass.target_reasons``; a target collects them from
+  every registered pass (``onnxpress.registry``), so the knowledge stays with the pass it is about.
 
 The rest of the package, re-exported here:
 - ``cuda``: ``check_cuda`` says precisely what is missing for CUDA validation; ``ep_assignment``;
@@ -15,12 +17,15 @@ Imports go one way: ``__init__`` -> ``export`` -> ``mobile`` -> ``ort_output``; 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import functools
+from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 from typing import Any
 
 from onnxpress.errors import UsageError
+from onnxpress.pass_infra import Pass
 from onnxpress.pipeline import Pipeline
+from onnxpress.registry import registry
 from onnxpress.targets.cuda import CudaStatus, check_cuda, cuda_status, ep_assignment, probe_cuda
 from onnxpress.targets.export import (
     STYLES,
@@ -37,8 +42,9 @@ from onnxpress.targets.mobile import XNNPACK_OPS, EpCoverage, ep_coverage
 
 __all__ = [
     "STYLES", "TARGETS", "XNNPACK_OPS", "CudaStatus", "EpCoverage", "MobilePaths", "MobileReport", "OptimizationStyle",
-    "Target", "apply_target", "check_cuda", "check_mobile", "convert_to_ort", "cuda_status", "ep_assignment",
-    "ep_coverage", "export_mobile", "get_target", "mobile_paths", "probe_cuda", "required_ops",
+    "PassOptions", "Target", "apply_target", "check_cuda", "check_mobile", "collect_pass_options", "convert_to_ort",
+    "cuda_status", "ep_assignment", "ep_coverage", "export_mobile", "get_target", "mobile_paths", "probe_cuda",
+    "required_ops",
 ]
 
 
@@ -49,48 +55,84 @@ class Target:
     name: str
     provider: str  # key of runtime.PROVIDERS: validation runs on this execution provider
     description: str
-    pass_defaults: Mapping[str, Mapping[str, Any]]  # pass name -> {option: value}
-    reasons: Mapping[str, str] = dataclasses.field(default_factory=lambda: MappingProxyType({}))  # "pass.option" -> why
 
+    @property
+    def pass_defaults(self) -> Mapping[str, Mapping[str, Any]]:
+        """Pass name -> {option: value}, as the registered passes declare for this target."""
+        return _declared_by_passes()[self.name].defaults
 
-def _frozen(d: dict[str, dict[str, Any]]) -> Mapping[str, Mapping[str, Any]]:
-    return MappingProxyType({k: MappingProxyType(dict(v)) for k, v in d.items()})
+    @property
+    def reasons(self) -> Mapping[str, str]:
+        """``"pass.option"`` -> why this target sets it."""
+        return _declared_by_passes()[self.name].reasons
 
 
 TARGETS: Mapping[str, Target] = MappingProxyType({
-    "cpu": Target(
-        "cpu", "cpu",
-        "ONNX Runtime CPU (x86/ARM servers and desktops): the pass defaults are tuned for it",
-        _frozen({}),
-    ),
-    "cuda": Target(
-        "cuda", "cuda",
-        "ONNX Runtime with CUDAExecutionProvider (onnxruntime-gpu and an NVIDIA GPU)",
-        _frozen({"qdq": {"weight_type": "int8"}}),
-        MappingProxyType({
-            "qdq.weight_type": "symmetric int8 weights (zero point 0); uint8+128 only helps AVX2 CPU kernels",
-        }),
-    ),
+    "cpu": Target("cpu", "cpu", "ONNX Runtime CPU (x86/ARM servers and desktops): the pass defaults are tuned for it"),
+    "cuda": Target("cuda", "cuda", "ONNX Runtime with CUDAExecutionProvider (onnxruntime-gpu and an NVIDIA GPU)"),
     "mobile": Target(
         "mobile", "cpu",
         "ONNX Runtime Mobile (.ort format; NNAPI on Android, CoreML on iOS, XNNPACK, or the CPU provider)",
-        # per_channel stays True on purpose: NNAPI's QDQ MatMul/Gemm want per-tensor weight scales, but
-        # per-tensor int8 weights wreck transformers (MiniLM: embedding cosine 0.42 per-tensor vs 0.9925
-        # per-channel, same run); the CPU provider and XNNPACK take per-channel weights, NNAPI Conv does too.
-        _frozen({"qdq": {
-            "activation_type": "uint8",
-            "weight_type": "int8",
-            "reduce_range": False,
-            "smooth": "off",
-        }}),
-        MappingProxyType({
-            "qdq.activation_type": "NNAPI takes only uint8 (asymmetric) activations in QDQ groups",
-            "qdq.weight_type": "NNAPI/XNNPACK take int8 weights only when symmetric (zero point 0)",
-            "qdq.reduce_range": "7-bit weights are an x86 AVX2 workaround; mobile kernels use the full int8 range",
-            "qdq.smooth": "SmoothQuant puts a float Mul in front of most QuantizeLinear nodes: one more op per quantized input for the mobile EPs to place",
-        }),
     ),
 })
+
+
+# Until passes/qdq declares Qdq.target_defaults / Qdq.target_reasons (being moved there now), the table
+# it will hold. Used only for a pass that declares nothing itself.
+# mobile: per_channel stays True on purpose: NNAPI's QDQ MatMul/Gemm want per-tensor weight scales, but
+# per-tensor int8 weights wreck transformers (MiniLM: embedding cosine 0.42 per-tensor vs 0.9925
+# per-channel, same run); the CPU provider and XNNPACK take per-channel weights, NNAPI Conv does too.
+_FALLBACK_DEFAULTS: Mapping[str, Mapping[str, Mapping[str, Any]]] = {
+    "qdq": {
+        "cuda": {"weight_type": "int8"},
+        "mobile": {"activation_type": "uint8", "weight_type": "int8", "reduce_range": False, "smooth": "off"},
+    },
+}
+_FALLBACK_REASONS: Mapping[str, Mapping[str, Mapping[str, str]]] = {
+    "qdq": {
+        "cuda": {"weight_type": "symmetric int8 weights (zero point 0); uint8+128 only helps AVX2 CPU kernels"},
+        "mobile": {
+            "activation_type": "NNAPI takes only uint8 (asymmetric) activations in QDQ groups",
+            "weight_type": "NNAPI/XNNPACK take int8 weights only when symmetric (zero point 0)",
+            "reduce_range": "7-bit weights are an x86 AVX2 workaround; mobile kernels use the full int8 range",
+            "smooth": "SmoothQuant puts a float Mul in front of most QuantizeLinear nodes: one more op per quantized input for the mobile EPs to place",
+        },
+    },
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class PassOptions:
+    """What the passes declare for one target."""
+
+    defaults: Mapping[str, Mapping[str, Any]]  # pass name -> {option: value}
+    reasons: Mapping[str, str]  # "pass.option" -> why
+
+
+def collect_pass_options(pass_classes: Iterable[type[Pass]]) -> Mapping[str, PassOptions]:
+    """Target name -> the options the passes declare for it (``Pass.target_defaults``) and why
+    (``Pass.target_reasons``). A pass naming a target that does not exist raises ``RuntimeError``."""
+    defaults: dict[str, dict[str, Mapping[str, Any]]] = {name: {} for name in TARGETS}
+    reasons: dict[str, dict[str, str]] = {name: {} for name in TARGETS}
+    for cls in pass_classes:
+        declared = cls.target_defaults or _FALLBACK_DEFAULTS.get(cls.name, {})
+        why = cls.target_reasons or _FALLBACK_REASONS.get(cls.name, {})
+        unknown = sorted((set(declared) | set(why)) - set(TARGETS))
+        if unknown:  # a misspelt target name would silently drop its constraints
+            raise RuntimeError(f"pass '{cls.name}' declares options for unknown target(s) {', '.join(unknown)} (targets: {', '.join(TARGETS)})")
+        for target, options in declared.items():
+            if options:
+                defaults[target][cls.name] = MappingProxyType(dict(options))
+        for target, options in why.items():
+            reasons[target].update((f"{cls.name}.{option}", text) for option, text in options.items())
+    return MappingProxyType({
+        name: PassOptions(MappingProxyType(defaults[name]), MappingProxyType(reasons[name])) for name in TARGETS
+    })
+
+
+@functools.cache
+def _declared_by_passes() -> Mapping[str, PassOptions]:
+    return collect_pass_options(registry().values())
 
 
 def get_target(target: str | Target) -> Target:
