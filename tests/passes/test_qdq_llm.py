@@ -317,7 +317,7 @@ def test_tiny_llama_awq_scaling_alone_computes_the_float_function(tiny, monkeypa
     columns, in a Mul before o_proj; s in the weights) computes the fp32 model's logits."""
     import onnxpress
     from onnxpress.llm import kv
-    from onnxpress.passes import qdq
+    from onnxpress.passes.qdq import rewrite
 
     _, path, spec, feeds, evaluation, reference = tiny
     scaled: dict[int, np.ndarray] = {}
@@ -331,8 +331,8 @@ def test_tiny_llama_awq_scaling_alone_computes_the_float_function(tiny, monkeypa
     def write_float(model, t, wp, o):  # the scaled float weight instead of MatMulNBits
         t.weight.const_value = ir.tensor(scaled[id(wp.arrays["codes"])], name=t.weight.name)
 
-    monkeypatch.setattr(qdq.qm, "quantize_blockwise", remember)
-    monkeypatch.setattr(qdq, "_apply_int4", write_float)
+    monkeypatch.setattr(qm, "quantize_blockwise", remember)
+    monkeypatch.setattr(rewrite, "_apply_int4", write_float)
     model, report = onnxpress.optimize(str(path), "qdq(mode=int4,awq=true,weight_method=rtn,exclude=[/lm_head/MatMul])", calibration=feeds, validate_result=False)
     assert sum(1 for r in report.passes[-1].details if (r.get("awq") or {}).get("folded_into")) == 10
     session = runtime.make_session(model)
