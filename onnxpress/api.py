@@ -147,7 +147,8 @@ def optimize(
         provider = "cuda"
     if tgt.name == "mobile" and output is None:
         raise UsageError("target mobile writes OUT.ort and its configuration beside the output: give an output path")
-    if output is not None:
+    folder_output = _folder_output(model, output, tgt.name)
+    if output is not None and folder_output is None:
         io.check_writable_output(output, (model,) if isinstance(model, (str, os.PathLike)) else (), force=force)
 
     stage("loading")
@@ -182,7 +183,7 @@ def optimize(
             stage(f"task metrics ({task_obj.name})")
             report.task_metrics = task_obj.evaluate(out, data.evaluation if task_obj.uses_data else None)
     report.data, report.target = data.to_dict(), tgt.name
-    _finish(out, report, reference, data, dims, output, external_data, keep_failed, force, stage)
+    _finish(out, report, reference, data, dims, output, external_data, keep_failed, force, stage, folder_output)
     report.seconds = time.perf_counter() - start
     return out, report
 
@@ -224,8 +225,20 @@ def _run_budget(working: ir.Model, reference: Any, budget: Any, data: Any, task:
     return result.model, report
 
 
-def _finish(out: Any, report: OptimizeReport, reference: Any, data: Any, dims: Any, output: Any, external_data: Any, keep_failed: bool, force: bool, stage: Callable[[str], None]) -> None:
-    """Target artefacts (mobile: .ort, operator config, EP report) and the atomic save, when the run passed."""
+def _folder_output(model: Any, output: Any, target: str) -> Any:
+    """``onnxpress.llm.folder.FolderOutput`` when the input is a model of an onnxruntime-genai folder and the
+    output goes to another folder (the output is then a whole genai folder), else None (a model file)."""
+    if output is None or target == "mobile" or not isinstance(model, (str, os.PathLike)):
+        return None  # mobile writes its artefacts beside one model file
+    from onnxpress.llm import folder
+
+    return folder.plan_output(model, output)
+
+
+def _finish(out: Any, report: OptimizeReport, reference: Any, data: Any, dims: Any, output: Any, external_data: Any, keep_failed: bool, force: bool,
+            stage: Callable[[str], None], folder_output: Any = None) -> None:
+    """Target artefacts (mobile: .ort, operator config, EP report) and the atomic save, when the run passed
+    (an onnxruntime-genai folder in, a whole folder out: ``onnxpress.llm.folder``)."""
     from onnxpress import io, targets
 
     if report.target == "mobile" and (report.passed or keep_failed):
@@ -237,8 +250,15 @@ def _finish(out: Any, report: OptimizeReport, reference: Any, data: Any, dims: A
         report.written.extend(report.mobile.files.values())
     if output is not None and (report.passed or keep_failed):
         stage("saving")
-        io.save(out, output, external_data=external_data)
-        report.written.insert(0, str(output))
+        if folder_output is not None:
+            from onnxpress.llm import folder
+
+            others = folder.write_folder(folder_output, out, external_data=external_data)
+            report.written.insert(0, str(folder_output.output))
+            report.notes.append(f"onnxruntime-genai folder {folder_output.folder}: the model and {', '.join(others)} (copied from {folder_output.source})")
+        else:
+            io.save(out, output, external_data=external_data)
+            report.written.insert(0, str(output))
 
 
 def _bisect(pipe, working, reference, context, bytes_before, start, tolerance, validate_kwargs, verify_each, on_pass_start, on_pass_end):
