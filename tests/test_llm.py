@@ -196,3 +196,48 @@ def test_smollm2_export_matches_torch_and_generates():
         generator.generate_next_token()
         out.append(int(generator.get_next_tokens()[0]))
     assert "Paris" in tok.decode(out)
+
+
+def _bad_source(case: str, tmp_path):
+    """A source ``export --causal-lm`` must refuse: a broken copy of the tiny HF folder, or a file that is not GGUF."""
+    import json
+    import shutil
+
+    if case == "bad gguf":
+        (tmp_path / "model.gguf").write_bytes(b"GGUF" + bytes(60))
+        return tmp_path / "model.gguf"
+    hf = tmp_path / "hf"
+    shutil.copytree(smollm.tiny_hf_folder(), hf)
+    config = json.loads((hf / "config.json").read_text())
+    if case == "config not json":
+        (hf / "config.json").write_text("{'architectures': [")
+    elif case == "unknown model type":
+        (hf / "config.json").write_text(json.dumps({**config, "model_type": "no-such-model"}))
+    elif case == "unsupported architecture":
+        (hf / "config.json").write_text(json.dumps({**config, "architectures": ["LlamaForSequenceClassification"]}))
+    elif case == "truncated weights":
+        data = (hf / "model.safetensors").read_bytes()
+        (hf / "model.safetensors").write_bytes(data[:100])
+    elif case == "no tokenizer":
+        (hf / "tokenizer.json").unlink()
+    return hf
+
+
+@pytest.mark.parametrize(("case", "message"), [
+    ("bad gguf", "transformers cannot load a tokenizer"),
+    ("config not json", "not readable JSON"),
+    ("unknown model type", "transformers cannot load its config"),
+    ("unsupported architecture", "architecture LlamaForSequenceClassification is not one onnxruntime-genai's builder exports"),
+    ("truncated weights", "cannot load these weights"),
+    ("no tokenizer", "no tokenizer"),
+])
+def test_export_refuses_bad_input_in_one_line_with_exit_2_and_writes_nothing(case, message, tmp_path, capsys):
+    from onnxpress.cli import run
+
+    source = _bad_source(case, tmp_path)
+    out = tmp_path / "out"
+    code = run(["export", "--causal-lm", str(source), "-o", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("onnxpress: error:") and len(err.splitlines()) == 1, err
+    assert message in err, err
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))

@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gc
+import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -148,6 +151,8 @@ def build_with_genai(
         seconds = time.perf_counter() - start
         rss = _child_peak_rss()
     if proc.returncode != 0:
+        if "is not currently supported" in text:  # an architecture the source scan did not see
+            raise UsageError(f"{hf_dir}: onnxruntime-genai's builder does not support this model: {_last_error(text)}")
         raise OnnxpressError(f"onnxruntime-genai's builder failed on {hf_dir}: {_last_error(text)}")
     missing = [f for f in GENAI_FILES if not (out_dir / f).exists()]
     if missing:
@@ -181,6 +186,7 @@ def export_causal_lm(
         if found is not None:
             t = time.perf_counter()
             model, tokenizer = load_causal_lm(folder, found)
+            check_architecture(getattr(model.config, "architectures", None) or [type(model).__name__], folder / found)
             hf_dir = staging / "hf"
             save_hf_folder(model, tokenizer, hf_dir)
             del model, tokenizer
@@ -198,13 +204,68 @@ def export_causal_lm(
 
 
 def _check_hf_folder(folder: Path) -> None:
-    config = json.loads((folder / "config.json").read_text())
-    if not any((folder / n).exists() for n in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")):
+    """Everything the builder would otherwise fail on late, or with a traceback, as one line: the config
+    (JSON, what transformers makes of it, the architecture), the weights (present, readable headers), the
+    tokenizer (present)."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{folder}/config.json: not readable JSON ({_one_line(exc)})") from None
+    if not isinstance(config, dict) or not config.get("architectures"):
+        raise UsageError(f"{folder}/config.json: no 'architectures' entry; the builder picks the model class from it")
+    offline()
+    try:
+        from transformers import AutoConfig
+
+        AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    except ImportError:
+        raise UsageError("exporting a causal LM needs transformers: pip install 'onnxpress[models]'") from None
+    except Exception as exc:  # noqa: BLE001 - whatever transformers refuses is the user's input
+        raise UsageError(f"{folder}: transformers cannot load its config: {_one_line(exc)}") from None
+    check_architecture(config["architectures"], folder)
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights and not (folder / "pytorch_model.bin").exists():
         raise UsageError(f"{folder}: no weights (model.safetensors / pytorch_model.bin)")
+    for path in weights:
+        _check_safetensors(path)
     if not any((folder / n).exists() for n in ("tokenizer.json", "tokenizer.model")):
         raise UsageError(f"{folder}: no tokenizer (tokenizer.json / tokenizer.model); onnxruntime-genai needs one")
-    if not config.get("architectures"):
-        raise UsageError(f"{folder}/config.json: no 'architectures' entry; the builder picks the model class from it")
+
+
+def _check_safetensors(path: Path) -> None:
+    """The file's header parses (reads the header only, not the tensors)."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="np") as handle:
+            handle.keys()
+    except ImportError:
+        return
+    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
+        raise UsageError(f"{path}: transformers cannot load these weights: {_one_line(exc)}") from None
+
+
+@functools.lru_cache(maxsize=1)
+def builder_architectures() -> frozenset[str]:
+    """The architectures onnxruntime-genai's builder dispatches on (read from its source, not imported:
+    importing it loads torch); empty when they cannot be found, and then the builder decides."""
+    spec = importlib.util.find_spec("onnxruntime_genai.models.builder") if importlib.util.find_spec("onnxruntime_genai") else None
+    if spec is None or not spec.origin:
+        return frozenset()
+    try:
+        text = Path(spec.origin).read_text()
+    except OSError:
+        return frozenset()
+    return frozenset(re.findall(r'config\.architectures\[0\]\s*==\s*"(\w+)"', text))
+
+
+def check_architecture(architectures: Any, where: Any) -> None:
+    """One line when the builder has no exporter for the model's architecture."""
+    supported = builder_architectures()
+    arch = (list(architectures) or ["none"])[0] if architectures else "none"
+    if supported and arch not in supported:
+        examples = ", ".join(a for a in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Phi3ForCausalLM", "GemmaForCausalLM") if a in supported)
+        raise UsageError(f"{where}: architecture {arch} is not one onnxruntime-genai's builder exports ({len(supported)} are, e.g. {examples})")
 
 
 def _child_peak_rss() -> int:
