@@ -11,7 +11,8 @@ Modules (imports run one way, top to bottom):
 - ``options``: ``FactorizeOptions``;
 - ``targets``: which nodes are rewritten and why not (``classify``, ``classify_conv``, groups);
 - ``rewrite``: the graph surgery;
-- ``pass_``: the ``Factorize`` pass.
+- ``pass_``: the ``Factorize`` pass;
+- ``planner``: ``FactorizePlanner``, what the budget search may ask about ``lowrank/R`` (``passes.planning``).
 """
 
 from onnxpress.passes.factorize.maths import (
@@ -22,8 +23,10 @@ from onnxpress.passes.factorize.maths import (
     centered,
     conv_factors,
     conv_matrix,
+    direction_energies,
     factorize_matrix,
     factors,
+    output_energy,
     output_error,
     rank_for_energy,
     rank_for_error,
@@ -34,10 +37,16 @@ from onnxpress.passes.factorize.maths import (
 )
 from onnxpress.passes.factorize.options import FactorizeOptions
 from onnxpress.passes.factorize.pass_ import Factorize
+from onnxpress.passes.factorize.planner import FactorizePlanner
 from onnxpress.passes.factorize.targets import MARK, classify, classify_conv
 
+# The planner makes Factorize instances (planner imports pass_), so the pass is told its planner here, where
+# both classes exist; the budget finds it as ``Factorize.planner`` and makes one instance per search.
+Factorize.planner = FactorizePlanner
+
 __all__ = [
-    "MARK", "Factorize", "FactorizeOptions", "Spectrum", "allocate_global", "bias_correction", "breakeven_rank",
-    "centered", "classify", "classify_conv", "conv_factors", "conv_matrix", "factorize_matrix", "factors",
-    "output_error", "rank_for_energy", "rank_for_error", "rank_for_ratio", "spectrum", "tail_error", "weight_errors",
+    "MARK", "Factorize", "FactorizeOptions", "FactorizePlanner", "Spectrum", "allocate_global", "bias_correction",
+    "breakeven_rank", "centered", "classify", "classify_conv", "conv_factors", "conv_matrix", "direction_energies",
+    "factorize_matrix", "factors", "output_energy", "output_error", "rank_for_energy", "rank_for_error",
+    "rank_for_ratio", "spectrum", "tail_error", "weight_errors",
 ]

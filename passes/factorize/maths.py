@@ -205,3 +205,20 @@ def allocate_global(layers: Sequence[tuple[int, int, np.ndarray]], ratio: float,
             lo = mid
     return best
 
+
+
+def output_energy(w: np.ndarray, second_moment: np.ndarray) -> float:
+    """tr(W^T S W) = E||x W||^2: a layer's mean squared output for inputs with second moment S (the scale
+    relative output errors are measured against)."""
+    w = np.asarray(w, np.float64)
+    return float(np.einsum("kn,kn->", w, np.asarray(second_moment, np.float64) @ w))
+
+
+def direction_energies(w: np.ndarray, q: np.ndarray, moment: np.ndarray) -> np.ndarray:
+    """e_i = q_i^T W^T M W q_i for each column q_i of ``q`` (orthonormal output directions).
+
+    Truncating to the first r directions leaves D = W Q_t Q_t^T (Q_t the others), and because the q_i are
+    orthonormal tr(D^T M D) = sum_{i >= r} e_i exactly: with M the input covariance this is the output
+    error a bias-corrected factorization makes, whatever ridge the spectrum was computed with."""
+    wq = np.asarray(w, np.float64) @ np.asarray(q, np.float64)
+    return np.einsum("km,km->m", wq, np.asarray(moment, np.float64) @ wq)

@@ -142,6 +142,26 @@ def test_global_allocation_meets_budget_and_favours_compressible_layers():
     assert ranks[1] is not None and ranks[1] < 32
 
 
+
+@pytest.mark.parametrize("shape", [(40, 24), (24, 40)])  # both branches of spectrum(): N <= K and N > K
+def test_direction_energies_give_the_exact_truncation_error(shape):
+    """sum_{i >= r} e_i = tr(D^T M D) for D = W - U V at every rank, whatever ridge the spectrum used:
+    the error the budget predicts without multiplying (M: the covariance, S: the second moment)."""
+    rng = np.random.default_rng(5)
+    k, n = shape
+    w = low_rank(k, n, 12, seed=5, noise=0.1).astype(np.float64)
+    x = rng.standard_normal((300, k)) @ rng.standard_normal((k, k)) + 0.3
+    s = x.T @ x / len(x)
+    m = fz.centered(s, x.mean(axis=0))
+    sp = fz.spectrum(w, m + 0.05 * np.mean(np.diag(m)) * np.eye(k))  # damped, as the pass does
+    e = fz.direction_energies(w, sp.q, m)
+    assert fz.output_energy(w, s) == pytest.approx(np.sum((x @ w) ** 2) / len(x), rel=1e-10)
+    for r in (1, 5, 12, min(k, n) - 1):
+        u, v = fz.factors(w, sp, r)
+        d = w - u @ v
+        assert np.sum(e[r:]) == pytest.approx(np.sum(d * (m @ d)), rel=1e-8, abs=1e-12)
+
+
 # -- the pass on graphs ------------------------------------------------------------------------------
 def test_matmul_full_rank_exact_and_ops():
     w = low_rank(48, 40, 8)
