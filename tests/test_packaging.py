@@ -8,6 +8,19 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+FOLDERS = (("passes", "onnxpress/passes"), ("models", "onnxpress/models"), ("onnxpress", "onnxpress"))
+
+
+def test_every_package_folder_is_listed_in_pyproject():
+    """setuptools ships only the packages pyproject lists: a new sub-package must be added there (the
+    wheel test below is slow; this one catches the omission in the fast suite)."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    for folder, package in FOLDERS:
+        for init in (ROOT / folder).rglob("__init__.py"):
+            dotted = ".".join([*package.split("/"), *init.parent.relative_to(ROOT / folder).parts])
+            assert dotted in listed, f"{init.parent} ({dotted}) is not in pyproject's [tool.setuptools] packages"
 
 
 @pytest.mark.slow
@@ -19,9 +32,9 @@ def test_wheel_contains_every_module(tmp_path):
     )
     (wheel,) = tmp_path.glob("onnxpress-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for folder, package in (("passes", "onnxpress/passes"), ("models", "onnxpress/models"), ("onnxpress", "onnxpress")):
-        for source in (ROOT / folder).glob("*.py"):
-            assert f"{package}/{source.name}" in names, f"{source} missing from the wheel"
+    for folder, package in FOLDERS:
+        for source in (ROOT / folder).rglob("*.py"):
+            assert f"{package}/{source.relative_to(ROOT / folder).as_posix()}" in names, f"{source} missing from the wheel"
     for data in (ROOT / "models" / "data").glob("*.txt"):
         assert f"onnxpress/models/data/{data.name}" in names
 
