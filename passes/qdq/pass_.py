@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 import onnx_ir as ir
 
@@ -45,6 +47,7 @@ class Qdq(Pass):
     Options = QdqOptions
     lossless = False
     min_opset = lambda o: 21 if (o.mode == "int4" and o.int4_format == "qdq") else 13  # noqa: E731 - per-axis DequantizeLinear: 13; block_size: 21
+    planner: ClassVar[type]  # QdqPlanner: the package sets it (the planner makes Qdq instances, so it imports this module)
 
     # -- entry ---------------------------------------------------------------------------------------
     def call(self, model: ir.Model) -> ir.passes.PassResult:
