@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import onnx_ir as ir
@@ -48,6 +48,24 @@ class Qdq(Pass):
     lossless = False
     min_opset = lambda o: 21 if (o.mode == "int4" and o.int4_format == "qdq") else 13  # noqa: E731 - per-axis DequantizeLinear: 13; block_size: 21
     planner: ClassVar[type]  # QdqPlanner: the package sets it (the planner makes Qdq instances, so it imports this module)
+    # What a deployment target (``onnxpress.targets``) changes in these options' defaults, and why; an option the
+    # user sets in the pipeline text still wins. Target name -> {option: value} and -> {option: reason}.
+    target_defaults: ClassVar[dict[str, dict[str, Any]]] = {
+        "cuda": {"weight_type": "int8"},
+        # per_channel stays True on purpose: NNAPI's QDQ MatMul/Gemm want per-tensor weight scales, but
+        # per-tensor int8 weights wreck transformers (MiniLM: embedding cosine 0.42 per-tensor vs 0.9925
+        # per-channel, same run); the CPU provider and XNNPACK take per-channel weights, NNAPI Conv does too.
+        "mobile": {"activation_type": "uint8", "weight_type": "int8", "reduce_range": False, "smooth": "off"},
+    }
+    target_reasons: ClassVar[dict[str, dict[str, str]]] = {
+        "cuda": {"weight_type": "symmetric int8 weights (zero point 0); uint8+128 only helps AVX2 CPU kernels"},
+        "mobile": {
+            "activation_type": "NNAPI takes only uint8 (asymmetric) activations in QDQ groups",
+            "weight_type": "NNAPI/XNNPACK take int8 weights only when symmetric (zero point 0)",
+            "reduce_range": "7-bit weights are an x86 AVX2 workaround; mobile kernels use the full int8 range",
+            "smooth": "SmoothQuant puts a float Mul in front of most QuantizeLinear nodes: one more op per quantized input for the mobile EPs to place",
+        },
+    }
 
     # -- entry ---------------------------------------------------------------------------------------
     def call(self, model: ir.Model) -> ir.passes.PassResult:

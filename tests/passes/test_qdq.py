@@ -611,3 +611,18 @@ def test_embedding_split_finds_used_rows_behind_other_ops():
     row = next(r for r in p.details if "embedding_split" in r)
     assert row["embedding_split"]["hot_rows"] == used.size and used.min() >= 1
     check_full(out)
+
+
+def test_target_defaults_are_valid_options_with_a_reason_each():
+    """Qdq.target_defaults / target_reasons (what --target changes, read by onnxpress.targets): every override
+    is a valid qdq option value and says why."""
+    from onnxpress import targets
+
+    assert set(Qdq.target_defaults) == set(Qdq.target_reasons) == {"cuda", "mobile"}
+    for target, overrides in Qdq.target_defaults.items():
+        assert Qdq(**overrides).options != Qdq().options
+        assert set(Qdq.target_reasons[target]) == set(overrides)
+        assert all(reason for reason in Qdq.target_reasons[target].values())
+    assert dict(targets.get_target("mobile").pass_defaults["qdq"]) == Qdq.target_defaults["mobile"]
+    assert targets.get_target("cuda").reasons["qdq.weight_type"] == Qdq.target_reasons["cuda"]["weight_type"]
+    assert "qdq" not in targets.get_target("cpu").pass_defaults
