@@ -77,30 +77,6 @@ TARGETS: Mapping[str, Target] = MappingProxyType({
 })
 
 
-# Until passes/qdq declares Qdq.target_defaults / Qdq.target_reasons (being moved there now), the table
-# it will hold. Used only for a pass that declares nothing itself.
-# mobile: per_channel stays True on purpose: NNAPI's QDQ MatMul/Gemm want per-tensor weight scales, but
-# per-tensor int8 weights wreck transformers (MiniLM: embedding cosine 0.42 per-tensor vs 0.9925
-# per-channel, same run); the CPU provider and XNNPACK take per-channel weights, NNAPI Conv does too.
-_FALLBACK_DEFAULTS: Mapping[str, Mapping[str, Mapping[str, Any]]] = {
-    "qdq": {
-        "cuda": {"weight_type": "int8"},
-        "mobile": {"activation_type": "uint8", "weight_type": "int8", "reduce_range": False, "smooth": "off"},
-    },
-}
-_FALLBACK_REASONS: Mapping[str, Mapping[str, Mapping[str, str]]] = {
-    "qdq": {
-        "cuda": {"weight_type": "symmetric int8 weights (zero point 0); uint8+128 only helps AVX2 CPU kernels"},
-        "mobile": {
-            "activation_type": "NNAPI takes only uint8 (asymmetric) activations in QDQ groups",
-            "weight_type": "NNAPI/XNNPACK take int8 weights only when symmetric (zero point 0)",
-            "reduce_range": "7-bit weights are an x86 AVX2 workaround; mobile kernels use the full int8 range",
-            "smooth": "SmoothQuant puts a float Mul in front of most QuantizeLinear nodes: one more op per quantized input for the mobile EPs to place",
-        },
-    },
-}
-
-
 @dataclasses.dataclass(frozen=True)
 class PassOptions:
     """What the passes declare for one target."""
@@ -115,8 +91,7 @@ def collect_pass_options(pass_classes: Iterable[type[Pass]]) -> Mapping[str, Pas
     defaults: dict[str, dict[str, Mapping[str, Any]]] = {name: {} for name in TARGETS}
     reasons: dict[str, dict[str, str]] = {name: {} for name in TARGETS}
     for cls in pass_classes:
-        declared = cls.target_defaults or _FALLBACK_DEFAULTS.get(cls.name, {})
-        why = cls.target_reasons or _FALLBACK_REASONS.get(cls.name, {})
+        declared, why = cls.target_defaults, cls.target_reasons
         unknown = sorted((set(declared) | set(why)) - set(TARGETS))
         if unknown:  # a misspelt target name would silently drop its constraints
             raise RuntimeError(f"pass '{cls.name}' declares options for unknown target(s) {', '.join(unknown)} (targets: {', '.join(TARGETS)})")
