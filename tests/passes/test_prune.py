@@ -10,6 +10,9 @@ from onnxpress.errors import UsageError
 from onnxpress.pass_infra import PassContext, verify_model
 from onnxpress.passes import prune as pr
 from onnxpress.passes.prune import Prune
+from onnxpress.passes.prune.calibration import padding_mask
+from onnxpress.passes.prune.plan import depth_waves, terminal_mean_shift
+from onnxpress.passes.prune.structure import unit_rows
 from onnxpress.pipeline import Pipeline
 
 HEADER = '<ir_version: 10, opset_import: ["" : 17]>'
@@ -222,6 +225,35 @@ def test_structured_unit_maths():
     assert err_refit < err_mean < err_drop
 
 
+
+def test_removal_error_is_the_measured_output_error():
+    """The predicted relative error of the next layer after removing units (mean moved into the bias, or rows
+    re-fitted) is the error measured on the data: exactly from the second moment; from the variances alone
+    when the units are zero-mean and uncorrelated."""
+    rng = np.random.default_rng(2)
+    a = rng.standard_normal((300, 6)) @ (np.eye(6) + 0.4 * rng.standard_normal((6, 6))) + 1.5
+    w2 = rng.standard_normal((6, 3))
+    keep, removed = np.array([0, 2, 3, 5]), np.array([1, 4])
+    mu = a.mean(axis=0)
+    st = {"gram": a.T @ a / len(a), "mean": mu, "var": a.var(axis=0)}
+    measured = rel_err(a[:, keep] @ w2[keep] + pr.mean_shift(w2, removed, mu), a @ w2)
+    assert pr.removal_error(st, w2, keep, removed, None) == pytest.approx(measured, rel=1e-9)
+    rows, shift = pr.refit_rows(w2, keep, st["gram"] - np.outer(mu, mu), mu, damping=1e-9)
+    assert pr.removal_error(st, w2, keep, removed, rows) == pytest.approx(rel_err(a[:, keep] @ rows + shift, a @ w2), rel=1e-6)
+    q, _ = np.linalg.qr(np.column_stack([np.ones(300), rng.standard_normal((300, 6))]))
+    e = q[:, 1:] * np.array([3.0, 1.0, 0.5, 2.0, 0.1, 1.0]) * np.sqrt(300)  # zero-mean, orthogonal columns
+    diagonal = {"mean": np.zeros(6), "var": e.var(axis=0)}
+    assert pr.removal_error(diagonal, w2, keep, removed, None) == pytest.approx(rel_err(e[:, keep] @ w2[keep], e @ w2), rel=1e-9)
+
+
+def test_conv_mean_shift_is_the_removed_channels_constant_output():
+    model = conv_bn_model(c1=8)
+    conv2 = [n for n in model.graph if n.op_type == "Conv"][1]
+    w2 = weight(model, "w2")  # [4, 8, 3, 3]
+    mu, removed = np.arange(1.0, 9.0), np.array([1, 5])
+    expect = np.einsum("h,chij->c", mu[removed], w2[:, removed])  # a constant input through the kernel
+    np.testing.assert_allclose(terminal_mean_shift(conv2, unit_rows("Conv", w2, False, "out"), removed, mu), expect, rtol=1e-6)
+
 # -- magnitude and N:M on graphs -----------------------------------------------------------------------
 def test_magnitude_layer_scope_on_mlp():
     model = mlp_model(k=8, h=16, n=4)
@@ -330,16 +362,16 @@ def test_sequential_calibration_runs_per_depth():
     model = mlp_model(k=8, h=16, n=4)
     x = np.random.default_rng(0).standard_normal((32, 8)).astype(np.float32)
     layers = P()._layers(copy_model(model))
-    assert [[layer.label for layer in wave] for wave in pr._waves(layers)] == [[layers[0].label], [layers[1].label]]
+    assert [[layer.label for layer in wave] for wave in depth_waves(layers)] == [[layers[0].label], [layers[1].label]]
     pruned, modified = run(P(calibrated=True, update=True, sequential=True), model, calibration=[{"x": x}])
     assert modified and pr.zero_fraction(weight(pruned, "w2")) >= 0.5
 
 
 def test_padding_rows_are_left_out():
     feed = {"ids": np.zeros((2, 3), np.int64), "attention_mask": np.array([[1, 1, 0], [1, 0, 0]])}
-    mask = pr._padding_mask(feed)
+    mask = padding_mask(feed)
     assert mask.tolist() == [[True, True, False], [True, False, False]]
-    assert pr._padding_mask({"x": np.ones((2, 3))}) is None
+    assert padding_mask({"x": np.ones((2, 3))}) is None
 
 
 def test_options_and_errors():
