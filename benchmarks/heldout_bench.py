@@ -268,7 +268,7 @@ def render(task: Task, rows: list[dict[str, Any]], budget: str, command: str, ma
                      f"Held-out cos recomputed from the report's split indices: {r['held_recomputed']:.5f}. Choices: {r['choices']}.")
         for a in r["attempts"]:
             split = "; ".join(f"{s['layer']}: {s['held_out_cold_occurrences']}/{s['held_out_occurrences']} held-out token occurrences in 2-bit rows"
-                              for s in a.get("embedding_split") or [])
+                              for s in a.get("heldout_checks") or [])
             lines.append(f"  - build: {a['bytes'] / 1e6:.3f} MB, fit {a['fit_value']:.5f}, held-out {a['value']:.5f}, simulated {a['simulated']:.5f}, "
                          f"target {a['target']:.5f}, passed {a['passed']}{'; ' + split if split else ''}")
         for note in r["notes"]:

@@ -90,6 +90,9 @@ class Pass(ir.passes.InPlacePass):
     # function of the pass's options. The pipeline raises an older model to it first with an `upgrade-opset`
     # step (onnx.version_converter, checked in onnxruntime), so the pass itself never converts.
     min_opset: ClassVar[Any] = None
+    # A lossy pass that takes part in the budget search names its planner class here (the interface is
+    # ``onnxpress.passes.planning.Planner``); the search makes one instance per search.
+    planner: ClassVar[type | None] = None
     # Deployment targets (onnxpress.targets) this pass tunes itself for: target name -> {option: value}, filled
     # in by ``--target`` unless the pipeline text sets the option; target_reasons: target -> option -> why
     # (every default needs one). Read-only on the base class, so no pass can mutate what others inherit.

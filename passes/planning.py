@@ -80,6 +80,9 @@ class Planner(Protocol):
     technique: str  # short family name for reports and plots ("quant", "lowrank")
     structural: bool  # True: rewrites a layer into new layers that a storage planner may then store
 
+    def parse(self, option: str) -> Any:
+        """The option text parsed (ValueError with the valid forms for text the planner does not know)."""
+
     def applicable(self, model: ir.Model, options: Sequence[str], calibration: Sequence[Feed] | None = None) -> Applicable:
         """The layers of ``model`` this pass would rewrite with each of ``options`` (invalid option text:
         ValueError), with the reason for every node it refuses."""
@@ -102,6 +105,14 @@ class Planner(Protocol):
 
     def rewritten(self, done: Any) -> set[str]:
         """The node names a pass instance from :meth:`passes` rewrote (checked against the plan after it ran)."""
+
+    # Optional (the search uses them when present):
+    # - ``heldout_check(model, layer, option, feeds) -> dict | None``: for an option fitted to the calibration data
+    #   beyond its statistics (qdq's embedding split keeps the rows it saw at 4 bits), how it holds on ``feeds``:
+    #   a report row with ``misfit`` (the share of held-out uses the fit did not cover) and ``what`` (its text);
+    #   None for options that do not depend on the data that way. The search drops such options when the
+    #   held-out verdict fails with them in the build.
+    # - ``describe(layer, option) -> dict``: extra report fields of a decision (factorize: the rank).
 
 
 @runtime_checkable

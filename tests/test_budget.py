@@ -15,7 +15,8 @@ from onnxpress import budget as bg
 from onnxpress import runtime
 from onnxpress.api import model_bytes, optimize
 from onnxpress.budget.simulate import Simulator, compare
-from onnxpress.budget.layers import Choice, Grid, Spectra, choice_bytes, collect_input_stats, find_layers, quant_bytes, reconstruct
+from onnxpress.budget.layers import Choice, Grid, Planners, choice_bytes, find_layers, local_error, reconstruct
+from onnxpress.passes.calib_stats import collect_input_stats
 from onnxpress.errors import UsageError
 from onnxpress.pipeline import Pipeline
 from onnxpress.validate import Tolerance, validate
@@ -137,36 +138,6 @@ def test_interpolating_search_on_margins_needs_fewer_probes_than_bisection():
     assert total(k_rel) <= limit and (expected - k_rel) * 10.0 <= 0.025 * (2000.0 - 10.0 * k_rel)
 
 
-def test_substring_selectors_select_exactly_the_intended_names():
-    universe = ["node_linear", "node_linear_1", "node_linear_12", "node_linear_2", "other"]
-
-    def selected(include, exclude, done):
-        return {u for u in universe if u not in done and any(i in u for i in include) and not any(e in u for e in exclude)}
-
-    for intended in (["node_linear"], ["node_linear_1"], ["node_linear", "node_linear_12"], ["node_linear_1", "node_linear_2"], universe):
-        pairs = bg.substring_selectors(intended, universe)
-        done: set[str] = set()
-        got: set[str] = set()
-        for include, exclude in pairs:
-            sel = selected(include, exclude, done)
-            assert sel == set(include)
-            got |= sel
-            done |= sel
-        assert got == set(intended)
-
-
-# -- bytes ---------------------------------------------------------------------------------------------
-def test_quant_bytes_formulas():
-    assert quant_bytes("matmul", (256, 64), None) == 256 * 64 * 4
-    assert quant_bytes("matmul", (256, 64), "int8") == 256 * 64 + 5 * 64
-    # int4 blocks of 32 along K=100 -> 4 blocks (padded), 16 bytes of codes each, float scale, packed zps
-    assert quant_bytes("matmul", (100, 10), "int4/32") == 10 * 4 * 16 + 10 * 4 * 4 + 10 * 2
-    assert quant_bytes("gemm_t", (10, 100), "int4/32") == quant_bytes("matmul", (100, 10), "int4/32")
-    assert quant_bytes("gather", (1000, 64), "int8") == 1000 * 64 + 4 * 1000
-    assert quant_bytes("gather", (1000, 64), "int4/32") == 1000 * 32 + 1000 * 2 * 4 + 1000 * 1
-    assert quant_bytes("conv", (8, 4, 3, 3), "int8") == 288 + 5 * 8
-
-
 # -- a small MLP with real-ish structure ---------------------------------------------------------------
 def _mlp(seed: int = 0) -> tuple[ir.Model, np.ndarray]:
     """x[N,64] -> MatMul 64x256 (+bias) -> Relu -> MatMul 256x256 -> Relu -> MatMul 256x16.
@@ -214,19 +185,20 @@ def mlp():
 
 def test_find_layers_uses_the_passes_rules(mlp):
     model, _, _ = mlp
-    layers, _ = find_layers(model, Grid())
+    layers, _ = find_layers(model, Grid(), Planners.registered())
     by = {layer.name: layer for layer in layers}
     assert set(by) == {"fc1", "fc2", "fc3"}
-    assert Choice(0.5, "int4/32") in by["fc2"].choices and Choice(None, "int8") in by["fc2"].choices
+    assert Choice("lowrank/0.5", "int4/32") in by["fc2"].choices and Choice(None, "int8") in by["fc2"].choices
     # fc3 has 4096 parameters: factorize's default floor (4096) accepts it only if a rank saves at the ratio
-    assert all(c.ratio is None for c in by["fc3"].choices) == ("lowrank" in by["fc3"].skipped)
+    assert all(c.structure is None for c in by["fc3"].choices) == ("lowrank" in by["fc3"].skipped)
 
 
 @pytest.mark.parametrize(
     "choice, exact",
     # int4: MatMulNBits computes with accuracy_level=4 (int8 activations, the default for decode speed), so the
     # built model agrees with the fp32 simulation in error size, not bit for bit
-    [(Choice(None, "int8"), True), (Choice(None, "int4/32"), False), (Choice(0.3, None), True), (Choice(0.3, "int8"), False), (Choice(0.2, "int4/128"), False)],
+    [(Choice(None, "int8"), True), (Choice(None, "int4/32"), False), (Choice("lowrank/0.3", None), True), (Choice("lowrank/0.3", "int8"), False),
+     (Choice("lowrank/0.2", "int4/128"), False)],
 )
 def test_reconstruction_reproduces_the_real_passes(mlp, choice, exact):
     """Feeding the reconstruction for one layer gives the output of the model built by the passes.
@@ -235,14 +207,15 @@ def test_reconstruction_reproduces_the_real_passes(mlp, choice, exact):
     differences of the factors (the pass computes them with other BLAS threading), so there the error
     against the original must agree in size, not bit for bit."""
     model, calib, evals = mlp
-    layers, _ = find_layers(model, Grid(factorize_float=True))
+    planners = Planners.registered()
+    layers, _ = find_layers(model, Grid(factorize_float=True), planners)
     layer = next(layer for layer in layers if layer.name == "fc2")
     stats = collect_input_stats(model, calib, [layer.x])
-    w, delta = reconstruct(layer, choice, stats[layer.x], Spectra())
+    w, delta = reconstruct(planners, layer, choice, stats[layer.x])
     sim = Simulator(model, layers, [layer])
     simulated = sim.run(evals, sim.override(layer, w, delta))
     original = sim.run(evals)
-    built, passes = bg.build(model, layers, {"fc2": choice}, calib)
+    built, passes = bg.build(model, {"fc2": choice}, calib, planners)
     # the graph computes the same function (ORT without its kernel fusions) ...
     exact_session = runtime.make_session(built, optimization="disable")
     real = [runtime.run(exact_session, f) for f in evals]
@@ -258,7 +231,7 @@ def test_reconstruction_reproduces_the_real_passes(mlp, choice, exact):
     assert compare(simulated, [runtime.run(fused, f) for f in evals]).metrics()["max_rel_l2"] < 5e-2
     # and the stored bytes are the ones predicted
     growth = model_bytes(built) - model_bytes(model)
-    predicted = choice_bytes(layer, choice) - layer.fp32_bytes
+    predicted = choice_bytes(planners, layer, choice) - layer.fp32_bytes
     assert abs(growth - predicted) < 1000, (growth, predicted)  # graph nodes and names
     # the text of the passes is an ordinary pipeline that parses back to the same passes
     text = str(Pipeline(passes))
@@ -394,22 +367,21 @@ def test_relative_increase_metrics_and_grid_validation():
 
 
 # -- predicted candidates, session scoring, qdq selection -------------------------------------------------
-def test_local_error_and_lowrank_tail_are_relative_output_errors(mlp):
-    from onnxpress.budget.layers import local_error, lowrank_tail
-
+def test_local_error_and_the_predicted_lowrank_error_are_relative_output_errors(mlp):
     model, calib, _ = mlp
-    layers, _ = find_layers(model, Grid())
+    planners = Planners.registered()
+    layers, _ = find_layers(model, Grid(), planners)
     layer = next(layer for layer in layers if layer.name == "fc2")
     st = collect_input_stats(model, calib, [layer.x])[layer.x]
     assert local_error(layer, layer.w, st) == 0.0
     assert local_error(layer, np.zeros_like(layer.w), st) == pytest.approx(1.0)
     assert local_error(layer, 2 * layer.w, st) == pytest.approx(1.0)
-    sp = Spectra()
-    tails = [lowrank_tail(layer, st, sp, r) for r in (0.5, 0.3, 0.1)]
+    tails = [planners.structural.predicted_error(layer, f"lowrank/{r}", st) for r in (0.5, 0.3, 0.1)]
     assert 0.0 <= tails[0] <= tails[1] <= tails[2] <= 1.0
-    # the discarded energy is the local error of the float factorization, up to the centring and damping
-    w, _ = reconstruct(layer, Choice(0.3, None), st, sp)
-    assert local_error(layer, w, st) >= tails[1] * 0.9
+    # the prediction is the local error of the float factorization (the bias correction removes the mean part,
+    # which the uncentred local error still counts: at least the prediction)
+    w, _ = reconstruct(planners, layer, Choice("lowrank/0.3", None), st)
+    assert local_error(layer, w, st) >= tails[1] * 0.99
 
 
 def test_predicted_search_measures_fewer_candidates_and_still_meets_the_budget(mlp):
@@ -432,10 +404,11 @@ def test_predicted_search_measures_fewer_candidates_and_still_meets_the_budget(m
 
 def test_an_evaluate_that_accepts_sessions_scores_the_simulation_session(mlp):
     model, calib, evals = mlp
-    layers, _ = find_layers(model, Grid())
+    planners = Planners.registered()
+    layers, _ = find_layers(model, Grid(), planners)
     layer = next(layer for layer in layers if layer.name == "fc2")
     sim = Simulator(model, layers, [])
-    w, _ = reconstruct(layer, Choice(None, "int4/32"), None, Spectra())
+    w, _ = reconstruct(planners, layer, Choice(None, "int4/32"), None)
     over = sim.override(layer, w, None)
     session = sim.session_with(over)
     assert [v.name for v in session.get_inputs()] == ["x"]
@@ -457,27 +430,6 @@ def test_an_evaluate_that_accepts_sessions_scores_the_simulation_session(mlp):
     assert "OverrideSession" in kinds and kinds[-1] != "OverrideSession"  # the built model is verified as a model
 
 
-def test_qdq_selection_uses_the_shorter_of_include_and_exclude():
-    targets = [("a1", "MatMul"), ("a2", "MatMul"), ("a3", "MatMul"), ("g", "Gather")]
-    assert bg.qdq_selection(["a1"], ["a2", "a3", "g"], targets) == {"include": ("a1",)}
-    assert bg.qdq_selection(["a1", "a2", "a3"], ["g"], targets) == {"exclude": ("Gather",)}  # op types stand for all their nodes
-    assert bg.qdq_selection(["a1", "a2", "g"], ["a3"], targets) == {"exclude": ("a3",)}
-    assert bg.qdq_selection(["a1"], ["a2", "a3", "g"], targets, has_include=False) == {"exclude": ("Gather", "a2", "a3")}
-
-
-def test_larger_int4_blocks_are_candidates_only_where_they_store_fewer_bytes():
-    from onnxpress.budget.layers import QUANTS, Layer, useful_quants
-
-    def layer(op, shape):
-        return Layer(0, "n", op, "w", np.zeros(shape, np.float32))
-
-    # K = 384: blocks of 256 pad to 512 rows (more bytes than blocks of 128); 512 exceeds MatMulNBits' kernels
-    assert useful_quants(layer("MatMul", (384, 384)), QUANTS) == ["int8", "int4/32", "int4/128"]
-    assert useful_quants(layer("MatMul", (1536, 384)), QUANTS) == ["int8", "int4/32", "int4/128", "int4/256"]
-    # embedding rows of 384: one block per row still saves scales (GatherBlockQuantized takes any block)
-    assert useful_quants(layer("Gather", (1000, 384)), QUANTS) == ["int8", "int4/32", "int4/128", "int4/256", "int4/512"]
-
-
 @pytest.fixture(scope="module")
 def embedding():
     """ids -> Gather(512 x 64 table) -> MatMul -> y; calibration and evaluation use rows 0..99 only."""
@@ -497,22 +449,23 @@ def test_embedding_split_candidates_bytes_and_reconstruction(embedding):
     """The split choice (used rows int4, the rest 2-bit) is offered only with calibration data, stores fewer bytes
     than any plain int4 table, and its reconstruction is what qdq(embedding_split=true) builds."""
     model, calib, evals = embedding
-    without, _ = find_layers(model, Grid())
-    assert not any(c.quant.startswith("split") for layer in without for c in layer.choices)
-    layers, _ = find_layers(model, Grid(), calib)
+    planners = Planners.registered()
+    without, _ = find_layers(model, Grid(), planners)
+    assert not any(c.storage.startswith("split") for layer in without for c in layer.choices)
+    layers, _ = find_layers(model, Grid(), planners, calib)
     table = next(layer for layer in layers if layer.name == "embed")
     assert table.hot.size <= 100
-    splits = [c for c in table.choices if c.quant.startswith("split")]
-    assert splits and max(choice_bytes(table, c) for c in splits) < min(choice_bytes(table, c) for c in table.choices if c.quant.startswith("int4"))
+    splits = [c for c in table.choices if c.storage.startswith("split")]
+    assert splits and max(choice_bytes(planners, table, c) for c in splits) < min(choice_bytes(planners, table, c) for c in table.choices if c.storage.startswith("int4"))
     choice = Choice(None, "split/32/128")
-    w, _ = reconstruct(table, choice, None, Spectra())
+    w, _ = reconstruct(planners, table, choice, None)
     sim = Simulator(model, layers, [])
     simulated = sim.run(evals, sim.override(table, w, None))
-    built, passes = bg.build(model, layers, {"embed": choice}, calib)
+    built, passes = bg.build(model, {"embed": choice}, calib, planners)
     assert "embedding_split=true" in str(Pipeline(passes)) and "embedding_block_size=32" in str(Pipeline(passes))
     real = [runtime.run(runtime.make_session(built), f) for f in evals]
     assert compare(simulated, real).metrics()["max_rel_l2"] < 2e-5
     growth = model_bytes(built) - model_bytes(model)
-    assert abs(growth - (choice_bytes(table, choice) - table.fp32_bytes)) < 1500  # graph nodes and names
+    assert abs(growth - (choice_bytes(planners, table, choice) - table.fp32_bytes)) < 1500  # graph nodes and names
     with pytest.raises(ValueError, match="split"):
         Grid(splits=("split/48/128",))

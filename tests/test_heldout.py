@@ -136,8 +136,8 @@ def test_budget_verdict_on_held_out_catches_the_embedding_split_overfit():
     attempts = new.budget.attempts
     assert all("fit_value" in a for a in attempts)
     assert len({a["pipeline"] for a in attempts}) == len(attempts), "a back-off rebuilt the same model"
-    if any(a["embedding_split"] for a in attempts):
-        assert any("embedding split rejected" in n or "too small" in n for n in new.budget.notes)
+    if any(a["heldout_checks"] for a in attempts):
+        assert any("rejected by the held-out check" in n or "too small" in n for n in new.budget.notes)
 
 
 # -- the CLI ---------------------------------------------------------------------------------------------------

@@ -8,8 +8,10 @@ that still meets a fidelity budget such as ``cos>=0.99`` or ``accuracy_drop<=1%`
 
 Algorithm
 ---------
-1. **Layers and candidates** (``layers``). Every MatMul/Gemm/Conv with a constant float weight and
-   every embedding Gather is a layer. Its candidates are the choices the passes accept for it: int8 per
+1. **Layers and candidates** (``layers``). The search knows the lossy passes only through their planners
+   (``onnxpress.passes.planning``: ``Qdq.planner`` stores weights, ``Factorize.planner`` rewrites one weight
+   into two); a new lossy pass joins by declaring one. Every MatMul/Gemm/Conv with a constant float weight and
+   every embedding Gather is a layer. Its candidates are the choices the planners accept for it: int8 per
    channel, int4 block-wise (blocks of 32 to 512, where qdq takes int4 and a larger block stores fewer
    bytes; MatMul/Gemm up to 256, MatMulNBits' limit), for embedding tables the split of ``qdq(embedding_split)``
    (rows the calibration data indexes int4, all others 2-bit), and calibrated low-rank factorization
@@ -49,11 +51,11 @@ Algorithm
    result is verified on the evaluation (held-out) data with the budget metric, and measured on the fit
    data for comparison. If it fails (the real passes differ from the reconstruction by rounding, or by
    statistics taken on the partly rewritten model; the held-out data is not the fit data), a build with an
-   embedding split drops the splits first; otherwise the target moves to the safe side
+   fit-dependent option (a planner's ``heldout_check``: the embedding split) drops those options first; otherwise the target moves to the safe side
    (``Budget.backed_off``) and steps 5-6 repeat (``backoff`` times); as a last resort the lossless model is
    returned and ``passed`` says so.
 
-Modules (imports run one way): ``spec`` (budget text) <- ``layers`` (candidates, bytes, reconstructions)
+Modules (imports run one way): ``spec`` (budget text) <- ``layers`` (planners, candidates, bytes, reconstructions)
 <- ``simulate`` (one ORT session) <- ``search`` (the stages) -> ``build`` (the real passes), ``paths``
 (greedy maths), ``result`` -> ``report`` (tables, plot; ``result``'s methods reach it lazily). The package
 names ``search`` and ``build`` are the functions; their modules are ``onnxpress.budget.search`` /
@@ -61,15 +63,15 @@ names ``search`` and ``build`` are the functions; their modules are ``onnxpress.
 """
 
 
-from onnxpress.budget.build import build, qdq_selection, substring_selectors
-from onnxpress.budget.layers import FP32, Choice, Grid, Layer, find_layers, split_coverage
+from onnxpress.budget.build import build
+from onnxpress.budget.layers import FP32, Choice, Grid, Layer, Planners, find_layers
 from onnxpress.budget.paths import Move, apply_moves, greedy_path, longest_passing_prefix, lower_hull, search_path
 from onnxpress.budget.result import BudgetResult, LayerDecision, Point
 from onnxpress.budget.search import REFINE_SLACK, BudgetSearch, SearchOptions, search
 from onnxpress.budget.spec import OUTPUT_METRICS, Budget
 
 __all__ = [
-    "FP32", "OUTPUT_METRICS", "REFINE_SLACK", "Budget", "BudgetResult", "BudgetSearch", "Choice", "Grid", "Layer", "LayerDecision", "Move", "Point",
-    "SearchOptions", "apply_moves", "build", "find_layers", "greedy_path", "longest_passing_prefix", "lower_hull", "qdq_selection", "search",
-    "search_path", "split_coverage", "substring_selectors",
+    "FP32", "OUTPUT_METRICS", "REFINE_SLACK", "Budget", "BudgetResult", "BudgetSearch", "Choice", "Grid", "Layer", "LayerDecision", "Move",
+    "Planners", "Point", "SearchOptions", "apply_moves", "build", "find_layers", "greedy_path", "longest_passing_prefix", "lower_hull", "search",
+    "search_path",
 ]

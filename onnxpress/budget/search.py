@@ -28,7 +28,7 @@ import onnx_ir as ir
 
 from onnxpress.budget import cache as sens_cache
 from onnxpress.budget.build import build
-from onnxpress.budget.layers import FP32, Choice, Grid, Spectra, choice_bytes, collect_input_stats, find_layers, local_error, lowrank_tail, reconstruct, split_coverage
+from onnxpress.budget.layers import FP32, Choice, Grid, Planners, choice_bytes, find_layers, local_error, reconstruct
 from onnxpress.budget.paths import TINY, Move, greedy_path, lower_hull, search_path
 from onnxpress.budget.spec import CONFIDENCE_Z
 from onnxpress.budget.progress import Reporter
@@ -36,6 +36,7 @@ from onnxpress.budget.result import BudgetResult, LayerDecision, Point
 from onnxpress.budget.simulate import Simulator, output_metrics
 from onnxpress.budget.spec import OUTPUT_METRICS, Budget
 from onnxpress.errors import UsageError
+from onnxpress.passes.calib_stats import collect_input_stats
 
 # a predicted candidate is measured when it would matter if its d were this many times smaller than
 # predicted (on MiniLM, prediction / measurement is 0.4-5, 80% within 0.7-1.9)
@@ -157,7 +158,8 @@ class BudgetSearch:
     # -- layers, statistics ---------------------------------------------------------------------------------
     def find_layers(self) -> None:
         t0 = time.perf_counter()
-        self.layers, self.skipped = find_layers(self.working, self.opt.grid, self.calib)
+        self.planners = Planners.registered()
+        self.layers, self.skipped = find_layers(self.working, self.opt.grid, self.planners, self.calib)
         if not self.layers:
             raise UsageError("the model has no MatMul/Gemm/Conv/Gather weights the lossy passes can rewrite")
         with self.rep.stage("input statistics", 1) as advance:
@@ -171,7 +173,7 @@ class BudgetSearch:
         (plain quantizations measured; factorizations predicted from the layer's gain when ``predict``)."""
         t0 = time.perf_counter()
         layers = self.layers
-        self.sim = Simulator(self.working, layers, [layer for layer in layers if any(c.ratio is not None for c in layer.choices)], threads=self.jobs)
+        self.sim = Simulator(self.working, layers, [layer for layer in layers if any(c.structure is not None for c in layer.choices)], threads=self.jobs)
         if not self.budget.is_output_metric:
             # fail fast on a metric the task does not report, or a budget the original model misses itself
             original_value = _task_value(self.evaluate, self.task_model({}), self.budget.metric)
@@ -182,7 +184,6 @@ class BudgetSearch:
         key = sens_cache.digest(self.working, self.sens_feeds, json.dumps([sens_cache.CACHE_VERSION, dataclasses.asdict(self.opt.grid), hot_sizes]))
         cache_path = sens_cache.cache_file(self.opt.cache, key)
         self.cached = sens_cache.load(cache_path)
-        self.spectra = Spectra()
         self.recon_memo: dict[tuple[int, Choice], tuple[np.ndarray, np.ndarray | None]] = {}
         self.tables: list[list[tuple[float, float]]] = []
         self.layer_options: list[list[Choice]] = []
@@ -207,9 +208,9 @@ class BudgetSearch:
         layer = self.layers[li]
         table = [(float(layer.fp32_bytes), 0.0)]
         tried: list[Choice] = []
-        groups = [[c for c in layer.choices if c.ratio is None]]
-        for r in sorted({c.ratio for c in layer.choices if c.ratio is not None}, reverse=True):
-            groups.append([c for c in layer.choices if c.ratio == r])
+        groups = [[c for c in layer.choices if c.structure is None]]
+        for option in dict.fromkeys(c.structure for c in layer.choices if c.structure is not None):  # least compressing first
+            groups.append([c for c in layer.choices if c.structure == option])
         gain = None
         for gi, group in enumerate(groups):
             if gi == 1 and self.opt.predict:
@@ -220,7 +221,7 @@ class BudgetSearch:
             group_best = float("inf")
             for c in group:
                 d = self._candidate_d(li, c, gain, futures)
-                nbytes = choice_bytes(layer, c)
+                nbytes = choice_bytes(self.planners, layer, c)
                 table.append((float(nbytes), d))
                 tried.append(c)
                 group_best = min(group_best, d)
@@ -239,7 +240,7 @@ class BudgetSearch:
         # baselines); drop the others
         keep = {opts[i] for i in lower_hull(table)}
         for c in tried:
-            if c not in keep and c.ratio is not None:
+            if c not in keep and c.structure is not None:
                 self.recon_memo.pop((li, c), None)
 
     def _candidate_d(self, li: int, c: Choice, gain: float | None, futures: dict[Choice, Any]) -> float:
@@ -259,7 +260,7 @@ class BudgetSearch:
         key = (li, choice)
         if key not in self.recon_memo:
             layer = self.layers[li]
-            self.recon_memo[key] = reconstruct(layer, choice, self.stats.get(layer.x) if layer.x else None, self.spectra)
+            self.recon_memo[key] = reconstruct(self.planners, layer, choice, self.stats.get(layer.x) if layer.x else None)
         return self.recon_memo[key]
 
     def measure_alone(self, li: int, c: Choice) -> float:
@@ -268,7 +269,7 @@ class BudgetSearch:
         w, delta = self.recon(li, c)
         d = self.sim.error(self.sens_feeds, self.sim.override(layer, w, delta)).d
         self.cached[f"{layer.name}|{c.label}"] = d
-        if layer.x is not None and c.ratio is None:
+        if layer.x is not None and c.structure is None:
             self.local_errors[(li, c)] = local_error(layer, w, self.stats[layer.x])
         return d
 
@@ -280,7 +281,7 @@ class BudgetSearch:
             return None
         ratios = []
         for i, c in enumerate(measured, start=1):
-            if (li, c) not in self.local_errors and c.ratio is None:
+            if (li, c) not in self.local_errors and c.structure is None:
                 self.local_errors[(li, c)] = local_error(layer, self.recon(li, c)[0], self.stats[layer.x])
             e = self.local_errors.get((li, c), 0.0)
             if e > 0 and table[i][1] > 0:
@@ -291,8 +292,11 @@ class BudgetSearch:
         """Predicted d of a factorization candidate: gain x (discarded output energy + the local error of
         quantizing the whole weight the same way, a stand-in for quantizing the factors)."""
         layer = self.layers[li]
-        e_quant = self.local_errors.get((li, Choice(None, c.quant)), 0.0) if c.quant is not None else 0.0
-        return gain * (lowrank_tail(layer, self.stats[layer.x], self.spectra, c.ratio) + e_quant)
+        e_quant = self.local_errors.get((li, Choice(None, c.storage)), 0.0) if c.storage is not None else 0.0
+        structural = self.planners.structural.predicted_error(layer, c.structure, self.stats[layer.x])
+        if structural is None:  # the planner has no cheap estimate: measure
+            return self.measure_alone(li, c)
+        return gain * (structural + e_quant)
 
     # -- configurations -------------------------------------------------------------------------------------
     def config_bytes(self, config: dict[int, int]) -> int:
@@ -419,20 +423,20 @@ class BudgetSearch:
     # -- build with the real passes, verify on held-out data, back off ------------------------------------------
     def build_and_verify(self) -> None:
         """Build the configuration with the real passes and verify it on the evaluation data; when it fails,
-        drop embedding splits first (the sharpest overfit), else tighten the target and search again;
+        drop the fit-dependent options in the build first (the embedding split: the sharpest overfit), else tighten the target and search again;
         after ``backoff`` such rounds (+1 for the split) the lossless model is the last resort."""
         t0 = time.perf_counter()
         self._reference_outputs()
         self.final: Built | None = None
-        splits_banned = False
+        fit_dependent_banned = False
         backoff = self.opt.backoff
         with self.rep.stage("build and verify", backoff + 1) as advance:
-            for attempt in range(backoff + 3):  # + 1: a held-out failure with an embedding split first drops the split
+            for attempt in range(backoff + 3):  # + 1: a held-out failure with a fit-dependent option first drops those options
                 last_resort = attempt == backoff + 2
                 if last_resort:
                     self.config = {}
                     self.notes.append("no configuration met the budget when built with the real passes: returned the lossless model")
-                built, simulated, split_rows = self._build_once()
+                built, simulated, check_rows = self._build_once()
                 advance()
                 self.final = built
                 if built.passed or last_resort:
@@ -440,9 +444,9 @@ class BudgetSearch:
                 if self.budget.ok(built.fit_value):
                     self.notes.append(f"attempt {attempt + 1}: {self.budget.metric} {built.fit_value:.6g} on the calibration data but {built.value:.6g} on held-out data: "
                                       "the calibration set looks too small or unrepresentative; backing off")
-                if split_rows and not splits_banned:
-                    splits_banned = True
-                    self._ban_splits(split_rows)
+                if check_rows and not fit_dependent_banned:
+                    fit_dependent_banned = True
+                    self._ban_fit_dependent(check_rows)
                     continue
                 self.target = self.target.backed_off(simulated, built.value)
                 if not np.isfinite(self.target.value):
@@ -469,7 +473,7 @@ class BudgetSearch:
 
         config, layers = self.config, self.layers
         decisions = {layers[li].name: self.layer_options[li][o] for li, o in config.items() if o}
-        built_model, lossy_passes = build(self.working, layers, decisions, self.calib)
+        built_model, lossy_passes = build(self.working, decisions, self.calib, self.planners, self.opt.grid.structural_options)
         text = ",".join(p for p in [self.base_text.strip(), str(Pipeline(lossy_passes))] if p)
         if self.budget.is_output_metric:
             metrics = output_metrics(built_model, self.eval_feeds, self.reference_outputs, threads=self.jobs).metrics()
@@ -485,16 +489,24 @@ class BudgetSearch:
             self.notes.append(f"held-out {self.budget.metric} {value:.6g} meets the budget, but not by {CONFIDENCE_Z} standard errors "
                               f"(s.e. {standard_error:.3g} over {len(self.eval_feeds)} held-out feeds): not enough evidence; backing off")
         simulated = self.measure(config)
-        split_rows = []
-        for li, o in config.items():
-            choice = self.layer_options[li][o]
-            if o and choice.quant is not None and choice.quant.startswith("split/") and layers[li].hot is not None:
-                cold, total = split_coverage(self.working, layers[li], self.eval_feeds)
-                split_rows.append({"layer": layers[li].name, "held_out_cold_occurrences": cold, "held_out_occurrences": total})
+        check_rows = self._heldout_checks(config)
         self.attempts.append({"pipeline": text, "bytes": model_bytes(built_model), "value": value, "fit_value": fit_value,
                               "standard_error": standard_error, "simulated": simulated, "passed": ok, "target": self.target.value,
-                              "embedding_split": split_rows})
-        return Built(built_model, text, metrics, value, fit_value, ok, dict(config)), simulated, split_rows
+                              "heldout_checks": check_rows})
+        return Built(built_model, text, metrics, value, fit_value, ok, dict(config)), simulated, check_rows
+
+    def _heldout_checks(self, config: dict[int, int]) -> list[dict[str, Any]]:
+        """The planners' held-out checks of the fit-dependent options in ``config`` (``heldout_check``: e.g. how
+        many held-out token occurrences an embedding split stores in 2-bit rows), one row each."""
+        rows = []
+        for li, o in config.items():
+            choice = self.layer_options[li][o]
+            for planner, option in ((self.planners.structural, choice.structure), (self.planners.storage, choice.storage)):
+                check = getattr(planner, "heldout_check", None)
+                row = check(self.working, self.layers[li], option, self.eval_feeds) if (o and option is not None and check) else None
+                if row is not None:
+                    rows.append({**row, "option": option})
+        return rows
 
     def _greedy_path(self) -> list[Move]:
         """The greedy path over the tables, without moves into rejected options (error set to infinity, e.g.
@@ -512,24 +524,26 @@ class BudgetSearch:
             path.append(move)
         return path
 
-    def _ban_splits(self, split_rows: Sequence[dict[str, Any]]) -> None:
-        """The embedding split is the sharpest overfit: rows the calibration data never indexed are 2-bit.
-        When the held-out verdict fails with a split in the build, splits leave the tables and the path is
-        searched again."""
-        cold_share = sum(r["held_out_cold_occurrences"] for r in split_rows) / max(1, sum(r["held_out_occurrences"] for r in split_rows))
-        self.notes.append(f"embedding split rejected by the held-out check ({cold_share:.1%} of held-out token occurrences fall in 2-bit rows)")
+    def _ban_fit_dependent(self, check_rows: Sequence[dict[str, Any]]) -> None:
+        """Options fitted to the calibration data beyond its statistics overfit first (the embedding split:
+        rows the calibration data never indexed are 2-bit). When the held-out verdict fails with such options
+        in the build, every option of theirs' kind leaves the tables and the path is searched again."""
+        for what in dict.fromkeys(r["what"] for r in check_rows):
+            rows = [r for r in check_rows if r["what"] == what]
+            misfit = sum(r["misfit"] for r in rows) / len(rows)
+            self.notes.append(f"{', '.join(sorted({r['option'] for r in rows}))} rejected by the held-out check ({misfit:.1%} {what})")
+        kinds = {r["option"].split("/")[0] for r in check_rows}
         for li, opts in enumerate(self.layer_options):
             for oi, c in enumerate(opts):
-                if c.quant is not None and c.quant.startswith("split/"):
+                if any(o is not None and o.split("/")[0] in kinds for o in (c.structure, c.storage)):
                     self.tables[li][oi] = (self.tables[li][oi][0], math.inf)
         self.path = self._greedy_path()
-        self._search_stage("search again (no embedding split)")
+        self._search_stage(f"search again (without {', '.join(sorted(kinds))})")
 
     # -- the result -------------------------------------------------------------------------------------------
     def result(self) -> BudgetResult:
         from onnxpress.io import model_bytes
         from onnxpress.pipeline import stamp_metadata
-        from onnxpress.passes.factorize import rank_for_ratio
 
         final = self.final
         assert final is not None
@@ -539,7 +553,8 @@ class BudgetSearch:
         for li, layer in enumerate(self.layers):
             o = config.get(li, 0)
             c = self.layer_options[li][o]
-            rank = rank_for_ratio(*layer.matrix.shape, c.ratio) if c.ratio is not None else None
+            describe = getattr(self.planners.structural, "describe", None)
+            rank = describe(layer, c.structure).get("rank") if (c.structure is not None and describe) else None
             layer_rows.append(LayerDecision(layer.name, layer.op, layer.shape, c.label, layer.fp32_bytes, int(self.tables[li][o][0]), float(self.tables[li][o][1]), rank))
         bytes_after = model_bytes(final.model)
         self.points.append(Point("chosen (built with the passes)", bytes_after, self.config_d(config), final.value, final.passed, "built"))

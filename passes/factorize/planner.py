@@ -147,6 +147,9 @@ class FactorizePlanner:
         layer.has_bias = existing_bias(node, layer.matrix.shape[1]) is not None
         return layer
 
+    def parse(self, option: str) -> float:
+        return parse_option(option)
+
     def applicable(self, model: ir.Model, options: Sequence[str], calibration: Sequence[Feed] | None = None) -> Applicable:
         """The MatMul/Gemm layers ``factorize`` rewrites, with the options (cheapest first) that save
         parameters there, and the reason for every other MatMul/Gemm in ``skipped`` (``skipped_rows`` stays
@@ -245,3 +248,8 @@ class FactorizePlanner:
 
     def products(self, name: str) -> list[str]:
         return [f"{name}/factorize_U", f"{name}/factorize_V"]
+
+    def describe(self, layer: LayerView, option: str) -> dict[str, Any]:
+        """Report fields of ``option`` on ``layer``: the rank of its factors."""
+        k, n = layer.matrix.shape
+        return {"rank": rank_for_ratio(k, n, parse_option(option))}

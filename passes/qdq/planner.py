@@ -227,6 +227,9 @@ class QdqPlanner:
     technique = "quant"
     structural = False
 
+    def parse(self, option: str) -> QuantOption:
+        return QuantOption.parse(option)
+
     def applicable(self, model: ir.Model, options: Sequence[str], calibration: Sequence[Feed] | None = None) -> Applicable:
         """Every named node ``qdq(mode=weight)`` quantizes, with the useful ``options`` there: int4 where
         ``qdq(mode=int4)`` also takes it, split (with ``calibration``) where it stores fewer bytes than every
@@ -318,3 +321,26 @@ class QdqPlanner:
     def rewritten(self, done: Any) -> set[str]:
         """The layers a ``qdq`` from ``passes`` quantized, from its report rows."""
         return {row["layer"] for row in done.details if "skipped" not in row and "bytes_after" in row}
+
+    def heldout_check(self, model: ir.Model, layer: LayerView, option: str, feeds: Sequence[Feed]) -> dict[str, Any] | None:
+        """How well a fit-dependent option holds on other data: ``split/H/C`` stores the rows the calibration data
+        indexed at 4 bits and the others at 2; on ``feeds`` (held-out data) count the index occurrences that fall
+        in 2-bit rows. None for the other options (they depend on the data only through statistics)."""
+        if QuantOption.parse(option).kind != "split" or layer.hot is None:
+            return None
+        from onnxpress import runtime
+
+        node = list(model.graph)[layer.index]
+        name = node.inputs[1].name
+        graph_inputs = {v.name for v in model.graph.inputs}
+        values = [f[name] for f in feeds] if name in graph_inputs else [c[name] for c in runtime.capture(model, list(feeds), [name])]
+        hot = np.zeros(layer.w.shape[0], bool)
+        hot[layer.hot] = True
+        cold = total = 0
+        for v in values:
+            idx = np.asarray(v).ravel().astype(np.int64)
+            idx = np.where(idx < 0, idx + hot.size, idx)
+            total += idx.size
+            cold += int((~hot[idx]).sum())
+        return {"layer": layer.name, "held_out_cold_occurrences": cold, "held_out_occurrences": total,
+                "misfit": cold / max(1, total), "what": "held-out token occurrences in 2-bit rows"}

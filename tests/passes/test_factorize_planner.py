@@ -304,3 +304,21 @@ def test_one_pass_per_selector_pair_and_its_text_parses_back(chain):
     text = str(Pipeline(passes))
     assert str(Pipeline.parse(text)) == text
     assert substring_selectors(["fc", "fc12"], ["fc", "fc1", "fc12", "fc2"]) == [(["fc"], ["fc1", "fc12", "fc2"]), (["fc12"], [])]
+
+
+def test_substring_selectors_select_exactly_the_intended_names():
+    universe = ["node_linear", "node_linear_1", "node_linear_12", "node_linear_2", "other"]
+
+    def selected(include, exclude, done):
+        return {u for u in universe if u not in done and any(i in u for i in include) and not any(e in u for e in exclude)}
+
+    for intended in (["node_linear"], ["node_linear_1"], ["node_linear", "node_linear_12"], ["node_linear_1", "node_linear_2"], universe):
+        pairs = substring_selectors(intended, universe)
+        done: set[str] = set()
+        got: set[str] = set()
+        for include, exclude in pairs:
+            sel = selected(include, exclude, done)
+            assert sel == set(include)
+            got |= sel
+            done |= sel
+        assert got == set(intended)

@@ -259,3 +259,42 @@ def test_options_a_layer_cannot_take_raise_value_error(setup):
 
 def test_the_pass_names_its_planner():
     assert Qdq.planner is QdqPlanner
+
+
+def test_weight_bytes_formulas():
+    from onnxpress.passes.qdq.planner import QuantOption, weight_bytes
+
+    def nbytes(kind, shape, text):
+        return weight_bytes(kind, shape, QuantOption.parse(text))
+
+    assert nbytes("matmul", (256, 64), "int8") == 256 * 64 + 5 * 64
+    # int4 blocks of 32 along K=100 -> 4 blocks (padded), 16 bytes of codes each, float scale, packed zps
+    assert nbytes("matmul", (100, 10), "int4/32") == 10 * 4 * 16 + 10 * 4 * 4 + 10 * 2
+    assert nbytes("gemm_t", (10, 100), "int4/32") == nbytes("matmul", (100, 10), "int4/32")
+    assert nbytes("gather", (1000, 64), "int8") == 1000 * 64 + 4 * 1000
+    assert nbytes("gather", (1000, 64), "int4/32") == 1000 * 32 + 1000 * 2 * 4 + 1000 * 1
+    assert nbytes("conv", (8, 4, 3, 3), "int8") == 288 + 5 * 8
+
+
+def test_selection_uses_the_shorter_of_include_and_exclude():
+    from onnxpress.passes.qdq.planner import selection
+
+    targets = [("a1", "MatMul"), ("a2", "MatMul"), ("a3", "MatMul"), ("g", "Gather")]
+    assert selection(["a1"], ["a2", "a3", "g"], targets) == {"include": ("a1",)}
+    assert selection(["a1", "a2", "a3"], ["g"], targets) == {"exclude": ("Gather",)}  # op types stand for all their nodes
+    assert selection(["a1", "a2", "g"], ["a3"], targets) == {"exclude": ("a3",)}
+
+
+def test_larger_int4_blocks_are_options_only_where_they_store_fewer_bytes():
+    from onnxpress.passes.qdq.planner import QuantOption, useful_options
+
+    quants = [QuantOption.parse(q) for q in ("int8", "int4/32", "int4/128", "int4/256", "int4/512")]
+
+    def useful(op, shape):
+        return [str(q) for q in useful_options(planning.LayerView(0, "n", op, "w", np.zeros(shape, np.float32)), quants)]
+
+    # K = 384: blocks of 256 pad to 512 rows (more bytes than blocks of 128); 512 exceeds MatMulNBits' kernels
+    assert useful("MatMul", (384, 384)) == ["int8", "int4/32", "int4/128"]
+    assert useful("MatMul", (1536, 384)) == ["int8", "int4/32", "int4/128", "int4/256"]
+    # embedding rows of 384: one block per row still saves scales (GatherBlockQuantized takes any block)
+    assert useful("Gather", (1000, 384)) == ["int8", "int4/32", "int4/128", "int4/256", "int4/512"]
