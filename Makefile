@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast bench bench-quick clean
+.PHONY: install demo test test-all bench bench-quick clean
 
 install: $(VENV)/.installed
 
@@ -23,11 +23,13 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(PY) -m onnxpress.models.demo
 
+# the suite without the slow end-to-end tests (real models, LLM export, third-party corpus): the edit-test loop
 test: install
-	$(PY) -m pytest -q -n 2 --durations=15 $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -n 2 -m "not slow" --durations=10 $(PYTEST_ARGS) tests
 
-test-fast: install
-	$(PY) -m pytest -q -n 2 -m "not slow" $(PYTEST_ARGS) tests
+# everything, the slow end-to-end tests included: what CI runs
+test-all: install
+	$(PY) -m pytest -q -n 2 --durations=15 $(PYTEST_ARGS) tests
 
 bench: install
 	$(PY) benchmarks/run_all.py
