@@ -80,12 +80,20 @@ def nll(model: Any, sequences: Sequence[Sequence[int]], spec: kv.KVSpec | None =
     total, count = 0.0, 0
     for seq in sequences:
         ids = np.asarray(seq, np.int64)
-        logits = kv.run_step(session, spec, kv.prefill_feeds(spec, ids))[spec.logits][0].astype(np.float64)
-        logits -= logits.max(axis=-1, keepdims=True)
-        logp = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
-        total -= float(logp[np.arange(len(ids) - 1), ids[1:]].sum())
+        logits = kv.run_step(session, spec, kv.prefill_feeds(spec, ids))[spec.logits][0, :-1]
+        total += float((_logsumexp(logits) - logits[np.arange(len(ids) - 1), ids[1:]]).sum())
         count += len(ids) - 1
     return total, count
+
+
+def _logsumexp(logits: np.ndarray) -> np.ndarray:
+    """log(sum(exp(row))) per row, in float64, without a float64 copy of the [seq, vocab] logits: the budget
+    search scores dozens of configurations on 40 paragraphs x 49152 logits each, where the earlier float64
+    log-softmax of the whole matrix cost as much as the model run (0.58 s vs 0.15 s per 128-token paragraph)."""
+    peak = logits.max(axis=-1, keepdims=True)
+    work = np.subtract(logits, peak, dtype=np.float32)
+    np.exp(work, out=work)
+    return np.log(work.sum(axis=-1, dtype=np.float64)) + peak[:, 0]
 
 
 def perplexity(model: Any, sequences: Sequence[Sequence[int]], spec: kv.KVSpec | None = None) -> float:
