@@ -54,6 +54,7 @@ def test_evaluate_sees_a_damaged_model(digits_mlp_path, tmp_path):
     assert scores["accuracy_drop"] > 0.05 and scores["agreement"] < 0.95
 
 
+@pytest.mark.slow  # trains the MLP again
 def test_training_is_seeded(digits_mlp_path):
     cached = digits.module("mlp").state_dict()
     fresh, _ = digits._train("mlp")

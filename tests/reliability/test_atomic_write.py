@@ -109,6 +109,7 @@ def assert_later_run_works(folder: Path, out: Path, layers: int, seed: int) -> N
 # ---------------------------------------------------------------------------------------------- deterministic kills
 
 
+@pytest.mark.slow  # four child processes killed mid-save; the single-file kill below stays in the fast tier
 @pytest.mark.parametrize("kill_at", ["data", "model"])
 @pytest.mark.parametrize("had_output", [True, False], ids=["old-output", "no-output"])
 def test_kill_at_each_rename_leaves_old_output_or_none(tmp_path, kill_at, had_output):

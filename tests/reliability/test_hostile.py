@@ -247,7 +247,8 @@ def test_corpus_is_large_enough():
     assert sum(c.isolate for c in hc.CASES.values()) >= 5
 
 
-@pytest.mark.parametrize("case", list(hc.CASES.values()), ids=list(hc.CASES))
+# the isolated cases run `python -m onnxpress` in subprocesses (20-40 s each on 2 cores): the slow tier
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c.isolate else c for c in hc.CASES.values()], ids=list(hc.CASES))
 def test_hostile_input(case: hc.Case, tmp_path, tmp_path_factory, capfd, monkeypatch, request):
     folders = _layout(tmp_path)
     model = case.build(folders["in"])
@@ -330,6 +331,7 @@ def test_mutated_valid_models(tmp_path, tmp_path_factory, capfd, monkeypatch, re
 # ---------------------------------------------------------------------------------------------- resource bounds
 
 
+@pytest.mark.slow  # a subprocess under a memory limit per case
 @pytest.mark.parametrize(
     "shape, dims",
     [
