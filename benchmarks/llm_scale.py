@@ -4,12 +4,13 @@ a few sizes (up to ~1.1 B parameters), go through the same stages as SmolLM2:
 1. ``init``: ``LlamaForCausalLM(config)`` with random weights, saved as a Hugging Face folder (fp32
    safetensors + the tiny test tokenizer, which the folder only needs to exist);
 2. ``export``: ``onnxpress.llm.export.export_causal_lm`` (onnxruntime-genai's builder, fp32, external data);
-3. ``int4``: ``qdq(mode=int4,weight_method=rtn,accuracy_level=4)`` on the exported decoder (load, the pass,
-   save with external data; the folder's non-model files copied beside it);
+3. ``int4``: ``qdq(mode=int4,weight_method=rtn,accuracy_level=4)`` on the exported decoder, written by
+   ``optimize(output=int4/model.onnx)`` as an onnxruntime-genai folder (load, the pass, the folder's save);
 4. ``generate``: onnxruntime-genai loads the int4 folder and generates 8 greedy tokens.
 
 Every stage runs in its own process: wall time from start to exit (interpreter and imports included) and
-that process's own peak RSS (VmHWM; the export stage also reports the builder child's peak). RTN, not GPTQ:
+that process's own peak RSS (VmHWM; the export stage also reports the builder child's peak) and CPU seconds
+(the machine is shared: wall time follows its load, CPU time the work). RTN, not GPTQ:
 GPTQ needs a Hessian per weight and calibration forwards of the fp32 model, which at 1 B parameters on two
 cores would take most of an hour; RTN is the same graph and the same save, so size and memory scale the same.
 
