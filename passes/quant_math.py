@@ -244,26 +244,70 @@ def quantize_weight(w: np.ndarray, axis: int | None, qmax: int = 127, clip: str 
 
 
 def block_params(block: np.ndarray, qmin: int, qmax: int, symmetric: bool, clip: str = "mse", grid: int = 24) -> tuple[np.ndarray, np.ndarray]:
-    """Scale and zero point per column of ``block`` (rows: the values of one block); MSE clip search optional."""
+    """Scale and zero point per column of ``block`` (rows: the values of one block); MSE clip search optional.
+
+    The search computes ``fake_quant`` by hand with the block's float32 copy made once and the temporaries
+    reused (the same operations in the same order: the same codes and errors); without a search (one ratio)
+    no error is needed: a column keeps its scale unless its values are not finite (scale 0, as before)."""
     lo0, hi0 = block.min(axis=0), block.max(axis=0)
     ratios = np.linspace(1.0, 0.6, grid) if clip == "mse" else np.array([1.0])
-    best_err = np.full(block.shape[1], np.inf)
-    best_s = np.zeros(block.shape[1], np.float32)
-    best_z = np.zeros(block.shape[1], np.int64)
+    # Zero at the middle code (0 for signed codes, 2^(bits-1) for unsigned ones).
+    mid = 0 if qmin < 0 else (qmin + qmax + 1) // 2
+    n = block.shape[1]
+    if len(ratios) == 1:
+        s, z = _ratio_params(lo0, hi0, ratios[0], qmin, qmax, symmetric, mid, n)
+        finite = np.isfinite(lo0) & np.isfinite(hi0) & np.isfinite(s)
+        return np.where(finite, s, np.float32(0.0)), np.where(finite, z, 0)
+    x32 = np.asarray(block, dtype=np.float32)
+    fq = np.empty(block.shape, np.float32)
+    diff = np.empty(block.shape, np.result_type(block.dtype, np.float32))
+    best_err = np.full(n, np.inf)
+    best_s = np.zeros(n, np.float32)
+    best_z = np.zeros(n, np.int64)
     for r in ratios:
-        if symmetric:
-            # Zero at the middle code (0 for signed codes, 2^(bits-1) for unsigned ones).
-            mid = 0 if qmin < 0 else (qmin + qmax + 1) // 2
-            s = symmetric_scale(np.maximum(np.abs(lo0), np.abs(hi0)) * r, qmax - mid)
-            z = np.full(block.shape[1], mid, np.int64)
-        else:
-            s, z = affine_params(lo0 * r, hi0 * r, qmin, qmax)
-        err = ((fake_quant(block, s, z, qmin, qmax) - block) ** 2).sum(axis=0)
+        s, z = _ratio_params(lo0, hi0, r, qmin, qmax, symmetric, mid, n)
+        zf = z.astype(np.float32)
+        np.divide(x32, s, out=fq)  # fake_quant(block, s, z, qmin, qmax), step by step
+        np.rint(fq, out=fq)
+        fq += zf
+        np.clip(fq, qmin, qmax, out=fq)
+        fq -= zf
+        fq *= s
+        np.subtract(fq, block, out=diff)
+        np.square(diff, out=diff)
+        err = diff.sum(axis=0)
         better = err < best_err
         best_err = np.where(better, err, best_err)
         best_s = np.where(better, s, best_s)
         best_z = np.where(better, z, best_z)
     return best_s.astype(np.float32), best_z
+
+
+def _ratio_params(lo0: np.ndarray, hi0: np.ndarray, r, qmin: int, qmax: int, symmetric: bool, mid: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and zero point of each column clipped to ``r`` times its range ``[lo0, hi0]``."""
+    if symmetric:
+        return symmetric_scale(np.maximum(np.abs(lo0), np.abs(hi0)) * r, qmax - mid), np.full(n, mid, np.int64)
+    return affine_params(lo0 * r, hi0 * r, qmin, qmax)
+
+
+def _blockwise_rtn(work: np.ndarray, block_size: int, qmin: int, qmax: int, symmetric: bool, clip: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``quantize_blockwise`` without a Hessian: each block's parameters from its own values, several blocks at
+    a time (their columns side by side for ``block_params``); codes written straight into uint8."""
+    k, n = work.shape
+    kb = k // block_size
+    blocks = work.reshape(kb, block_size, n)
+    scales = np.zeros((kb, n), np.float32)
+    zps = np.zeros((kb, n), np.int64)
+    codes = np.empty((kb, block_size, n), np.uint8)
+    step = max(1, (_BLOCK_ELEMENTS * 4) // max(1, block_size * n)) if clip == "none" else 1
+    for b in range(0, kb, step):
+        chunk = blocks[b : b + step]
+        side = chunk.transpose(1, 0, 2).reshape(block_size, -1)  # [block, blocks * n]: one column per (block, channel)
+        s, z = block_params(side, qmin, qmax, symmetric, clip)
+        scales[b : b + step] = s.reshape(-1, n)
+        zps[b : b + step] = z.reshape(-1, n)
+        codes[b : b + step] = quantize(chunk, scales[b : b + step, None, :], zps[b : b + step, None, :], qmin, qmax)
+    return codes.reshape(k, n), scales, zps
 
 
 def quantize_blockwise(
@@ -280,28 +324,18 @@ def quantize_blockwise(
     qmin, qmax = 0, 2**bits - 1
     kb = -(-k // block_size)
     pad = kb * block_size - k
-    work = np.concatenate([w.astype(np.float64), np.zeros((pad, n))]) if pad else w.astype(np.float64).copy()
-
-    def params(block):
-        s, z = block_params(block, qmin, qmax, symmetric, clip)
-        return s, z
-
+    # one float64 working copy of the weight (GPTQ overwrites it; a 576 x 49152 lm_head: 226 MB)
+    work = np.zeros((kb * block_size, n))
+    work[:k] = w
     if hessian is None:
-        blocks = work.reshape(kb, block_size, n)
-        scales = np.zeros((kb, n), np.float32)
-        zps = np.zeros((kb, n), np.int64)
-        codes = np.zeros_like(blocks, dtype=np.int64)
-        for b in range(kb):
-            scales[b], zps[b] = params(blocks[b])
-            codes[b] = quantize(blocks[b], scales[b], zps[b], qmin, qmax)
-        codes = codes.reshape(-1, n)
+        codes, scales, zps = _blockwise_rtn(work, block_size, qmin, qmax, symmetric, clip)
     else:
         if isinstance(hessian, tuple) or not pad:
             h = hessian
         else:
             h = np.zeros((kb * block_size, kb * block_size))
             h[:k, :k] = hessian
-        codes, scales, zps = gptq(work, h, block_size, lambda blk: params(blk), qmin, qmax, damp, copy=False)
+        codes, scales, zps = gptq(work, h, block_size, lambda blk: block_params(blk, qmin, qmax, symmetric, clip), qmin, qmax, damp, copy=False)
     return codes[:k].astype(np.uint8), scales, zps.astype(np.uint8)
 
 
@@ -392,18 +426,41 @@ def used_rows(index_batches, rows: int) -> np.ndarray:
     return np.flatnonzero(seen)
 
 
+def _lower_inverse(lower: np.ndarray) -> np.ndarray:
+    """Inverse of a lower-triangular matrix by halves: ``[[A, 0], [B, C]]^-1 = [[A^-1, 0], [-C^-1 B A^-1, C^-1]]``
+    (a third of the multiplications of a general inverse, as matrix products; numpy has no triangular inverse)."""
+    n = lower.shape[0]
+    if n <= 64:
+        return np.tril(np.linalg.inv(lower))
+    half = n // 2
+    a, c = _lower_inverse(lower[:half, :half]), _lower_inverse(lower[half:, half:])
+    out = np.zeros_like(lower)
+    out[:half, :half] = a
+    out[half:, half:] = c
+    out[half:, :half] = -((c @ lower[half:, :half]) @ a)
+    return out
+
+
+def _upper_cholesky_of_inverse(h: np.ndarray) -> np.ndarray:
+    """The upper-triangular U with ``U^T U = inv(h)`` from one Cholesky factorization: with P the order-reversing
+    permutation and ``P h P = L L^T``, ``U = P inv(L) P`` (about 2/3 n^3 operations; inv(h) then its Cholesky
+    factor took 7/3 n^3: a third of a SmolLM2 GPTQ build went there)."""
+    lower = np.linalg.cholesky(np.ascontiguousarray(h[::-1, ::-1]))
+    return np.ascontiguousarray(_lower_inverse(lower)[::-1, ::-1])
+
+
 def gptq_inverse(hessian: np.ndarray, damp: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
     """GPTQ's upper Cholesky factor U of inv(H + damp) (inv(H) = U^T U) and the mask of dead inputs."""
-    h = hessian.astype(np.float64).copy()
+    h = np.array(hessian, dtype=np.float64)
     k = h.shape[0]
     dead = np.diag(h) <= 0
     h[dead, dead] = 1.0
     h[np.diag_indices(k)] += damp * max(float(np.mean(np.diag(h))), _TINY)
     try:
-        return np.linalg.cholesky(np.linalg.inv(h)).T, dead
+        return _upper_cholesky_of_inverse(h), dead
     except np.linalg.LinAlgError:
         h[np.diag_indices(k)] += 0.1 * float(np.mean(np.diag(h)))
-        return np.linalg.cholesky(np.linalg.inv(h)).T, dead
+        return _upper_cholesky_of_inverse(h), dead
 
 
 def gptq(

@@ -13,6 +13,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxpress.passes import quant_math as qm
+from onnxpress.passes.calib_stats import blas_threads
 from onnxpress.passes.qdq.calibration import ActStats, collect_stats, statistics_wanted
 from onnxpress.passes.qdq.cpu import resolved_weight_type
 from onnxpress.passes.qdq.options import SMOOTH_ALPHAS, QdqOptions
@@ -78,8 +79,52 @@ class Plan:
         return Plan(acts, [w for w in self.weights if w.target == index], {index: rebound}, [], [], shifts)
 
 
+class LayerWeights:
+    """Each target's float weight as the plan sees it: the model's initializer (``weight_matrix``: [K, N] for
+    MatMul/Gemm/tied targets) with the SmoothQuant/AWQ factors decided so far applied in the order they were
+    decided: ``scale_rows`` (the layer's input channels carry ``s``) and ``divide_columns`` (a producer whose
+    outputs carry ``1/s``). Computed on each request instead of stored: SmolLM2-135M's scaled copies (0.42 GB)
+    were all alive from the AWQ search to the end of the plan. ``done`` unmaps a finished target's external data."""
+
+    def __init__(self, targets: list[Target]) -> None:
+        self._targets = {t.index: t for t in targets if t.weight is not None}
+        self._factors: dict[int, list[tuple[bool, np.ndarray]]] = {}
+
+    def __contains__(self, index: int) -> bool:
+        return index in self._targets
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        t = self._targets[index]
+        w = weight_matrix(t) if t.kind in ("matmul", "gemm", "tied") else t.weight.const_value.numpy()
+        for rows, s in self._factors.get(index, ()):
+            w = w * s[:, None] if rows else w / s[None, :]
+        if index in self._factors:  # a copy: the initializer's mapped pages can go
+            self._unmap(t)
+        return w
+
+    def scale_rows(self, index: int, s: np.ndarray) -> None:
+        self._factors.setdefault(index, []).append((True, s))
+
+    def divide_columns(self, index: int, s: np.ndarray) -> None:
+        self._factors.setdefault(index, []).append((False, s))
+
+    def done(self, index: int) -> None:
+        """The target's weight is planned: forget it and unmap its external data (a large model's weights are
+        then never all resident at once; 1 GB scale point: qdq peak 1.81 -> 0.92 GB)."""
+        t = self._targets.pop(index, None)
+        self._factors.pop(index, None)
+        if t is not None:
+            self._unmap(t)
+
+    @staticmethod
+    def _unmap(t: Target) -> None:
+        if isinstance(t.weight.const_value, ir.ExternalTensor):
+            with contextlib.suppress(BufferError):  # an array still views it: it stays mapped
+                t.weight.const_value.release()
+
+
 def _plan_weight(t: Target, w: np.ndarray, o: QdqOptions, stats: dict, hessians: set[str], smooth_of: dict[str, np.ndarray],
-                 hinv_cache: dict[str, tuple[np.ndarray, np.ndarray]], embeddings: str, hot: dict[int, np.ndarray], row: dict[str, Any]) -> WeightParams:
+                 hinv_cache: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]], embeddings: str, hot: dict[int, np.ndarray], row: dict[str, Any]) -> WeightParams:
     """One target's quantized weight (embedding table, int4 blocks or int8 per channel; GPTQ with the layer
     input's Hessian when there is one); fills the layer's report ``row``."""
     qmax_w = 63 if o.reduce_range else 127
@@ -93,18 +138,9 @@ def _plan_weight(t: Target, w: np.ndarray, o: QdqOptions, stats: dict, hessians:
     else:
         act_name = t.node.inputs[0].name
         block = o.embedding_block_size if t.kind == "tied" else o.block_size
-        h = stats[act_name].hessian if act_name in hessians and t.kind in ("matmul", "gemm", "tied") else None
-        if h is not None:
-            key = f"{act_name}/{block}"
-            if key not in hinv_cache:
-                if act_name in smooth_of:  # the layer sees x / s
-                    inv = 1.0 / smooth_of[act_name].astype(np.float64)
-                    h = h * np.outer(inv, inv)
-                pad = (-h.shape[0]) % block if o.mode == "int4" else 0
-                if pad:
-                    h = np.pad(h, ((0, pad), (0, pad)))
-                hinv_cache[key] = qm.gptq_inverse(h)
-            h = hinv_cache[key]
+        h = None
+        if act_name in hessians and t.kind in ("matmul", "gemm", "tied"):
+            h = _gptq_factor(stats[act_name], act_name, block, o, smooth_of, hinv_cache)
         method = o.weight_method if (o.weight_method != "gptq" or h is not None) else "mse"
         clip = "none" if method == "rtn" else "mse"
         row["method"] = method
@@ -127,26 +163,103 @@ def _plan_weight(t: Target, w: np.ndarray, o: QdqOptions, stats: dict, hessians:
     return wp
 
 
+def _gptq_factor(st: ActStats, name: str, block: int, o: QdqOptions, smooth_of: dict[str, np.ndarray],
+                 cache: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray] | None:
+    """GPTQ's inverse factor of the layer input ``name`` (``quant_math.gptq_inverse``), made once per input and
+    block size; None without a Hessian. AWQ/SmoothQuant factors ``s`` rescale it: the layer sees ``x / s``."""
+    key = (name, block)
+    if key not in cache:
+        h = st.hessian
+        if h is None:
+            return None
+        if name in smooth_of:
+            inv = 1.0 / smooth_of[name].astype(np.float64)
+            h = h * np.outer(inv, inv)
+        pad = (-h.shape[0]) % block if o.mode == "int4" else 0
+        if pad:
+            h = np.pad(h, ((0, pad), (0, pad)))
+        cache[key] = qm.gptq_inverse(h)
+    return cache[key]
+
+
 def make_plan(model: ir.Model, targets: list[Target], o: QdqOptions, feeds) -> Plan:
+    """The plan for ``targets``: calibration statistics, activation parameters and SmoothQuant/AWQ factors, then
+    each target's quantized weight and report row (BLAS on one thread: see ``calib_stats.blas_threads``)."""
+    with blas_threads(1):
+        return _make_plan(model, targets, o, feeds)
+
+
+def _make_plan(model: ir.Model, targets: list[Target], o: QdqOptions, feeds) -> Plan:
     by_index = {t.index: t for t in targets}
-    qmax_w = 63 if o.reduce_range else 127
-    a_qmin, a_qmax = qm.QRANGES[o.activation_type]
     consumers, act_values, kinds, hessians = statistics_wanted(targets, o, feeds)
     # int4 uses its row sample only for the layer-error report (1024 rows) and AWQ's search (512): SmolLM2-135M's
     # 121 MatMul inputs x 4096 rows were 1.6 GB of a 3.7 GB peak. Its X^T X are kept in float32 (each batch's
-    # product is a float32 matmul already): 0.4 of 0.8 GB.
+    # product is a float32 matmul already), upper triangles only (calib_stats.GramSum): 0.23 of 0.63 GB.
     int4 = o.mode == "int4"
     rows = min(o.calibration_rows, 1024) if int4 else o.calibration_rows
     stats = collect_stats(model, feeds, kinds, rows, hessians, hessian_dtype=np.float32 if int4 else np.float64) if (feeds and kinds) else {}
+    weights = LayerWeights(targets)
+    smooth_of: dict[str, np.ndarray] = {}
+    acts, act_rows = _plan_activations(consumers, act_values, stats, weights, smooth_of, targets, o)
+    awq_rows: dict[int, dict[str, Any]] = {}
+    if o.awq and int4 and stats:
+        acts.extend(awq_plan(targets, stats, weights, smooth_of, awq_rows, o))
+    plan = Plan(acts, [], by_index, [], [])
+    embeddings = o.embeddings if o.embeddings != "auto" else ("int4" if int4 else "int8")
+    hot = indexed_rows(model, [t for t in targets if t.kind == "gather"], feeds) if (o.embedding_split and embeddings == "int4" and feeds) else {}
+    # A layer input's statistics go after its last reader is planned, with its GPTQ factors: on SmolLM2 all of
+    # them (0.6 GB, and 0.8 GB of factors) stayed until the lm_head, the largest layer, was planned.
+    last_reader = {t.node.inputs[0].name: t.index for t in targets if t.kind in ("matmul", "gemm", "tied") and t.node.inputs[0].name in stats}
+    hinv_cache: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
+    for t in targets:
+        row: dict[str, Any] = {"layer": t.label, "op": t.node.op_type}
+        if t.weight is not None:
+            w = weights[t.index]
+            orig = t.weight.const_value
+            row.update({"weight": t.weight.name, "shape": list(orig.shape.numpy()), "bytes_before": int(orig.nbytes)})
+            wp = _plan_weight(t, w, o, stats, hessians, smooth_of, hinv_cache, embeddings, hot, row)
+            plan.weights.append(wp)
+            deq = _dequantized(wp, t, o)
+            row["bytes_after"] = _stored_bytes(wp, o)
+            row["scale"] = _summary(wp.arrays.get("scale", wp.arrays.get("scales", wp.arrays.get("hot_scales"))))
+            if wp.kind == "int8" and t.kind == "gemm" and t.in_axis == 1:
+                deq = deq.T
+            row["weight_rel_error"] = round(qm.relative_error(deq, w), 6)
+            w = None
+        for i in t.acts:
+            name = t.node.inputs[i].name
+            row.setdefault("activations", {})[name] = act_rows[name]
+        if t.index in awq_rows:
+            row["awq"] = awq_rows[t.index]
+        if t.kind in ("matmul", "gemm", "tied") and t.node.inputs[0].name in stats:
+            shift = None
+            if o.bias_correction and t.acts and bias_of(t) is not None:
+                shift = _bias_shift(t, stats, deq, acts, o)
+                plan.bias_shifts[t.index] = shift
+            row.update(_layer_error(t, stats, deq, acts, o, shift))
+        plan.rows.append(row)
+        plan.row_targets.append(t.index)
+        deq = None
+        weights.done(t.index)
+        name = t.node.inputs[0].name if t.node.inputs and t.node.inputs[0] is not None else None
+        if name is not None and last_reader.get(name) == t.index:
+            del stats[name]
+            for key in [k for k in hinv_cache if k[0] == name]:
+                del hinv_cache[key]
+    return plan
 
-    weights = {t.index: weight_matrix(t) if t.kind in ("matmul", "gemm", "tied") else t.weight.const_value.numpy() for t in targets if t.weight is not None}
-    rows: list[dict[str, Any]] = []
-    row_targets: list[int | None] = []
+
+def _plan_activations(consumers: dict[str, list[tuple[int, int]]], act_values: dict[str, ir.Value], stats: dict[str, ActStats], weights: LayerWeights,
+                      smooth_of: dict[str, np.ndarray], targets: list[Target], o: QdqOptions) -> tuple[list[ActParams], dict[str, dict[str, Any]]]:
+    """Static mode: each quantized activation's scale and zero point, with SmoothQuant where it helps (its factors
+    go into ``weights`` and ``smooth_of``, the ``1/s`` into a producer layer where one can take it); the report
+    rows by activation name."""
+    by_index = {t.index: t for t in targets}
+    target_of = {id(t.node): t for t in targets}
+    qmax_w = 63 if o.reduce_range else 127
+    a_qmin, a_qmax = qm.QRANGES[o.activation_type]
     acts: list[ActParams] = []
     act_rows: dict[str, dict[str, Any]] = {}
-    smooth_of: dict[str, np.ndarray] = {}
-    hinv_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    target_of = {id(t.node): t for t in targets}
     for name, cs in consumers.items():
         st = stats[name]
         smoothable = [by_index[c[0]] for c in cs]
@@ -159,12 +272,12 @@ def make_plan(model: ir.Model, targets: list[Target], o: QdqOptions, feeds) -> P
             if smooth is not None:
                 smooth_of[name] = smooth
                 for t in smoothable:
-                    weights[t.index] = weights[t.index] * smooth[:, None]
+                    weights.scale_rows(t.index, smooth)
         fold_into = None
         if smooth is not None:
             producer = _fold_producer(act_values[name], len(cs), target_of)
             if producer is not None and producer.index in weights and all(c[0] != producer.index for c in cs):
-                weights[producer.index] = weights[producer.index] / smooth[None, :]
+                weights.divide_columns(producer.index, smooth)
                 fold_into = producer.index
         lo, hi, clipped = _act_range(st, smooth, o.calibrate, o.percentile, a_qmin, a_qmax)
         scale, zp = qm.affine_params(lo, hi, a_qmin, a_qmax)
@@ -175,48 +288,7 @@ def make_plan(model: ir.Model, targets: list[Target], o: QdqOptions, feeds) -> P
                 "max": float(smooth.max()), "min": float(smooth.min()), "folded_into": None if fold_into is None else by_index[fold_into].label,
             },
         }
-    awq_rows: dict[int, dict[str, Any]] = {}
-    if o.awq and o.mode == "int4" and stats:
-        acts.extend(awq_plan(targets, stats, weights, smooth_of, awq_rows, o))
-    plan_weights: list[WeightParams] = []
-    bias_shifts: dict[int, np.ndarray] = {}
-    embeddings = o.embeddings if o.embeddings != "auto" else ("int4" if o.mode == "int4" else "int8")
-    hot = indexed_rows(model, [t for t in targets if t.kind == "gather"], feeds) if (o.embedding_split and embeddings == "int4" and feeds) else {}
-    for t in targets:
-        row: dict[str, Any] = {"layer": t.label, "op": t.node.op_type}
-        if t.weight is not None:
-            w = weights[t.index]
-            orig = t.weight.const_value.numpy()
-            row.update({"weight": t.weight.name, "shape": list(orig.shape), "bytes_before": int(orig.nbytes)})
-            wp = _plan_weight(t, w, o, stats, hessians, smooth_of, hinv_cache, embeddings, hot, row)
-            plan_weights.append(wp)
-            deq = _dequantized(wp, t, o)
-            row["bytes_after"] = _stored_bytes(wp, o)
-            row["scale"] = _summary(wp.arrays.get("scale", wp.arrays.get("scales", wp.arrays.get("hot_scales"))))
-            if wp.kind == "int8" and t.kind == "gemm" and t.in_axis == 1:
-                deq = deq.T
-            row["weight_rel_error"] = round(qm.relative_error(deq, w), 6)
-        for i in t.acts:
-            name = t.node.inputs[i].name
-            row.setdefault("activations", {})[name] = act_rows[name]
-        if t.index in awq_rows:
-            row["awq"] = awq_rows[t.index]
-        if t.kind in ("matmul", "gemm", "tied") and t.node.inputs[0].name in stats:
-            shift = None
-            if o.bias_correction and t.acts and bias_of(t) is not None:
-                shift = _bias_shift(t, stats, plan_weights[-1], acts, o)
-                bias_shifts[t.index] = shift
-            row.update(_layer_error(t, stats, weights, plan_weights[-1], acts, o, shift))
-        rows.append(row)
-        row_targets.append(t.index)
-        # Done with this layer's float copies: drop them and unmap its weight, so a large model's weights are
-        # not all resident at once while the plan is made (1 GB scale point: qdq peak 1.81 -> 0.92 GB).
-        weights.pop(t.index, None)
-        w = orig = deq = None
-        if t.weight is not None and isinstance(t.weight.const_value, ir.ExternalTensor):
-            with contextlib.suppress(BufferError):
-                t.weight.const_value.release()
-    return Plan(acts, plan_weights, by_index, rows, row_targets, bias_shifts)
+    return acts, act_rows
 
 
 def _stored_bytes(wp: WeightParams, o: QdqOptions) -> int:
@@ -289,10 +361,11 @@ def _fake_quant_acts(st: ActStats, smooth, x, method, percentile, qmin, qmax) ->
     return qm.fake_quant(xs, scale, zp, qmin, qmax)
 
 
-def _layer_error(t: Target, stats, weights, wp: WeightParams, acts: list[ActParams], o: QdqOptions, shift: np.ndarray | None = None) -> dict[str, float]:
-    """Output error of this layer alone on the calibration sample: quantized (+ bias shift) vs float product."""
+def _layer_error(t: Target, stats, wq: np.ndarray, acts: list[ActParams], o: QdqOptions, shift: np.ndarray | None = None) -> dict[str, float]:
+    """Output error of this layer alone on the calibration sample: quantized (+ bias shift) vs float product.
+    ``wq``: the dequantized weight in the layer's [K, N] layout."""
     # at most ~4M output values: an lm_head's 49152 columns x 1024 rows were 0.8 GB of float64 copies in cosine()
-    out, ref = _layer_outputs(t, stats, wp, acts, o, rows=max(64, min(1024, (1 << 22) // max(1, weight_matrix(t).shape[1]))))
+    out, ref = _layer_outputs(t, stats, wq, acts, o, rows=max(64, min(1024, (1 << 22) // max(1, wq.shape[1]))))
     result = {"output_rel_error": round(qm.relative_error(out, ref), 6), "output_cosine": round(qm.cosine(out, ref), 6)}
     if shift is not None:
         out = out + shift
@@ -301,22 +374,21 @@ def _layer_error(t: Target, stats, weights, wp: WeightParams, acts: list[ActPara
     return result
 
 
-def _bias_shift(t: Target, stats, wp: WeightParams, acts: list[ActParams], o: QdqOptions) -> np.ndarray:
+def _bias_shift(t: Target, stats, wq: np.ndarray, acts: list[ActParams], o: QdqOptions) -> np.ndarray:
     """Mean output error of the quantized layer over the calibration sample (float minus quantized), per output channel.
 
     Quantization errors that do not average out (clipping, rounding against channels with a non-zero mean, such
     as LayerNorm outliers) shift every output by the same amount; adding the mean back to the float bias
     removes that part exactly (bias correction, Nagel et al. 2019).
     """
-    out, ref = _layer_outputs(t, stats, wp, acts, o, rows=None)
+    out, ref = _layer_outputs(t, stats, wq, acts, o, rows=None)
     return (ref - out).mean(axis=0).astype(np.float32)
 
 
-def _layer_outputs(t: Target, stats, wp: WeightParams, acts: list[ActParams], o: QdqOptions, rows: int | None) -> tuple[np.ndarray, np.ndarray]:
+def _layer_outputs(t: Target, stats, wq: np.ndarray, acts: list[ActParams], o: QdqOptions, rows: int | None) -> tuple[np.ndarray, np.ndarray]:
     st = stats[t.node.inputs[0].name]
     x = st.sample if rows is None else st.sample[: min(len(st.sample), rows)]
-    w_orig = weight_matrix(t)
-    ref = x @ w_orig
+    ref = x @ weight_matrix(t)
     act = next((a for a in acts if (t.index, 0) in a.consumers), None)
     if act is not None:
         qmin, qmax = qm.QRANGES[o.activation_type]
@@ -324,9 +396,6 @@ def _layer_outputs(t: Target, stats, wp: WeightParams, acts: list[ActParams], o:
         xq = qm.fake_quant(xs, act.scale, act.zero_point, qmin, qmax) if act.quantize else xs
     else:
         xq = x
-    wq = _dequantized(wp, t, o)
-    if t.kind == "gemm" and t.in_axis == 1 and wp.kind == "int8":
-        wq = wq.T
     out = xq @ wq
     fold = next((a for a in acts if a.fold_into == t.index), None)
     if fold is not None:  # the weight columns carry a consumer's 1/s: compare in the float model's units
@@ -419,11 +488,11 @@ AWQ_SEARCH_ROWS = 512
 AWQ_SEARCH_COLUMNS = 512
 
 
-def awq_plan(targets: list[Target], stats, weights: dict[int, np.ndarray], smooth_of: dict[str, np.ndarray], awq_rows: dict[int, dict[str, Any]], o: QdqOptions) -> list[ActParams]:
+def awq_plan(targets: list[Target], stats, weights: LayerWeights, smooth_of: dict[str, np.ndarray], awq_rows: dict[int, dict[str, Any]], o: QdqOptions) -> list[ActParams]:
     """AWQ factors for the input of each group of int4 MatMul/Gemm targets that read the same activation.
 
     Searched by ``quant_math.awq_search`` on the calibration sample; where a factor helps, the group's weight
-    rows are multiplied by it here (``weights``, so GPTQ/MSE then round the scaled weights, and GPTQ's
+    rows are multiplied by it here (``weights``: ``LayerWeights``, so GPTQ/MSE then round the scaled weights, and GPTQ's
     Hessian is rescaled through ``smooth_of``), and ``1/s`` goes into the producer: a normalization's scale
     (and bias), a MatMul/Gemm target's weight columns (also through a SwiGLU ``Mul``), else a ``Mul``.
     Returns scaling-only activations (``quantize=False``) for ``apply_plan``; ``awq_rows`` gets each target's report.
@@ -448,9 +517,9 @@ def awq_plan(targets: list[Target], stats, weights: dict[int, np.ndarray], smoot
             continue
         producer, norm, where = _awq_fold(group[0].node.inputs[0], group, target_of)
         for t in group:
-            weights[t.index] = weights[t.index] * s[:, None]
+            weights.scale_rows(t.index, s)
         if producer is not None:
-            weights[producer.index] = weights[producer.index] / s[None, :]
+            weights.divide_columns(producer.index, s)
         smooth_of[name] = s
         result.append(ActParams(name, 0.0, 0, s, [(t.index, 0) for t in group], producer.index if producer else None, quantize=False, fold_norm=norm))
         for t in group:

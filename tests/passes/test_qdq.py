@@ -626,3 +626,120 @@ def test_target_defaults_are_valid_options_with_a_reason_each():
     assert dict(targets.get_target("mobile").pass_defaults["qdq"]) == Qdq.target_defaults["mobile"]
     assert targets.get_target("cuda").reasons["qdq.weight_type"] == Qdq.target_reasons["cuda"]["weight_type"]
     assert "qdq" not in targets.get_target("cpu").pass_defaults
+
+
+# -- memory and time at LLM scale: the same results from smaller and faster pieces -----------------------------
+def test_gram_sum_stores_the_upper_triangle_and_equals_the_summed_products():
+    """calib_stats.GramSum (the X^T X GPTQ rounds against, accumulated over calibration batches): its matrix is
+    exactly the sum of each batch's ``(x.T @ x).astype(dtype)``, in about half of the memory."""
+    from onnxpress.passes.calib_stats import GramSum
+
+    rng = np.random.default_rng(0)
+    for k, dtype in ((300, np.float32), (129, np.float64), (7, np.float32)):
+        gram, expected = GramSum(k, dtype), None
+        for n in (5, 200, 1):
+            x = rng.standard_normal((n, k)).astype(np.float32)
+            gram.add(x)
+            product = (x.T @ x).astype(dtype)
+            expected = product if expected is None else expected + product
+        full = gram.full()
+        assert full.dtype == dtype and np.array_equal(full, expected)
+    big = GramSum(1536, np.float32)
+    assert big.nbytes < 0.55 * 1536 * 1536 * 4
+
+
+def test_gptq_inverse_is_the_upper_cholesky_factor_of_the_damped_inverse():
+    """U with U^T U = inv(H + damp * mean diag * I), upper triangular with a positive diagonal; a dead input (zero
+    on the data) is marked and gets 1 on the diagonal first. Sizes across the halving of the triangular inverse."""
+    from onnxpress.passes import quant_math as qm
+
+    rng = np.random.default_rng(1)
+    for k in (40, 65, 200):
+        x = rng.standard_normal((3 * k, k)) * rng.uniform(0.1, 10.0, k)
+        x[:, 3] = 0.0
+        h = x.T @ x
+        u, dead = qm.gptq_inverse(h, damp=0.01)
+        assert np.flatnonzero(dead).tolist() == [3]
+        damped = h.copy()
+        damped[3, 3] = 1.0
+        damped[np.diag_indices(k)] += 0.01 * np.mean(np.diag(damped))
+        expected = np.linalg.inv(damped)
+        np.testing.assert_allclose(u.T @ u, expected, rtol=0, atol=1e-10 * np.abs(expected).max())
+        assert np.array_equal(np.tril(u, -1), np.zeros_like(u)) and np.all(np.diag(u) > 0)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("clip", ["mse", "none"])
+def test_block_params_equals_the_search_over_fake_quant(symmetric, clip):
+    """block_params computes fake_quant by hand with reused buffers (and skips the error without a search): the
+    same scales and zero points as trying each clip ratio with fake_quant and keeping the first best one."""
+    from onnxpress.passes import quant_math as qm
+
+    rng = np.random.default_rng(2)
+    block = rng.standard_normal((32, 300)) * rng.uniform(0.01, 3.0, 300)
+    block[:, 7] = 0.0  # an all-zero column
+    lo, hi = block.min(axis=0), block.max(axis=0)
+    best = (np.full(300, np.inf), np.zeros(300, np.float32), np.zeros(300, np.int64))
+    for r in np.linspace(1.0, 0.6, 24) if clip == "mse" else np.array([1.0]):
+        if symmetric:
+            s, z = qm.symmetric_scale(np.maximum(np.abs(lo), np.abs(hi)) * r, 15 - 8), np.full(300, 8, np.int64)
+        else:
+            s, z = qm.affine_params(lo * r, hi * r, 0, 15)
+        err = ((qm.fake_quant(block, s, z, 0, 15) - block) ** 2).sum(axis=0)
+        better = err < best[0]
+        best = (np.where(better, err, best[0]), np.where(better, s, best[1]), np.where(better, z, best[2]))
+    scales, zero_points = qm.block_params(block, 0, 15, symmetric, clip)
+    assert np.array_equal(scales, best[1].astype(np.float32)) and np.array_equal(zero_points, best[2])
+
+
+def test_layer_weights_apply_factors_in_order_and_unmap_external_data(tmp_path):
+    """The plan's weights are computed when asked for: the model's weight with the row factors and column divisors
+    in the order they were decided (float32 rounding as if applied one by one); a scaled copy lets the external
+    data's mapping go, and ``done`` forgets the target."""
+    from onnxpress import io
+    from onnxpress.passes.qdq import QdqOptions, find_targets
+    from onnxpress.passes.qdq.plan import LayerWeights
+
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((32, 16)).astype(np.float32)
+    model = text_model(f"""<ir_version: 10, opset_import: ["" : 17]> g (float[N,32] x) => (float[N,16] y) <{init("w", w)}> {{ y = MatMul(x, w) }}""")
+    io.save(model, tmp_path / "m.onnx", external_data=True)
+    model = io.load(str(tmp_path / "m.onnx"))
+    (target,), _ = find_targets(model, QdqOptions(mode="int4", block_size=16))
+    tensor = target.weight.const_value
+    assert isinstance(tensor, ir.ExternalTensor)
+    weights = LayerWeights([target])
+    s1, s2 = rng.uniform(0.5, 2.0, 32).astype(np.float32), rng.uniform(0.5, 2.0, 16).astype(np.float32)
+    weights.scale_rows(target.index, s1)
+    weights.divide_columns(target.index, s2)
+    weights.scale_rows(target.index, s1)
+    assert np.array_equal(weights[target.index], ((w * s1[:, None]) / s2[None, :]) * s1[:, None])
+    assert tensor.raw is None  # unmapped: the result is a copy
+    weights.done(target.index)
+    assert target.index not in weights
+
+
+def test_plan_drops_each_input_statistics_after_its_last_reader(monkeypatch):
+    """make_plan keeps a layer input's statistics (row sample, X^T X) and GPTQ factors only until the last layer
+    that reads it is planned: nothing is left at the end, and the GPTQ factor of an input shared by two layers is
+    made once."""
+    from onnxpress.passes import quant_math as qm
+    from onnxpress.passes.qdq import plan as plan_module
+
+    kept: list[dict] = []
+    collect = plan_module.collect_stats
+    monkeypatch.setattr(plan_module, "collect_stats", lambda *a, **k: kept.append(collect(*a, **k)) or kept[-1])
+    inverses = []
+    inverse = qm.gptq_inverse
+    monkeypatch.setattr(qm, "gptq_inverse", lambda h, *a: inverses.append(h.shape) or inverse(h, *a))
+    rng = np.random.default_rng(4)
+    model = text_model(
+        f"""<ir_version: 10, opset_import: ["" : 17]> g (float[N,32] x) => (float[N,16] y, float[N,16] z)
+        <{init("w1", rng.standard_normal((32, 64)))}, {init("w2", rng.standard_normal((64, 16)))}, {init("w3", rng.standard_normal((32, 16)))}>
+        {{ h = MatMul(x, w1)  r = Relu(h)  y = MatMul(r, w2)  z = MatMul(x, w3) }}"""
+    )
+    p = Qdq(mode="int4", block_size=16, awq=True)
+    run_pass(p, model, feeds_for("x", (16, 32)))
+    assert len(kept) == 1 and len(kept[0]) == 0  # all dropped
+    assert sorted(inverses) == [(32, 32), (64, 64)]  # x (read by two layers) once, r once
+    assert all(r["method"] == "gptq" for r in p.details)
