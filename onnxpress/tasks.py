@@ -116,6 +116,10 @@ class Task:
     accepts_session: bool
     uses_data: bool
     module: Any = None  # built-in tasks: the module (calibration_feeds / evaluation_feeds)
+    # a task with data of its own may score the budget search's comparisons on its *fit* part (the data the
+    # passes calibrate on) so that its evaluation set decides only the verdict: ``fit_fn(model) -> metrics``
+    fit_fn: Callable[[Any], dict[str, float]] | None = None
+    budget_grid: Any = None  # the budget grid (onnxpress.budget.Grid keyword arguments) that suits the task, or None
 
     def evaluate(self, model: Any, data: Sequence[Feed] | None = None) -> dict[str, float]:
         return self.evaluate_fn(model, data)
@@ -125,6 +129,18 @@ class Task:
 
         def evaluate(model: Any) -> dict[str, float]:
             return self.evaluate_fn(model, data)
+
+        evaluate.accepts_session = self.accepts_session  # type: ignore[attr-defined]
+        return evaluate
+
+    def fit_evaluator(self) -> Evaluate | None:
+        """``model -> metrics`` on the task's fit data (``fit_fn``), or None when the task has no fit part."""
+        if self.fit_fn is None:
+            return None
+        fit_fn = self.fit_fn
+
+        def evaluate(model: Any) -> dict[str, float]:
+            return fit_fn(model)
 
         evaluate.accepts_session = self.accepts_session  # type: ignore[attr-defined]
         return evaluate
@@ -255,6 +271,18 @@ def llm_task(reference: Any, max_tokens: int = 128) -> Task:
             figures["ref"] = llm.reference_figures(session, data, spec)
         return llm.evaluate(model, figures["ref"], data, spec=spec)
 
-    task = Task("llm", evaluate, accepts_session=True, uses_data=False)
+    # the budget search compares configurations on the calibration paragraphs (perplexity only: no greedy
+    # generation, the costliest part) and the evaluation paragraphs decide the verdict: held-out truth
+    fit_data = llm.LLMData.from_ids(calibration, n_prompts=0)
+
+    def fit(model: Any) -> dict[str, float]:
+        if "fit_ref" not in figures:
+            figures["fit_ref"] = llm.reference_figures(session, fit_data, spec)
+        return llm.evaluate(model, figures["fit_ref"], fit_data, spec=spec)
+
+    # int8 / int4 per layer: low-rank factors and embedding splits cost a decoder most of the search time
+    # (SmolLM2-135M: 1,980 candidates, 19 of 66 minutes refining factorizations) and the result used one
+    grid = {"quants": ("int8", "int4/32", "int4/128"), "splits": (), "ratios": ()}
+    task = Task("llm", evaluate, accepts_session=True, uses_data=False, fit_fn=fit, budget_grid=grid)
     task.module = LLMTaskData(spec, calibration, evaluation, session)
     return task

@@ -42,6 +42,10 @@ def test_budget_on_perplexity_is_met_on_the_task_data(tiny_model):
     assert report.budget.passed and report.budget.metrics["ppl_increase_rel"] <= 0.03
     assert report.bytes_after < report.bytes_before
     assert report.budget.metrics["reference_perplexity"] > 1
+    # held-out truth: configurations are compared on the calibration paragraphs, the verdict is the evaluation set's
+    assert any("compares configurations on its fit data" in n for n in report.budget.notes)
+    assert report.budget.fit_value != report.budget.value
+    assert "factorize" not in report.budget.pipeline  # the llm task's grid: int8 / int4 per layer
 
 
 def test_task_llm_without_a_tokenizer_is_a_usage_error(tmp_path, capsys):
@@ -63,6 +67,7 @@ def test_export_causal_lm_bad_input_is_one_line(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # a full export through onnxruntime-genai's builder (~1 minute)
 def test_export_causal_lm_from_an_hf_folder_writes_a_genai_folder(tmp_path, capsys):
     out = tmp_path / "exported"
     code = run(["export", "--causal-lm", str(smollm.tiny_hf_folder()), "-o", str(out)])

@@ -47,7 +47,7 @@ REFINE_SLACK = 4.0
 class SearchOptions:
     """How hard the search works (``search``'s keyword arguments of the same names)."""
 
-    grid: Grid = dataclasses.field(default_factory=Grid)
+    grid: Grid | None = None  # None: the task's grid (``Task.budget_grid``) or the default ``Grid()``
     jobs: int = 1
     cache: Any = True  # True, a folder, or False
     sensitivity_batches: int = 1
@@ -92,6 +92,8 @@ class BudgetSearch:
         self.working, self.reference = _as_model(model)
         self.bytes_before = model_bytes(self.reference if isinstance(self.reference, onnx.ModelProto) else self.working)
         self.resolved = tasks.resolve(task, self.reference) if evaluate is None else None
+        task_grid = getattr(self.resolved, "budget_grid", None)
+        self.grid = options.grid or (Grid(**task_grid) if task_grid else Grid())
         # a user's evaluate() decides both on the fit data and for the verdict; a task has one of each
         self.evaluate = self.evaluate_verdict = evaluate
         self.target = self.budget
@@ -136,7 +138,11 @@ class BudgetSearch:
         if resolved is not None:
             self.evaluate = resolved.evaluator(calib if resolved.uses_data else None)
             self.evaluate_verdict = resolved.evaluator(eval_feeds if resolved.uses_data else None)
-            if not resolved.uses_data:
+            fit = resolved.fit_evaluator()
+            if fit is not None:
+                self.evaluate = fit
+                self.notes.append(f"task {resolved.name} compares configurations on its fit data (the calibration part) and decides on its held-out evaluation set")
+            elif not resolved.uses_data:
                 self.notes.append(f"task {resolved.name} scores every configuration on its own evaluation set (the passes fit only the calibration data)")
         if not self.budget.is_output_metric:
             on = self.evaluation_label if resolved is not None and resolved.uses_data else "its own evaluation set"
@@ -159,7 +165,7 @@ class BudgetSearch:
     def find_layers(self) -> None:
         t0 = time.perf_counter()
         self.planners = Planners.registered()
-        self.layers, self.skipped = find_layers(self.working, self.opt.grid, self.planners, self.calib)
+        self.layers, self.skipped = find_layers(self.working, self.grid, self.planners, self.calib)
         if not self.layers:
             raise UsageError("the model has no MatMul/Gemm/Conv/Gather weights the lossy passes can rewrite")
         with self.rep.stage("input statistics", 1) as advance:
@@ -181,7 +187,7 @@ class BudgetSearch:
                 raise UsageError(f"the original model does not meet the budget itself: {self.budget.metric} = {original_value:.6g} (budget {self.budget})")
             self.checked[()] = original_value
         hot_sizes = {layer.name: int(layer.hot.size) for layer in layers if layer.hot is not None}
-        key = sens_cache.digest(self.working, self.sens_feeds, json.dumps([sens_cache.CACHE_VERSION, dataclasses.asdict(self.opt.grid), hot_sizes]))
+        key = sens_cache.digest(self.working, self.sens_feeds, json.dumps([sens_cache.CACHE_VERSION, dataclasses.asdict(self.grid), hot_sizes]))
         cache_path = sens_cache.cache_file(self.opt.cache, key)
         self.cached = sens_cache.load(cache_path)
         self.recon_memo: dict[tuple[int, Choice], tuple[np.ndarray, np.ndarray | None]] = {}
@@ -228,7 +234,7 @@ class BudgetSearch:
                 self.candidates.append({"layer": layer.name, "op": layer.op, "choice": c.label, "technique": c.technique, "bytes_before": layer.fp32_bytes,
                                         "bytes": nbytes, "d": d, "measured": (li, c) not in self.predicted})
                 advance()
-            if gi > 0 and group_best > self.opt.grid.max_layer_error:
+            if gi > 0 and group_best > self.grid.max_layer_error:
                 skipped_count = sum(len(g) for g in groups[gi + 1 :])
                 if skipped_count:
                     advance(skipped_count)
@@ -473,7 +479,7 @@ class BudgetSearch:
 
         config, layers = self.config, self.layers
         decisions = {layers[li].name: self.layer_options[li][o] for li, o in config.items() if o}
-        built_model, lossy_passes = build(self.working, decisions, self.calib, self.planners, self.opt.grid.structural_options)
+        built_model, lossy_passes = build(self.working, decisions, self.calib, self.planners, self.grid.structural_options)
         text = ",".join(p for p in [self.base_text.strip(), str(Pipeline(lossy_passes))] if p)
         if self.budget.is_output_metric:
             metrics = output_metrics(built_model, self.eval_feeds, self.reference_outputs, threads=self.jobs).metrics()
@@ -617,7 +623,7 @@ def search(
     could use (``refine_rounds`` times at most); False measures every candidate. ``cache``: True (``$ONNXPRESS_CACHE`` or
     ``~/.cache/onnxpress``), a folder, or False. Returns a ``BudgetResult``.
     """
-    options = SearchOptions(grid=grid or Grid(), jobs=jobs, cache=cache, sensitivity_batches=sensitivity_batches, rounds=rounds, size_tol=size_tol,
+    options = SearchOptions(grid=grid, jobs=jobs, cache=cache, sensitivity_batches=sensitivity_batches, rounds=rounds, size_tol=size_tol,
                             backoff=backoff, baselines=baselines, predict=predict, refine_rounds=refine_rounds)
     runner = BudgetSearch(model, budget, options, task=task, evaluate=evaluate)
     runner.prepare_data(calibration, evaluation, holdout, data, base)
