@@ -80,7 +80,8 @@ def main(ctx: click.Context, debug: bool) -> None:
 
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Output .onnx path.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Output .onnx path. For a model of an onnxruntime-genai folder, OUT/NAME.onnx in another folder writes a whole genai folder (config, tokenizer, model).")
 @click.option("-p", "--pipeline", default=None, help="Pipeline text, e.g. 'simplify,fold,dedup'. Default: the lossless pipeline.")
 @click.option("--validate/--no-validate", "do_validate", default=True, show_default=True, help="Compare the result with the input in onnxruntime.")
 @validation_options
