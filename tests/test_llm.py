@@ -16,6 +16,7 @@ pytest.importorskip("transformers")
 og = pytest.importorskip("onnxruntime_genai")
 
 from onnxpress import runtime  # noqa: E402
+from onnxpress.llm.folder import genai_generate  # noqa: E402
 from onnxpress.errors import UsageError  # noqa: E402
 from onnxpress.io import load  # noqa: E402
 from onnxpress.llm import export, kv, task  # noqa: E402
@@ -88,15 +89,7 @@ def test_export_matches_torch(tiny):
 def test_genai_generates_what_the_kv_loop_generates(tiny):
     folder, path, ids = tiny
     prompt = ids[1][:10]
-    model = og.Model(str(folder))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + 8, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(np.array(prompt, np.int32))
-    tokens = []
-    while not generator.is_done():
-        generator.generate_next_token()
-        tokens.append(int(generator.get_next_tokens()[0]))
+    tokens = genai_generate(folder, prompt, 8)
     assert len(tokens) == 8
     assert tokens == task.greedy(path, [prompt], 8)[0]
 

@@ -36,16 +36,7 @@ def snapshot(folder: Path) -> dict[str, str]:
 
 
 def genai_tokens(folder: Path, prompt: list[int], n: int) -> list[int]:
-    model = og.Model(str(folder))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + n, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(np.array(prompt, np.int32))
-    tokens = []
-    while not generator.is_done():
-        generator.generate_next_token()
-        tokens.append(int(generator.get_next_tokens()[0]))
-    return tokens
+    return genai_folder.genai_generate(folder, prompt, n)
 
 
 def test_int4_output_is_a_genai_folder_that_generates(tiny_folder, tmp_path, capsys):

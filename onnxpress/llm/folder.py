@@ -208,3 +208,21 @@ def _commit(staging: Path, folder: Path) -> None:
             trash.rmdir()
         raise
     shutil.rmtree(trash, ignore_errors=True)
+
+
+def genai_generate(folder: str | os.PathLike, prompt: list[int], new_tokens: int) -> list[int]:
+    """Greedy generation of ``new_tokens`` tokens after ``prompt`` (token ids) by onnxruntime-genai from
+    ``folder``: the check that an output folder is one onnxruntime-genai runs."""
+    import numpy as np
+    import onnxruntime_genai as og
+
+    model = og.Model(os.fspath(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + new_tokens, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(np.array(prompt, np.int32))
+    tokens: list[int] = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    return tokens
