@@ -8,13 +8,12 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
-og = pytest.importorskip("onnxruntime_genai")
+pytest.importorskip("onnxruntime_genai")
 
 import onnxpress  # noqa: E402
 from onnxpress.cli import run  # noqa: E402
