@@ -356,7 +356,7 @@ def _export_causal_lm(source, output, name, module_spec, pipeline, force):
 
 @main.command(name="eval")
 @click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--task", required=True, type=click.Choice(list(TASKS)), help="The task whose metric to compute.")
+@click.option("--task", required=True, type=click.Choice([*TASKS, "llm"]), help="The task whose metric to compute (llm: perplexity and greedy agreement of a causal LM against --reference).")
 @click.option("--kind", type=click.Choice(["mlp", "cnn"]), help="digits only: the reference model (default: from the input rank).")
 @click.option("--reference", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Reference ONNX model (default: the cached fp32 build of the task).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
@@ -367,7 +367,14 @@ def eval_cmd(model, task, kind, reference, as_json):
 
     io.load(model)  # the same safety checks (format, external data) as every other command
     with err_console.status(f"evaluating on the {task} task"):
-        metrics = evaluate_task(task, str(model), kind=kind, reference=str(reference) if reference else None)
+        if task == "llm":
+            from onnxpress import tasks
+
+            if reference is None:
+                raise UsageError("--task llm needs --reference: the original model (its folder holds the tokenizer)")
+            metrics = tasks.llm_task(str(reference)).evaluate(str(model))
+        else:
+            metrics = evaluate_task(task, str(model), kind=kind, reference=str(reference) if reference else None)
     if as_json:
         click.echo(json.dumps(metrics, indent=2))
         return

@@ -77,3 +77,14 @@ def test_export_causal_lm_from_an_hf_folder_writes_a_genai_folder(tmp_path, caps
     # the exported folder is a valid target for the llm task straight away
     _, report = onnxpress.optimize(str(out / "model.onnx"), "qdq(mode=weight)", task="llm", validate_result=False)
     assert report.task_metrics["reference_perplexity"] > 1 and abs(report.task_metrics["ppl_increase_rel"]) < 0.05
+
+
+def test_eval_task_llm_reports_perplexity_against_the_reference(tiny_model, tmp_path, capsys):
+    out = tmp_path / "q" / "model.onnx"
+    assert run(["optimize", str(tiny_model), "-o", str(out), "-p", "qdq(mode=weight)", "--no-validate"]) == 0
+    capsys.readouterr()
+    assert run(["eval", str(out), "--task", "llm", "--reference", str(tiny_model), "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["reference_perplexity"] > 1 and 0 < abs(metrics["ppl_increase_rel"]) < 0.2
+    assert run(["eval", str(out), "--task", "llm"]) == 2
+    assert "--reference" in capsys.readouterr().err
