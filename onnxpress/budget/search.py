@@ -13,7 +13,6 @@ in ``onnxpress.budget``.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import dataclasses
 import json
 import math
@@ -36,7 +35,7 @@ from onnxpress.budget.result import BudgetResult, LayerDecision, Point
 from onnxpress.budget.simulate import Simulator, output_metrics
 from onnxpress.budget.spec import OUTPUT_METRICS, Budget
 from onnxpress.errors import UsageError
-from onnxpress.passes.calib_stats import collect_input_stats
+from onnxpress.passes.calib_stats import blas_threads, collect_input_stats
 
 # a predicted candidate is measured when it would matter if its d were this many times smaller than
 # predicted (on MiniLM, prediction / measurement is 0.4-5, 80% within 0.7-1.9)
@@ -197,7 +196,7 @@ class BudgetSearch:
         self.predicted: set[tuple[int, Choice]] = set()  # (layer, choice) whose d is predicted, not measured yet
         self.local_errors: dict[tuple[int, Choice], float] = {}
         self.sim.references(self.sens_feeds)
-        with self.rep.stage("sensitivity (layer x candidate)", sum(len(layer.choices) for layer in layers)) as advance, _blas_threads(1):
+        with self.rep.stage("sensitivity (layer x candidate)", sum(len(layer.choices) for layer in layers)) as advance, blas_threads(1):
             pool = concurrent.futures.ThreadPoolExecutor(max_workers=self.jobs) if self.jobs > 1 else None
             try:
                 for li in range(len(layers)):
@@ -369,7 +368,7 @@ class BudgetSearch:
             todo = self.relevant_predictions(self.config, self.accepted)
             if not todo:
                 break
-            with self.rep.stage("sensitivity (predicted candidates the search may use)", len(todo)) as advance, _blas_threads(1):
+            with self.rep.stage("sensitivity (predicted candidates the search may use)", len(todo)) as advance, blas_threads(1):
                 for li, c in todo:
                     o = self.layer_options[li].index(c)
                     d = self.measure_alone(li, c)
@@ -653,10 +652,3 @@ def _task_value(evaluate: Callable[[Any], dict[str, float]], model: Any, metric:
         raise UsageError(f"the task's evaluate() has no metric '{metric}' (it reports: {', '.join(sorted(metrics))})")
     return float(metrics[metric])
 
-
-def _blas_threads(limit: int) -> Any:
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover
-        return contextlib.nullcontext()
-    return threadpool_limits(limits=limit, user_api="blas")

@@ -7,7 +7,6 @@ and factors (``maths``) with layers in parallel, and rewrites the graph (``rewri
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import os
 from typing import Any
 
@@ -16,7 +15,7 @@ import onnx_ir as ir
 
 from onnxpress.pass_infra import Pass
 from onnxpress.passes import quant_math as qm
-from onnxpress.passes.calib_stats import check_calibration, damped, input_stats
+from onnxpress.passes.calib_stats import blas_threads, check_calibration, damped, input_stats
 from onnxpress.passes.factorize.maths import (
     Spectrum,
     allocate_global,
@@ -70,22 +69,6 @@ def _parallel(fn, count: int) -> list:
         return list(pool.map(fn, range(count)))
 
 
-@contextlib.contextmanager
-def _blas_threads(limit: int):
-    """Limit BLAS threads while layers run in parallel (threadpoolctl when installed; else no limit).
-
-    Measured on 2 cores beside other work: OpenBLAS with 2 threads per call took 40-50 s for MiniLM,
-    one thread per call and layers in parallel 2-9 s.
-    """
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn; without it BLAS keeps its threads
-        yield
-        return
-    with threadpool_limits(limits=limit, user_api="blas"):
-        yield
-
-
 class Factorize(Pass):
     """``factorize``: low-rank factorization of MatMul/Gemm weights, W (K x N) -> U (K x r) @ V (r x N).
 
@@ -121,7 +104,9 @@ class Factorize(Pass):
         if not targets:
             return False
         groups = group_targets(targets, o.share)
-        with _blas_threads(1):  # layers run in parallel, one BLAS thread each (no oversubscription)
+        # layers run in parallel, one BLAS thread each (no oversubscription; measured on 2 cores beside other
+        # work: 2 threads per call took 40-50 s for MiniLM, one thread per call and layers in parallel 2-9 s)
+        with blas_threads(1):
             moments = self._moments(model, groups) if o.calibrated else {}
             stats = [moments.get(g.key) for g in groups]
             means = [s[1] if (s is not None and o.center) else None for s in stats]
