@@ -299,7 +299,8 @@ class BudgetSearch:
         layer = self.layers[li]
         e_quant = self.local_errors.get((li, Choice(None, c.storage)), 0.0) if c.storage is not None else 0.0
         structural = self.planners.structural.predicted_error(layer, c.structure, self.stats[layer.x])
-        if structural is None:  # the planner has no cheap estimate: measure
+        if structural is None:  # the planner has no cheap estimate: measure (and say so in the report)
+            self.predicted.discard((li, c))
             return self.measure_alone(li, c)
         return gain * (structural + e_quant)
 

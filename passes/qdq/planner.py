@@ -28,7 +28,7 @@ from onnxpress.passes.graph_utils import existing_bias, node_label
 from onnxpress.passes.planning import Applicable, Feed, LayerView
 from onnxpress.passes.qdq.options import QdqOptions
 from onnxpress.passes.qdq.pass_ import Qdq
-from onnxpress.passes.qdq.targets import find_targets, indexed_rows
+from onnxpress.passes.qdq.targets import find_targets, index_values, indexed_rows
 
 MATMUL_MAX_BLOCK = 256  # MatMulNBits' CPU kernels take blocks of 16..256; GatherBlockQuantized takes larger
 UNNAMED = "unnamed node (pipeline options select layers by name)"
@@ -328,12 +328,8 @@ class QdqPlanner:
         in 2-bit rows. None for the other options (they depend on the data only through statistics)."""
         if QuantOption.parse(option).kind != "split" or layer.hot is None:
             return None
-        from onnxpress import runtime
-
-        node = list(model.graph)[layer.index]
-        name = node.inputs[1].name
-        graph_inputs = {v.name for v in model.graph.inputs}
-        values = [f[name] for f in feeds] if name in graph_inputs else [c[name] for c in runtime.capture(model, list(feeds), [name])]
+        name = list(model.graph)[layer.index].inputs[1].name
+        values = [v[name] for v in index_values(model, feeds, [name])]
         hot = np.zeros(layer.w.shape[0], bool)
         hot[layer.hot] = True
         cold = total = 0

@@ -195,16 +195,22 @@ def bias_of(t: Target) -> tuple[ir.Value, float] | None:
     return (other, 1.0) if usable(other) else None
 
 
-def indexed_rows(model: ir.Model, gathers: list[Target], feeds) -> dict[int, np.ndarray]:
-    """Per embedding Gather: the table rows its indices select on the calibration data (one ORT pass)."""
+def index_values(model: ir.Model, feeds, names: list[str]) -> list[dict[str, np.ndarray]]:
+    """The values of the index tensors ``names`` per feed: straight from the feeds when they are graph inputs
+    (token ids: no model run), else captured in one onnxruntime pass."""
     from onnxpress import runtime
 
+    graph_inputs = {v.name for v in model.graph.inputs}
+    if all(n in graph_inputs for n in names):
+        return [{n: f[n] for n in names} for f in feeds]
+    return runtime.capture(model, list(feeds), names)
+
+
+def indexed_rows(model: ir.Model, gathers: list[Target], feeds) -> dict[int, np.ndarray]:
+    """Per embedding Gather: the table rows its indices select on the calibration data (one ORT pass)."""
     names = sorted({t.node.inputs[1].name for t in gathers})
     seen: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    graph_inputs = {v.name for v in model.graph.inputs}
-    # indices fed straight from the graph inputs (token ids) need no model run
-    batches = feeds if all(n in graph_inputs for n in names) else runtime.capture(model, feeds, names)
-    for values in batches:
+    for values in index_values(model, feeds, names):
         for n in names:
             seen[n].append(np.asarray(values[n]))
     return {t.index: qm.used_rows(seen[t.node.inputs[1].name], t.weight.const_value.shape[0]) for t in gathers}
