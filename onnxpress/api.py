@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import onnx
@@ -44,6 +44,9 @@ class OptimizeReport:
     target: str = "cpu"
     budget: Any = None  # BudgetResult of a --budget run (its verdict is on held-out data)
     task_metrics: dict[str, float] | None = None  # the task's metrics of the result on the evaluation data
+    # --accept (or the task's default for a lossy pipeline): conditions on task_metrics, each with its value
+    acceptance: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    validation_decides: bool = True  # False: acceptance replaced the default output floor (the comparison is reported only)
     mobile: Any = None  # targets.MobileReport (--target mobile)
     written: list[str] = dataclasses.field(default_factory=list)  # files written (output, .ort, ...)
     notes: list[str] = dataclasses.field(default_factory=list)
@@ -55,7 +58,8 @@ class OptimizeReport:
     @property
     def passed(self) -> bool:
         """The validation (if run), the budget (if any) and the mobile check (if any) all passed."""
-        ok = self.validation is None or self.validation.passed
+        ok = self.validation is None or not self.validation_decides or self.validation.passed
+        ok = ok and all(a["passed"] for a in self.acceptance)
         if self.budget is not None:
             ok = ok and bool(self.budget.passed)
         if self.mobile is not None:
@@ -77,6 +81,8 @@ class OptimizeReport:
             "validation": self.validation.to_dict() if self.validation else None,
             "budget": self.budget.to_dict() if self.budget is not None else None,
             "task_metrics": self.task_metrics,
+            "acceptance": self.acceptance or None,
+            "validation_decides": self.validation_decides,
             "mobile": self.mobile.to_dict() if self.mobile is not None else None,
             "bisect": [{"after": text, **r.to_dict()} for text, r in self.bisect] or None,
             "first_failing_pass": self.first_failing_pass,
@@ -95,6 +101,7 @@ def optimize(
     *,
     budget: Any = None,
     task: Any = None,
+    accept: str | Sequence[str] | None = None,
     calibration: Any = None,
     evaluation: Any = None,
     inputs: Any = None,
@@ -127,7 +134,9 @@ def optimize(
     at least 8 samples; a fraction or a count) of it is held out for the verdict. Paths, lists of feeds, or
     dicts of arrays with a leading sample axis. No data at all: generated inputs (``dims``), said so.
     ``task``: a built-in task name, ``"pkg.mod:function"`` or a callable ``fn(session_factory, data)``
-    (``onnxpress.tasks``): a budget can name its metrics; a pipeline run reports them.
+    (``onnxpress.tasks``): a budget can name its metrics; a pipeline run reports them. ``accept``: conditions
+    on the task's held-out metrics (``"ppl_increase_rel<=5%"``) that decide a pipeline run's verdict in place of
+    the default output floor (an explicit ``tolerance`` still applies too); the llm task brings a default.
     ``target``: ``cpu``/``cuda``/``mobile`` (pass defaults, the validating provider; mobile writes
     ``OUT.ort`` and friends and needs ``output``). ``output``: write the result atomically when it passed
     (or ``keep_failed``). ``bisect=True`` validates after every pass and stops at the first that breaks the
@@ -153,7 +162,12 @@ def optimize(
 
     stage("loading")
     working, reference, bytes_before = _load_working_copy(model)
-    task_obj = tasks.resolve(task, reference)
+    task_obj = tasks.resolve(task, reference, calibration=calibration, evaluation=evaluation)
+    if task_obj is not None and task_obj.owns_data:  # the task read the user's data itself (llm: text, token ids)
+        if holdout is not None:
+            raise UsageError(f"--holdout splits .npz calibration samples; task {task_obj.name} evaluates on --eval-data or its own held-out text")
+        calibration = evaluation = None
+    conditions = _acceptance_conditions(accept, task_obj, budget)
     data = rundata.prepare(working, calibration=calibration, evaluation=evaluation, holdout=holdout,
                            task=task_obj.module if task_obj is not None else None)
     if budget is not None:
@@ -166,6 +180,9 @@ def optimize(
             report.validation = validate(reference, out, inputs=data.evaluation, dims=dims, tolerance=tolerance, provider=provider, data=data.describe())
     else:
         pipe = targets.apply_target(Pipeline.coerce(pipeline, default_pipeline()), tgt)
+        if not conditions and task_obj is not None and task_obj.default_accept and not pipe.lossless and tolerance is None and validate_result:
+            conditions = [task_obj.default_accept]
+        explicit_tolerance = tolerance is not None
         tolerance = tolerance or (Tolerance() if pipe.lossless else Tolerance(min_cosine=LOSSY_MIN_COSINE))
         validate_kwargs = dict(inputs=data.evaluation, dims=dims, provider=provider, data=data.describe())
         context = PassContext(calibration=data.calibration)
@@ -182,10 +199,42 @@ def optimize(
         if task_obj is not None:
             stage(f"task metrics ({task_obj.name})")
             report.task_metrics = task_obj.evaluate(out, data.evaluation if task_obj.uses_data else None)
+            _judge_acceptance(report, conditions, explicit_tolerance, data)
     report.data, report.target = data.to_dict(), tgt.name
     _finish(out, report, reference, data, dims, output, external_data, keep_failed, force, stage, folder_output)
     report.seconds = time.perf_counter() - start
     return out, report
+
+
+def _acceptance_conditions(accept: Any, task: Any, budget: Any) -> list[str]:
+    """``accept`` as a list of condition texts, checked for form now (their metrics are checked once measured)."""
+    from onnxpress.budget.spec import Budget
+
+    texts = [accept] if isinstance(accept, str) else list(accept or ())
+    if not texts:
+        return []
+    if budget is not None:
+        raise UsageError("--accept judges a -p pipeline's result; a --budget is its own acceptance condition")
+    if task is None:
+        raise UsageError("--accept judges task metrics: name the task with --task")
+    for text in texts:
+        Budget.parse(text)
+    return texts
+
+
+def _judge_acceptance(report: OptimizeReport, conditions: Sequence[str], explicit_tolerance: bool, data: Any) -> None:
+    """Each condition on the task's metrics of the evaluation data; they replace the default output floor."""
+    from onnxpress.budget.spec import Budget
+
+    metrics = report.task_metrics or {}
+    for text in conditions:
+        condition = Budget.parse(text)
+        if condition.metric not in metrics:
+            raise UsageError(f"--accept '{text}': the task reports no '{condition.metric}' (it reports {', '.join(sorted(metrics))})")
+        value = float(metrics[condition.metric])
+        report.acceptance.append({"condition": condition.text, "value": value, "passed": condition.ok(value), "on": data.evaluation_source})
+    if report.acceptance and not explicit_tolerance:
+        report.validation_decides = False
 
 
 def _check_combination(pipeline: Any, budget: Any, bisect: bool, verify_each: bool, validate_result: bool) -> None:

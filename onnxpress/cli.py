@@ -86,11 +86,12 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--validate/--no-validate", "do_validate", default=True, show_default=True, help="Compare the result with the input in onnxruntime.")
 @validation_options
 @click.option("--eval-data", "eval_data", type=click.Path(exists=True, path_type=Path), help="Evaluation data (the same as --inputs): what every verdict is computed on.")
-@click.option("--calibration", type=click.Path(exists=True, path_type=Path), help="Calibration data for data-aware passes and the budget search (.npz with a leading sample axis, or a folder).")
+@click.option("--calibration", type=click.Path(exists=True, path_type=Path), help="Calibration data for data-aware passes and the budget search (.npz with a leading sample axis, or a folder; with --task llm: text .txt, or token ids .json/.npz).")
 @click.option("--holdout", "holdout", metavar="FRACTION|N", help="Without --inputs: the part of --calibration held out for the verdict (default 0.25, at least 8 samples; 0: none).")
 @click.option("--target", "target_name", type=click.Choice(list(TARGET_NAMES)), default="cpu", show_default=True, help="Where the model will run: sets pass defaults and the validating runtime (mobile also writes OUT.ort, OUT.required_operators.config, OUT.mobile.json).")
 @click.option("--budget", "budget_text", help="Search the smallest per-layer mix of factorization and quantization meeting e.g. 'cos>=0.99', 'min_cos>=0.95', 'accuracy_drop<=1%' (replaces -p).")
-@click.option("--task", help="Task metrics: a built-in task (minilm, digits, lm) or PKG.MOD:FUNCTION / FILE.py:FUNCTION, a function(session_factory, data) -> dict of metrics.")
+@click.option("--task", help="Task metrics: a built-in task (minilm, digits, lm, llm) or PKG.MOD:FUNCTION / FILE.py:FUNCTION, a function(session_factory, data) -> dict of metrics.")
+@click.option("--accept", "accept", multiple=True, metavar="COND", help="With -p and --task: a condition on the task's held-out metrics that decides the verdict, e.g. 'ppl_increase_rel<=5%' (repeatable; replaces the default output floor; --task llm defaults to ppl_increase_rel<=10%).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), help="With --budget: write the size-vs-fidelity Pareto plot (PNG).")
 @click.option("--jobs", type=int, default=1, show_default=True, help="With --budget: threads for onnxruntime and candidate maths.")
 @click.option("--bisect", is_flag=True, help="Validate after every pass and name the first pass that breaks the tolerance.")
@@ -102,7 +103,7 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("-q", "--quiet", is_flag=True, help="Print only the result line.")
 @click.option("-v", "--verbose", is_flag=True, help="Print every per-layer row (default: the worst layers and totals).")
 def optimize(model, output, pipeline, do_validate, inputs, dims, provider, atol, rtol, min_cosine, eval_data, calibration, holdout,
-             target_name, budget_text, task, plot_path, jobs, bisect, verify_each, report_path, force, keep_failed, external_data, quiet, verbose):
+             target_name, budget_text, task, accept, plot_path, jobs, bisect, verify_each, report_path, force, keep_failed, external_data, quiet, verbose):
     """Rewrite MODEL with a pipeline of passes (or a --budget search), validate it, and write OUTPUT."""
     from onnxpress import api, io, rundata
 
@@ -139,7 +140,7 @@ def optimize(model, output, pipeline, do_validate, inputs, dims, provider, atol,
             progress.advance(bar)
 
         out_model, report = api.optimize(
-            model, pipeline, budget=budget_text or None, task=task, calibration=calibration, evaluation=inputs or eval_data,
+            model, pipeline, budget=budget_text or None, task=task, accept=accept or None, calibration=calibration, evaluation=inputs or eval_data,
             holdout=rundata.parse_holdout(holdout), dims=_parse_dims(dims), tolerance=tolerance, provider=provider, target=target_name,
             validate_result=do_validate, verify_each=verify_each, bisect=bisect, output=output, external_data=external_data,
             keep_failed=keep_failed, force=force, jobs=jobs, budget_options={"baselines": bool(plot_path)} if budget_text else None,
@@ -162,7 +163,10 @@ def _raise_on_failure(report, budget_text) -> None:
         raise OnnxpressError(f"bisect: pass '{report.first_failing_pass}' is the first to break the tolerance ({report.validation.tolerance.describe()}); later passes were not run")
     if report.budget is not None and not report.budget.passed:
         raise OnnxpressError(f"budget {budget_text} not met on {report.budget.evaluation}: measured {report.budget.value:.6g}")
-    if report.validation is not None and not report.validation.passed:
+    failed = [a for a in report.acceptance if not a["passed"]]
+    if failed:
+        raise OnnxpressError("not accepted on " + failed[0]["on"] + ": " + ", ".join(f"{a['condition']} measured {a['value']:.6g}" for a in failed))
+    if report.validation is not None and report.validation_decides and not report.validation.passed:
         worst = min(report.validation.outputs, key=lambda o: o.cosine if o.cosine == o.cosine else -1)
         raise OnnxpressError(
             f"validation failed on {report.validation.data or 'the evaluation data'}: output '{worst.name}' max abs {worst.max_abs:.3g}, "
@@ -359,8 +363,9 @@ def _export_causal_lm(source, output, name, module_spec, pipeline, force):
 @click.option("--task", required=True, type=click.Choice([*TASKS, "llm"]), help="The task whose metric to compute (llm: perplexity and greedy agreement of a causal LM against --reference).")
 @click.option("--kind", type=click.Choice(["mlp", "cnn"]), help="digits only: the reference model (default: from the input rank).")
 @click.option("--reference", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Reference ONNX model (default: the cached fp32 build of the task).")
+@click.option("--eval-data", "eval_data", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="llm only: the text (.txt) or token ids (.json, .npz input_ids) to evaluate on (default: the 40 built-in paragraphs).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def eval_cmd(model, task, kind, reference, as_json):
+def eval_cmd(model, task, kind, reference, eval_data, as_json):
     """Print the task metrics of MODEL (any ONNX file for the task) against the fp32 reference."""
     from onnxpress import io
     from onnxpress.models import evaluate_task
@@ -372,7 +377,9 @@ def eval_cmd(model, task, kind, reference, as_json):
 
             if reference is None:
                 raise UsageError("--task llm needs --reference: the original model (its folder holds the tokenizer)")
-            metrics = tasks.llm_task(str(reference)).evaluate(str(model))
+            metrics = tasks.llm_task(str(reference), evaluation=eval_data).evaluate(str(model))
+        elif eval_data is not None:
+            raise UsageError(f"--eval-data: task {task} evaluates on its own held-out data; --eval-data is for --task llm")
         else:
             metrics = evaluate_task(task, str(model), kind=kind, reference=str(reference) if reference else None)
     if as_json:

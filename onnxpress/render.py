@@ -171,12 +171,16 @@ def _ok(passed: bool, ok: str = "ok", failed: str = "FAIL") -> Text:
 # ---------------------------------------------------------------------------------------------- optimize
 
 
-def render_validation(report) -> Table:
+def render_validation(report, decides: bool = True) -> Table:
+    """The output comparison; ``decides=False``: reported beside an acceptance that decides the verdict, so an
+    output under the default floor reads "under floor", not a failure."""
     runs = getattr(report, "feeds", 1)
     title = f"Validation on {report.provider} ({report.tolerance.describe()}; {report.samples} sample(s) in {runs} run(s))"
+    if not decides:
+        title = f"Outputs on {report.provider} against the original ({report.samples} sample(s); reported, the acceptance below decides)"
     table = _table(title, ("output", ("shape", "right"), ("max abs", "right"), ("rel L2 mean", "right"), ("cosine mean", "right"), "verdict"))
     for o in report.outputs:
-        verdict = _ok(o.within_tolerance)
+        verdict = _ok(o.within_tolerance) if decides else Text("within floor" if o.within_tolerance else "under floor", style="yellow" if not o.within_tolerance else "")
         if not o.within_tolerance and o.note:
             verdict = Text.assemble(verdict, " ", safe(o.note, cap=TEXT_CAP))
         table.add_row(safe(o.name), safe(list(o.shape)), f"{o.max_abs:.3g}", f"{o.rel_l2:.3g}", f"{o.cosine:.6f}", verdict)
@@ -389,6 +393,14 @@ def render_details(stats, verbose: bool = False, worst: int = WORST_LAYERS) -> l
     return tables
 
 
+def render_acceptance(rows: Sequence[dict]) -> Table:
+    """The acceptance conditions on the task's metrics (``OptimizeReport.acceptance``)."""
+    table = _table(f"Acceptance on {rows[0]['on']}", ("condition", ("measured", "right"), "verdict"))
+    for row in rows:
+        table.add_row(safe(row["condition"]), f"{row['value']:.6g}", _ok(row["passed"]))
+    return table
+
+
 def render_metrics(title: Any, metrics: dict) -> Table:
     table = _table(title, ("metric", ("value", "right")))
     for key, value in metrics.items():
@@ -502,11 +514,13 @@ def render_optimize(report, verbose: bool = False, quiet: bool = False) -> list[
     if report.bisect:
         items.append(render_bisect(report))
     elif report.validation is not None:
-        items.append(render_validation(report.validation))
+        items.append(render_validation(report.validation, decides=getattr(report, "validation_decides", True)))
         if report.validation.samples > 1:
             items.append(render_sample_metrics(report.validation))
     if report.task_metrics:
         items.append(render_metrics("Task metrics on the evaluation data", report.task_metrics))
+    if getattr(report, "acceptance", None):
+        items.append(render_acceptance(report.acceptance))
     if report.mobile is not None:
         items.append(render_validation(report.mobile.validation))
         items.append(render_rows("Mobile execution providers", report.mobile.COLUMNS, report.mobile.rows()))

@@ -252,7 +252,7 @@ def prepare(
         return RunData(
             calibration=list(task.calibration_feeds()) if hasattr(task, "calibration_feeds") else None,
             evaluation=list(task.evaluation_feeds()),
-            evaluation_source=f"the task's evaluation data ({getattr(task, '__name__', 'task')})",
-            calibration_source=f"the task's calibration data ({getattr(task, '__name__', 'task')})",
+            evaluation_source=getattr(task, "evaluation_source", "") or f"the task's evaluation data ({getattr(task, '__name__', 'task')})",
+            calibration_source=getattr(task, "calibration_source", "") or f"the task's calibration data ({getattr(task, '__name__', 'task')})",
         )
     return RunData(None, None, "generated random inputs (no real data given: the last resort)", generated=True)

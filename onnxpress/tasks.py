@@ -120,6 +120,10 @@ class Task:
     # passes calibrate on) so that its evaluation set decides only the verdict: ``fit_fn(model) -> metrics``
     fit_fn: Callable[[Any], dict[str, float]] | None = None
     budget_grid: Any = None  # the budget grid (onnxpress.budget.Grid keyword arguments) that suits the task, or None
+    # the condition on the task's held-out metrics that decides a lossy -p run's verdict when the user gives
+    # neither --accept nor an output tolerance (None: the output comparison decides)
+    default_accept: str | None = None
+    owns_data: bool = False  # the task reads the user's --calibration / --eval-data itself (llm: text, token ids)
 
     def evaluate(self, model: Any, data: Sequence[Feed] | None = None) -> dict[str, float]:
         return self.evaluate_fn(model, data)
@@ -146,16 +150,22 @@ class Task:
         return evaluate
 
 
-def resolve(task: Any, reference: Any) -> Task | None:
+def resolve(task: Any, reference: Any, calibration: Any = None, evaluation: Any = None) -> Task | None:
     """``task``: None, a built-in name, ``module:function`` text, or a callable ``fn(session_factory, data)``.
-    ``reference``: the original model (path, ir.Model or proto) the relative metrics are computed against."""
+    ``reference``: the original model (path, ir.Model or proto) the relative metrics are computed against.
+    ``calibration`` / ``evaluation``: the run's data; a task that ``owns_data`` (llm) reads it itself, other
+    tasks leave it to ``rundata``; text data without such a task is refused here."""
+    if task is None or not (isinstance(task, str) and task == "llm"):
+        for value, what in ((calibration, "calibration"), (evaluation, "evaluation")):
+            if isinstance(value, (str, os.PathLike)) and Path(value).suffix.lower() in (".txt", ".json"):
+                raise UsageError(f"{value}: {what} text or token ids need --task llm (a causal LM's tokenizer and KV cache); other models take .npz feeds")
     if task is None:
         return None
     if isinstance(task, Task):
         return task
     builtins = builtin_tasks()
     if isinstance(task, str) and task == "llm":
-        return llm_task(reference)
+        return llm_task(reference, calibration=calibration, evaluation=evaluation)
     if isinstance(task, str) and task in builtins:
         return _builtin(task, builtins[task], reference)
     if isinstance(task, str):
@@ -219,20 +229,24 @@ def _builtin(name: str, module: Any, reference: Any) -> Task:
 
 # -- the LLM task: any causal LM with a KV cache, in a folder with its tokenizer ------------------------------
 class LLMTaskData:
-    """The ``llm`` task's data for ``rundata.prepare``: calibration = prefill feeds (empty past) of the 20
-    calibration paragraphs plus decode steps; evaluation = prefill feeds of the 40 evaluation paragraphs
-    (``onnxpress.models.llm_text``; disjoint sets), tokenized with the model folder's own tokenizer."""
+    """The ``llm`` task's data for ``rundata.prepare``: calibration = prefill feeds (empty past) of the
+    calibration sequences plus decode steps; evaluation = prefill feeds of the evaluation sequences. By default
+    the 20 calibration and 40 evaluation paragraphs of ``onnxpress.models.llm_text`` (disjoint sets), else the
+    user's text or token ids (``onnxpress.llm.data``), tokenized with the model folder's own tokenizer."""
 
     __name__ = "llm"
 
-    def __init__(self, spec: Any, calibration_ids: list[list[int]], evaluation_ids: list[list[int]], session: Any) -> None:
-        self.spec, self.calibration_ids, self.evaluation_ids, self.session = spec, calibration_ids, evaluation_ids, session
+    def __init__(self, spec: Any, calibration_ids: list[list[int]], evaluation_ids: list[list[int]], open_session: Callable[[], Any],
+                 calibration_source: str = "", evaluation_source: str = "") -> None:
+        self.spec, self.calibration_ids, self.evaluation_ids, self.open_session = spec, calibration_ids, evaluation_ids, open_session
+        self.calibration_source, self.evaluation_source = calibration_source, evaluation_source
 
     def calibration_feeds(self) -> list[Feed]:
         from onnxpress.llm import kv
 
         prefill = list(kv.kv_feeds(self.spec, self.calibration_ids))
-        decode = list(kv.kv_feeds(self.spec, self.calibration_ids[:4], decode_steps=4, session=self.session))
+        # a session of its own, dropped after: the reference session would sit under the calibration's peak
+        decode = list(kv.kv_feeds(self.spec, self.calibration_ids[:4], decode_steps=4, session=self.open_session()))
         return prefill + decode
 
     def evaluation_feeds(self) -> list[Feed]:
@@ -241,10 +255,23 @@ class LLMTaskData:
         return list(kv.kv_feeds(self.spec, self.evaluation_ids))
 
 
-def llm_task(reference: Any, max_tokens: int = 128) -> Task:
+# the llm task's verdict for a lossy -p pipeline when the user names no other: the issue's int4 bar (the
+# logits/KV-output cosine floor of other models says little about a decoder: int4 at +9% perplexity has
+# present-value cosines of 0.96)
+LLM_DEFAULT_ACCEPT = "ppl_increase_rel<=10%"
+# at most this many user sequences (windows of max_tokens) are calibrated on / evaluated on
+LLM_CALIBRATION_LIMIT = 32
+LLM_EVALUATION_LIMIT = 64
+
+
+def llm_task(reference: Any, max_tokens: int = 128, calibration: Any = None, evaluation: Any = None) -> Task:
     """Perplexity on held-out prose and greedy-generation agreement (``onnxpress.llm.task``) of any causal-LM
     ONNX model with a KV cache whose folder holds its tokenizer (an onnxruntime-genai folder, or the output of
-    ``onnxpress export --causal-lm``). Budget keys: ``ppl_increase_rel``, ``greedy_agreement``, ``perplexity``."""
+    ``onnxpress export --causal-lm``). Budget keys: ``ppl_increase_rel``, ``greedy_agreement``, ``perplexity``.
+
+    ``calibration`` / ``evaluation``: the user's text or token ids (``onnxpress.llm.data``) instead of the
+    built-in paragraphs; either may be given alone (the other stays built in, so the two never share text
+    unless the user's text does). The reference session is opened on first use, not here."""
     if not isinstance(reference, (str, os.PathLike)):
         raise UsageError("task llm needs the model as a path: its folder holds the tokenizer")
     folder = Path(reference).resolve().parent
@@ -255,34 +282,48 @@ def llm_task(reference: Any, max_tokens: int = 128) -> Task:
     except Exception as exc:  # noqa: BLE001 - any loader failure is the same user error
         raise UsageError(f"task llm: no tokenizer in {folder} ({type(exc).__name__}); export with 'onnxpress export --causal-lm'") from None
     from onnxpress import runtime
+    from onnxpress.llm import data as token_data
     from onnxpress.llm import kv
     from onnxpress.llm import task as llm
     from onnxpress.models import llm_text
 
-    session = runtime.make_session(os.fspath(reference))
     spec = kv.kv_spec(os.fspath(reference))
-    calibration = llm_text.token_ids(tokenizer, llm_text.calibration_texts(), max_tokens=max_tokens)
-    evaluation = llm_text.token_ids(tokenizer, llm_text.eval_texts(), max_tokens=max_tokens)
-    data = llm.LLMData.from_ids(evaluation, n_prompts=10)
+    sessions: list[Any] = []
+
+    def session() -> Any:
+        if not sessions:
+            sessions.append(runtime.make_session(os.fspath(reference)))
+        return sessions[0]
+
+    def sequences(value: Any, what: str, texts: list[str], limit: int) -> tuple[list[list[int]], str]:
+        if value is None:
+            return llm_text.token_ids(tokenizer, texts, max_tokens=max_tokens), f"the task's {what} data (llm: {len(texts)} built-in paragraphs)"
+        got = token_data.read(value, tokenizer, max_tokens, what, limit, vocab=len(tokenizer))
+        return got.sequences, got.source
+
+    calibration_ids, calibration_source = sequences(calibration, "calibration", llm_text.calibration_texts(), LLM_CALIBRATION_LIMIT)
+    evaluation_ids, evaluation_source = sequences(evaluation, "evaluation", llm_text.eval_texts(), LLM_EVALUATION_LIMIT)
+    data = llm.LLMData.from_ids(evaluation_ids, n_prompts=10)
     figures: dict[str, Any] = {}
 
     def evaluate(model: Any, _data: Sequence[Feed] | None) -> dict[str, float]:
         if "ref" not in figures:
-            figures["ref"] = llm.reference_figures(session, data, spec)
+            figures["ref"] = llm.reference_figures(session(), data, spec)
         return llm.evaluate(model, figures["ref"], data, spec=spec)
 
-    # the budget search compares configurations on the calibration paragraphs (perplexity only: no greedy
-    # generation, the costliest part) and the evaluation paragraphs decide the verdict: held-out truth
-    fit_data = llm.LLMData.from_ids(calibration, n_prompts=0)
+    # the budget search compares configurations on the calibration sequences (perplexity only: no greedy
+    # generation, the costliest part) and the evaluation sequences decide the verdict: held-out truth
+    fit_data = llm.LLMData.from_ids(calibration_ids, n_prompts=0)
 
     def fit(model: Any) -> dict[str, float]:
         if "fit_ref" not in figures:
-            figures["fit_ref"] = llm.reference_figures(session, fit_data, spec)
+            figures["fit_ref"] = llm.reference_figures(session(), fit_data, spec)
         return llm.evaluate(model, figures["fit_ref"], fit_data, spec=spec)
 
     # int8 / int4 per layer: low-rank factors and embedding splits cost a decoder most of the search time
     # (SmolLM2-135M: 1,980 candidates, 19 of 66 minutes refining factorizations) and the result used one
     grid = {"quants": ("int8", "int4/32", "int4/128"), "splits": (), "ratios": ()}
-    task = Task("llm", evaluate, accepts_session=True, uses_data=False, fit_fn=fit, budget_grid=grid)
-    task.module = LLMTaskData(spec, calibration, evaluation, session)
+    task = Task("llm", evaluate, accepts_session=True, uses_data=False, fit_fn=fit, budget_grid=grid, default_accept=LLM_DEFAULT_ACCEPT,
+                owns_data=True)
+    task.module = LLMTaskData(spec, calibration_ids, evaluation_ids, lambda: runtime.make_session(os.fspath(reference)), calibration_source, evaluation_source)
     return task

@@ -88,3 +88,61 @@ def test_eval_task_llm_reports_perplexity_against_the_reference(tiny_model, tmp_
     assert metrics["reference_perplexity"] > 1 and 0 < abs(metrics["ppl_increase_rel"]) < 0.2
     assert run(["eval", str(out), "--task", "llm"]) == 2
     assert "--reference" in capsys.readouterr().err
+    ids = tmp_path / "ids.json"
+    ids.write_text(json.dumps([list(range(5, 45)), list(range(100, 130))]))
+    assert run(["eval", str(out), "--task", "llm", "--reference", str(tiny_model), "--eval-data", str(ids), "--json"]) == 0
+    on_ids = json.loads(capsys.readouterr().out)
+    assert on_ids["reference_perplexity"] != metrics["reference_perplexity"]  # the user's sequences, not the built-in text
+
+
+def test_user_text_calibrates_and_the_task_decides_the_verdict(tiny_model, tmp_path, capsys):
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(smollm_text() for _ in range(3)), encoding="utf-8")
+    ids = tmp_path / "eval.npz"
+    import numpy as np
+
+    np.savez(ids, input_ids=np.random.default_rng(0).integers(5, 300, size=(6, 40)))
+    out = tmp_path / "o" / "model.onnx"
+    code = run(["optimize", str(tiny_model), "-o", str(out), "-p", "qdq(mode=int4,block_size=32)", "--task", "llm",
+                "--calibration", str(text), "--eval-data", str(ids), "--report", str(tmp_path / "r.json")])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert str(text) in report["data"]["calibration"] and "windows of up to 128" in report["data"]["calibration"]
+    assert str(ids) in report["data"]["evaluation"] and report["validation"]["samples"] == 6
+    # a lossy pipeline with the llm task: its perplexity condition decides, the output floor is reported only
+    (condition,) = report["acceptance"]
+    assert condition["condition"] == "ppl_increase_rel<=10%" and condition["value"] == report["task_metrics"]["ppl_increase_rel"]
+    assert condition["passed"] and report["passed"] and report["validation_decides"] is False
+
+
+def smollm_text() -> str:
+    from onnxpress.models import llm_text
+
+    return " ".join(llm_text.calibration_texts()[:2])
+
+
+def test_a_failed_acceptance_exits_1_and_writes_nothing(tiny_model, tmp_path, capsys):
+    out = tmp_path / "o" / "model.onnx"
+    code = run(["optimize", str(tiny_model), "-o", str(out), "-p", "qdq(mode=int4,block_size=32)", "--task", "llm",
+                "--accept", "greedy_agreement>=0.999", "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and err[-1].startswith("onnxpress: error: not accepted on") and "greedy_agreement>=0.999 measured" in err[-1]
+    assert not out.parent.exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--task", "llm", "--calibration", "{short}"], "shorter than one sequence of 128 tokens"),
+    (["--calibration", "{text}"], "need --task llm"),
+    (["--accept", "accuracy_drop<=1%"], "--accept judges task metrics"),
+    (["--task", "llm", "--accept", "accuracy_drop<=1%"], "the task reports no 'accuracy_drop'"),
+    (["--task", "llm", "--calibration", "{text}", "--holdout", "0.5"], "--holdout splits .npz"),
+])
+def test_llm_data_and_acceptance_bad_input_is_one_line(tiny_model, tmp_path, capsys, args, message):
+    (tmp_path / "short.txt").write_text("Too short.", encoding="utf-8")
+    (tmp_path / "text.txt").write_text(smollm_text(), encoding="utf-8")
+    args = [a.format(short=tmp_path / "short.txt", text=tmp_path / "text.txt") for a in args]
+    out = tmp_path / "o" / "model.onnx"
+    code = run(["optimize", str(tiny_model), "-o", str(out), "-p", "qdq(mode=weight)", *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1, err
+    assert not out.parent.exists()
