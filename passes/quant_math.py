@@ -9,6 +9,7 @@ of ``block_size`` consecutive rows of K (the layout of ``MatMulNBits`` and of ``
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 from collections.abc import Callable
 
@@ -243,19 +244,27 @@ def quantize_weight(w: np.ndarray, axis: int | None, qmax: int = 127, clip: str 
     return q, scale
 
 
-def block_params(block: np.ndarray, qmin: int, qmax: int, symmetric: bool, clip: str = "mse", grid: int = 24) -> tuple[np.ndarray, np.ndarray]:
+def block_params(
+    block: np.ndarray, qmin: int, qmax: int, symmetric: bool, clip: str = "mse", grid: int = 24, *, signed: bool = False,
+    row_weights: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Scale and zero point per column of ``block`` (rows: the values of one block); MSE clip search optional.
 
     The search computes ``fake_quant`` by hand with the block's float32 copy made once and the temporaries
     reused (the same operations in the same order: the same codes and errors); without a search (one ratio)
-    no error is needed: a column keeps its scale unless its values are not finite (scale 0, as before)."""
+    no error is needed: a column keeps its scale unless its values are not finite (scale 0, as before).
+
+    ``signed`` (symmetric only): all ``qmax - qmin + 1`` levels around the middle code, with a signed scale that
+    puts each column's largest-magnitude value on the lowest one (``signed_scale``; the plain symmetric grid
+    leaves the lowest code unused). ``row_weights`` (one per row of ``block``, e.g. the Hessian diagonal of
+    the layer input): the clip search minimises the weighted squared error instead of the plain one."""
     lo0, hi0 = block.min(axis=0), block.max(axis=0)
     ratios = np.linspace(1.0, 0.6, grid) if clip == "mse" else np.array([1.0])
     # Zero at the middle code (0 for signed codes, 2^(bits-1) for unsigned ones).
     mid = 0 if qmin < 0 else (qmin + qmax + 1) // 2
     n = block.shape[1]
     if len(ratios) == 1:
-        s, z = _ratio_params(lo0, hi0, ratios[0], qmin, qmax, symmetric, mid, n)
+        s, z = _ratio_params(lo0, hi0, ratios[0], qmin, qmax, symmetric, mid, n, signed)
         finite = np.isfinite(lo0) & np.isfinite(hi0) & np.isfinite(s)
         return np.where(finite, s, np.float32(0.0)), np.where(finite, z, 0)
     x32 = np.asarray(block, dtype=np.float32)
@@ -265,7 +274,7 @@ def block_params(block: np.ndarray, qmin: int, qmax: int, symmetric: bool, clip:
     best_s = np.zeros(n, np.float32)
     best_z = np.zeros(n, np.int64)
     for r in ratios:
-        s, z = _ratio_params(lo0, hi0, r, qmin, qmax, symmetric, mid, n)
+        s, z = _ratio_params(lo0, hi0, r, qmin, qmax, symmetric, mid, n, signed)
         zf = z.astype(np.float32)
         np.divide(x32, s, out=fq)  # fake_quant(block, s, z, qmin, qmax), step by step
         np.rint(fq, out=fq)
@@ -275,6 +284,8 @@ def block_params(block: np.ndarray, qmin: int, qmax: int, symmetric: bool, clip:
         fq *= s
         np.subtract(fq, block, out=diff)
         np.square(diff, out=diff)
+        if row_weights is not None:
+            diff *= row_weights[:, None]
         err = diff.sum(axis=0)
         better = err < best_err
         best_err = np.where(better, err, best_err)
@@ -283,14 +294,27 @@ def block_params(block: np.ndarray, qmin: int, qmax: int, symmetric: bool, clip:
     return best_s.astype(np.float32), best_z
 
 
-def _ratio_params(lo0: np.ndarray, hi0: np.ndarray, r, qmin: int, qmax: int, symmetric: bool, mid: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+def signed_scale(lo, hi, levels_below: int) -> np.ndarray:
+    """Signed scale of a symmetric grid with ``levels_below`` levels below the middle code and one fewer above
+    (int4: -8..7): the value of largest magnitude (``lo`` or ``hi``) lands on ``-levels_below``, so the grid's
+    extra level goes to the side of the column's largest value (a negative scale when that value is positive).
+    onnxruntime-genai's int4 builder does this; dequantization stays ``(q - zp) * scale``."""
+    lo, hi = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
+    big = np.where(np.abs(lo) >= np.abs(hi), lo, hi)
+    s = -big / levels_below
+    return np.where(np.abs(s) < _TINY, _TINY, s).astype(np.float32)
+
+
+def _ratio_params(lo0: np.ndarray, hi0: np.ndarray, r, qmin: int, qmax: int, symmetric: bool, mid: int, n: int, signed: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Scale and zero point of each column clipped to ``r`` times its range ``[lo0, hi0]``."""
+    if symmetric and signed:
+        return signed_scale(lo0 * r, hi0 * r, mid - qmin), np.full(n, mid, np.int64)
     if symmetric:
         return symmetric_scale(np.maximum(np.abs(lo0), np.abs(hi0)) * r, qmax - mid), np.full(n, mid, np.int64)
     return affine_params(lo0 * r, hi0 * r, qmin, qmax)
 
 
-def _blockwise_rtn(work: np.ndarray, block_size: int, qmin: int, qmax: int, symmetric: bool, clip: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _blockwise_rtn(work: np.ndarray, block_size: int, qmin: int, qmax: int, symmetric: bool, clip: str, signed: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``quantize_blockwise`` without a Hessian: each block's parameters from its own values, several blocks at
     a time (their columns side by side for ``block_params``); codes written straight into uint8."""
     k, n = work.shape
@@ -303,7 +327,7 @@ def _blockwise_rtn(work: np.ndarray, block_size: int, qmin: int, qmax: int, symm
     for b in range(0, kb, step):
         chunk = blocks[b : b + step]
         side = chunk.transpose(1, 0, 2).reshape(block_size, -1)  # [block, blocks * n]: one column per (block, channel)
-        s, z = block_params(side, qmin, qmax, symmetric, clip)
+        s, z = block_params(side, qmin, qmax, symmetric, clip, signed=signed)
         scales[b : b + step] = s.reshape(-1, n)
         zps[b : b + step] = z.reshape(-1, n)
         codes[b : b + step] = quantize(chunk, scales[b : b + step, None, :], zps[b : b + step, None, :], qmin, qmax)
@@ -311,7 +335,8 @@ def _blockwise_rtn(work: np.ndarray, block_size: int, qmin: int, qmax: int, symm
 
 
 def quantize_blockwise(
-    w: np.ndarray, block_size: int, bits: int = 4, symmetric: bool = False, clip: str = "mse", hessian: np.ndarray | None = None, damp: float = 0.01
+    w: np.ndarray, block_size: int, bits: int = 4, symmetric: bool = False, clip: str = "mse", hessian: np.ndarray | HessianFactor | None = None,
+    damp: float = 0.01, *, signed: bool = False, act_order: bool = False, refit: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Block-wise quantization of ``w[K, N]`` along K (unsigned codes, ``0..2^bits-1``).
 
@@ -319,6 +344,12 @@ def quantize_blockwise(
     with zeros to a multiple of ``block_size`` internally (the extra rows are dropped from ``codes``).
     With ``hessian`` (``X^T X`` of the layer's input, [K, K]) the rows are quantized GPTQ-style: each row's
     rounding error is compensated on the rows not yet quantized.
+
+    ``signed``: symmetric blocks on the full grid with signed scales (``block_params``). Given the Hessian
+    itself (an array, or a ``HessianFactor``; not ``gptq_inverse``'s pair) the clip search weighs each row's
+    error by the Hessian diagonal; ``act_order``: GPTQ rounds the rows in descending order of that diagonal,
+    with every block's scale fixed up front from the weight ("static groups"); ``refit``: the block scales
+    are then re-fitted to the codes GPTQ chose (``refit_block_scales``).
     """
     k, n = w.shape
     qmin, qmax = 0, 2**bits - 1
@@ -328,24 +359,52 @@ def quantize_blockwise(
     work = np.zeros((kb * block_size, n))
     work[:k] = w
     if hessian is None:
-        codes, scales, zps = _blockwise_rtn(work, block_size, qmin, qmax, symmetric, clip)
+        codes, scales, zps = _blockwise_rtn(work, block_size, qmin, qmax, symmetric, clip, signed)
     else:
-        if isinstance(hessian, tuple) or not pad:
+        if isinstance(hessian, (tuple, HessianFactor)) or not pad:
             h = hessian
         else:
             h = np.zeros((kb * block_size, kb * block_size))
             h[:k, :k] = hessian
-        codes, scales, zps = gptq(work, h, block_size, lambda blk: block_params(blk, qmin, qmax, symmetric, clip), qmin, qmax, damp, copy=False)
+        if isinstance(h, HessianFactor) or (not isinstance(h, tuple) and (act_order or refit)):
+            factor = h if isinstance(h, HessianFactor) else hessian_factor(h, act_order, damp)
+            codes, scales, zps = _gptq_with_hessian(work, factor, block_size, qmin, qmax, symmetric, clip, signed, refit, damp)
+        else:
+            codes, scales, zps = gptq(
+                work, h, block_size, lambda blk: block_params(blk, qmin, qmax, symmetric, clip, signed=signed), qmin, qmax, damp, copy=False
+            )
     return codes[:k].astype(np.uint8), scales, zps.astype(np.uint8)
 
 
+def _gptq_with_hessian(
+    work: np.ndarray, factor: HessianFactor, block_size: int, qmin: int, qmax: int, symmetric: bool, clip: str, signed: bool, refit: bool, damp: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``quantize_blockwise``'s GPTQ when the Hessian itself is known: clip search weighted by its diagonal, act
+    order with static groups when ``factor.order`` is set, least-squares scale refit after rounding."""
+    importance = np.maximum(np.diag(factor.hessian), 0.0)
+    original = work.copy() if refit else None  # GPTQ overwrites ``work`` with its compensated rows
+    if factor.order is None:
+        params = lambda blk, weights: block_params(blk, qmin, qmax, symmetric, clip, signed=signed, row_weights=weights)  # noqa: E731
+        codes, scales, zps = gptq(work, (factor.inverse, factor.dead), block_size, params, qmin, qmax, damp, copy=False, row_weights=importance)
+    else:
+        kb, n = work.shape[0] // block_size, work.shape[1]
+        fixed = (np.zeros((kb, n), np.float32), np.zeros((kb, n), np.int64))
+        for b in range(kb):
+            rows = slice(b * block_size, (b + 1) * block_size)
+            fixed[0][b], fixed[1][b] = block_params(work[rows], qmin, qmax, symmetric, clip, signed=signed, row_weights=importance[rows])
+        codes, scales, zps = gptq(work, (factor.inverse, factor.dead), block_size, fixed, qmin, qmax, damp, order=factor.order)
+    if refit:
+        scales = refit_block_scales(original, codes, zps, scales, factor.hessian, block_size, damp)
+    return codes, scales, zps
+
+
 def quantize_rows_blockwise(
-    w: np.ndarray, block_size: int, bits: int = 4, symmetric: bool = False, clip: str = "mse"
+    w: np.ndarray, block_size: int, bits: int = 4, symmetric: bool = False, clip: str = "mse", *, signed: bool = False
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Block-wise quantization of each row of a table ``w[V, D]`` along D (GatherBlockQuantized's layout).
 
     Returns (codes uint8 [V, D], scales float32 [V, D/block], zero points uint8 [V, D/block])."""
-    codes, scales, zps = quantize_blockwise(np.asarray(w).T, block_size, bits, symmetric, clip)
+    codes, scales, zps = quantize_blockwise(np.asarray(w).T, block_size, bits, symmetric, clip, signed=signed)
     return codes.T.copy(), scales.T.copy(), zps.T.copy()
 
 
@@ -370,15 +429,15 @@ def dequantize_rows_blockwise(codes: np.ndarray, scales: np.ndarray, zps: np.nda
 
 
 def quantize_split_rows(
-    w: np.ndarray, hot: np.ndarray, hot_block: int, cold_block: int, symmetric: bool = False, clip: str = "mse"
+    w: np.ndarray, hot: np.ndarray, hot_block: int, cold_block: int, symmetric: bool = False, clip: str = "mse", *, signed: bool = False
 ) -> dict[str, np.ndarray]:
     """A table ``w[V, D]`` with its ``hot`` rows (sorted ids) 4-bit in blocks of ``hot_block`` and all other
     rows 2-bit in blocks of ``cold_block`` (both along D). ``remap[row]`` is the row's position: hot rows
     first (in ``hot`` order), then the cold ones."""
     rows = w.shape[0]
     cold = np.setdiff1d(np.arange(rows), hot)
-    hc, hs, hz = quantize_rows_blockwise(w[hot], hot_block, 4, symmetric, clip)
-    cc, cs, cz = quantize_rows_blockwise(w[cold], cold_block, 2, symmetric, clip)
+    hc, hs, hz = quantize_rows_blockwise(w[hot], hot_block, 4, symmetric, clip, signed=signed)
+    cc, cs, cz = quantize_rows_blockwise(w[cold], cold_block, 2, symmetric, clip, signed=signed)
     remap = np.empty(rows, np.uint16 if rows <= 65536 else np.int32)
     remap[hot] = np.arange(hot.size)
     remap[cold] = hot.size + np.arange(cold.size)
@@ -463,41 +522,118 @@ def gptq_inverse(hessian: np.ndarray, damp: float = 0.01) -> tuple[np.ndarray, n
         return _upper_cholesky_of_inverse(h), dead
 
 
+@dataclasses.dataclass(frozen=True)
+class HessianFactor:
+    """A layer input's ``X^T X`` (``hessian``, float64, padded to whole blocks) with GPTQ's inverse factor of it
+    taken in ``order`` (``inverse``, ``dead`` as ``gptq_inverse`` returns them for ``H[order][:, order]``; None:
+    the natural order). Made once per layer input and shared by the layers that read it."""
+
+    hessian: np.ndarray
+    inverse: np.ndarray
+    dead: np.ndarray
+    order: np.ndarray | None
+
+
+def hessian_factor(hessian: np.ndarray, act_order: bool = False, damp: float = 0.01) -> HessianFactor:
+    """``HessianFactor`` of ``hessian``; ``act_order``: rows in descending order of the Hessian diagonal (GPTQ's
+    act-order: the inputs with the most energy are rounded first, while the most rows are left to take their error)."""
+    h = np.asarray(hessian, np.float64)
+    order = np.argsort(-np.diag(h), kind="stable") if act_order else None
+    hinv, dead = gptq_inverse(h if order is None else h[np.ix_(order, order)], damp)
+    return HessianFactor(h, hinv, dead, order)
+
+
 def gptq(
-    w: np.ndarray, hessian: np.ndarray | tuple[np.ndarray, np.ndarray], group: int, params: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], qmin: int, qmax: int, damp: float = 0.01,
-    copy: bool = True,
+    w: np.ndarray, hessian: np.ndarray | tuple[np.ndarray, np.ndarray], group: int,
+    params: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | tuple[np.ndarray, np.ndarray], qmin: int, qmax: int, damp: float = 0.01,
+    copy: bool = True, *, order: np.ndarray | None = None, row_weights: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """GPTQ (Frantar et al. 2022) on ``w[K, N]`` (MatMul layout, rows = input features) with group scales.
 
-    ``hessian`` is ``X^T X`` of the layer input (or ``gptq_inverse`` of it, to share across layers); each group's scale/zero point comes from ``params`` applied
-    to the (already error-compensated) rows of the group. Returns (codes [K,N], scales [K/g,N], zps [K/g,N]).
+    ``hessian`` is ``X^T X`` of the layer input (or ``gptq_inverse`` of it, to share across layers); each group's
+    scale/zero point comes from ``params`` applied to the (already error-compensated) rows of the group, or
+    ``params`` is the pair (scales [K/g, N], zero points [K/g, N]) fixed up front ("static groups").
+    ``order``: the rows are rounded in this order (a permutation of K; needs fixed ``params``; a ``hessian``
+    given as a factor must be ``gptq_inverse`` of ``H[order][:, order]``). ``row_weights`` [K]: ``params`` is
+    called as ``params(rows, their row_weights)`` (e.g. a clip search weighted by the Hessian diagonal). Returns (codes [K,N], scales [K/g,N], zps [K/g,N]).
     """
     k, n = w.shape
-    # copy=False: ``w`` is the caller's float64 scratch copy and is overwritten (no second weight-sized copy)
-    w = w.astype(np.float64, copy=copy)
+    fixed = isinstance(params, tuple)
+    if order is not None and not fixed:
+        raise ValueError("gptq: a row order needs fixed (static) group parameters")
+    if order is None:
+        # copy=False: ``w`` is the caller's float64 scratch copy and is overwritten (no second weight-sized copy)
+        w = w.astype(np.float64, copy=copy)
+    else:
+        w = np.asarray(w, np.float64)[order]
+        if not isinstance(hessian, tuple):
+            hessian = np.asarray(hessian)[np.ix_(order, order)]
     hinv, dead = hessian if isinstance(hessian, tuple) else gptq_inverse(hessian, damp)
     w[dead, :] = 0.0
     codes = np.zeros((k, n), np.int16)  # int8/int4 codes: a quarter of int64's memory
     groups = k // group
-    scales = np.zeros((groups, n), np.float32)
-    zps = np.zeros((groups, n), np.int64)
+    if fixed:
+        scales, zps = np.asarray(params[0], np.float32), np.asarray(params[1], np.int64)
+    else:
+        scales, zps = np.zeros((groups, n), np.float32), np.zeros((groups, n), np.int64)
+    rows = np.arange(k) if order is None else np.asarray(order)
     lazy = 128 if group >= 128 else 128 // group * group
     for start in range(0, k, lazy):
         end = min(start + lazy, k)
         err_block = np.zeros((end - start, n))
         for i in range(start, end):
-            if i % group == 0:
-                g = i // group
-                scales[g], zps[g] = params(w[i : i + group])
-            g = i // group
+            g = rows[i] // group
+            if not fixed and i % group == 0:
+                rows_i = w[i : i + group]
+                scales[g], zps[g] = params(rows_i) if row_weights is None else params(rows_i, row_weights[i : i + group])
             q = quantize(w[i], scales[g], zps[g], qmin, qmax)
-            codes[i] = q
+            codes[rows[i]] = q
             deq = (q - zps[g]) * scales[g].astype(np.float64)
             err = (w[i] - deq) / hinv[i, i]
             w[i + 1 : end] -= np.outer(hinv[i, i + 1 : end], err)
             err_block[i - start] = err
         w[end:] -= hinv[start:end, end:].T @ err_block
     return codes, scales, zps
+
+
+def refit_block_scales(
+    w: np.ndarray, codes: np.ndarray, zps: np.ndarray, scales: np.ndarray, hessian: np.ndarray, block_size: int, damp: float = 0.01,
+    columns: int = 2048,
+) -> np.ndarray:
+    """Least-squares block scales for fixed codes: per column, the scales ``s`` [K/block] minimising the layer's
+    output error ``(w - Q s)^T H (w - Q s)``, where column b of ``Q`` [K, K/block] holds the centred codes
+    ``codes - zp`` of block b (zero elsewhere): ``(Q^T H Q) s = Q^T H w``, one small system per column.
+
+    Rounding (GPTQ) fixes the codes with scales chosen before it; the best scales for the codes it chose differ,
+    and across blocks, since H couples them. ``H`` is damped as in GPTQ. A block whose codes are all at the zero
+    point keeps its scale (it has no say in the error); so does a column whose system is not solvable.
+    ``w`` [K, N] and ``hessian`` [K, K] are padded like ``codes`` (K a multiple of ``block_size``)."""
+    k, n = codes.shape
+    kb = k // block_size
+    h = np.array(hessian, np.float64)
+    h[np.diag_indices(k)] += damp * max(float(np.mean(np.diag(h))), _TINY)
+    out = np.array(scales, np.float32)
+    for c0 in range(0, n, columns):  # column chunks: an lm_head's K x N float64 products are 226 MB each
+        c1 = min(c0 + columns, n)
+        m = c1 - c0
+        q = codes[:, c0:c1].astype(np.float64)
+        q -= np.repeat(np.asarray(zps[:, c0:c1], np.float64), block_size, axis=0)
+        rhs = (q * (h @ np.asarray(w[:, c0:c1], np.float64))).reshape(kb, block_size, m).sum(axis=1).T  # [m, kb]
+        gram = np.empty((m, kb, kb))
+        for b in range(kb):
+            rows = slice(b * block_size, (b + 1) * block_size)
+            gram[:, :, b] = (q * (h[:, rows] @ q[rows])).reshape(kb, block_size, m).sum(axis=1).T
+        idle = np.einsum("mbb->mb", gram) <= _TINY  # all codes at the zero point: a zero row and column
+        old = out[:, c0:c1].T.astype(np.float64)
+        gram[np.nonzero(idle)[0], np.nonzero(idle)[1], np.nonzero(idle)[1]] = 1.0
+        rhs = np.where(idle, old, rhs)
+        try:
+            s = np.linalg.solve(gram, rhs[..., None])[..., 0]
+        except np.linalg.LinAlgError:
+            continue
+        ok = np.isfinite(s).all(axis=1)
+        out[:, c0:c1] = np.where(ok[:, None], s, old).T.astype(np.float32)
+    return out
 
 
 def gptq_per_channel(w: np.ndarray, hessian: np.ndarray, qmax: int = 127, per_channel: bool = True, damp: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
@@ -634,7 +770,7 @@ def awq_factors(act_absmean: np.ndarray, alpha: float) -> np.ndarray:
 
 def awq_search(
     x: np.ndarray, mats: list[np.ndarray], block_size: int, bits: int = 4, symmetric: bool = False, alphas=AWQ_ALPHAS,
-    max_columns: int | None = None, seed: int = 0,
+    max_columns: int | None = None, seed: int = 0, signed: bool = False,
 ) -> tuple[np.ndarray | None, float, dict[float, float]]:
     """The AWQ factors for the weights ``mats`` (each ``[K, N]``) that all read the input sample ``x`` [rows, K].
 
@@ -645,7 +781,7 @@ def awq_search(
 
     ``max_columns``: measure on that many output columns of each weight (seeded random choice). A column's
     blocks run along K, so its rounding does not depend on the other columns: the subset's error is an
-    unbiased sample of the whole at a fraction of the cost."""
+    unbiased sample of the whole at a fraction of the cost. ``signed``: the grid of ``quantize_blockwise(signed=True)``."""
     x = np.asarray(x, np.float32)
     absmean = np.abs(x).mean(axis=0)
     rng = np.random.default_rng(seed)
@@ -660,7 +796,7 @@ def awq_search(
         xs = x / s
         err = 0.0
         for w, ref in zip(mats, refs):
-            codes, scales, zps = quantize_blockwise(np.asarray(w, np.float64) * s[:, None], block_size, bits, symmetric, clip="none")
+            codes, scales, zps = quantize_blockwise(np.asarray(w, np.float64) * s[:, None], block_size, bits, symmetric, clip="none", signed=signed)
             wq = dequantize_blockwise(codes, scales, zps, block_size).astype(np.float32)
             err += float(np.square(xs @ wq - ref, dtype=np.float64).sum())
         errors[float(alpha)] = err / denom

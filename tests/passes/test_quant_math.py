@@ -241,3 +241,112 @@ def test_split_rows_hot_rows_4_bit_cold_rows_2_bit_and_exact_bytes():
         qm.pack_codes(a["cold_codes"], 2), a["cold_scales"], qm.pack_codes(a["cold_zero_points"], 2), a["remap"],
     ))
     assert qm.split_rows_bytes(50, 48, 4, 16, 32) == packed
+
+
+# -- int4: the full signed grid, Hessian-weighted clip search, act order with static groups, scale refit -------------
+def _correlated_layer(k=96, n=40, rows=600, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((rows, k)) @ (np.eye(k) + 0.3 * rng.standard_normal((k, k))) * np.exp(rng.standard_normal(k))
+    return x, rng.standard_t(5, (k, n)) * 0.02
+
+
+def test_signed_scale_puts_the_largest_magnitude_value_on_the_lowest_level():
+    block = np.array([[0.5, -0.9, 0.0], [-0.2, 0.3, 0.0], [0.1, 0.9, 0.0]])  # column 1: a tie -> the low end
+    scale, zp = qm.block_params(block, 0, 15, True, clip="none", signed=True)
+    assert zp.tolist() == [8, 8, 8]
+    assert scale[0] == pytest.approx(-0.5 / 8) and scale[1] == pytest.approx(0.9 / 8) and scale[2] > 0
+    codes = qm.quantize(block, scale, zp, 0, 15)
+    assert codes[0, 0] == 0 and codes[0, 1] == 0  # the largest value sits on -8, exactly
+    assert qm.dequantize(codes, scale, zp)[0, 0] == pytest.approx(0.5)
+    # 16 levels instead of 15: a finer step, so a smaller round-to-nearest error on typical blocks
+    w = np.random.default_rng(0).standard_normal((32, 2000))
+    narrow = qm.fake_quant(w, *qm.block_params(w, 0, 15, True, clip="none"), 0, 15)
+    full = qm.fake_quant(w, *qm.block_params(w, 0, 15, True, clip="none", signed=True), 0, 15)
+    assert np.square(full - w).sum() < 0.9 * np.square(narrow - w).sum()
+
+
+def test_weighted_clip_search_equals_the_exhaustive_weighted_search():
+    rng = np.random.default_rng(3)
+    block = rng.standard_t(3, (32, 50))
+    weights = rng.uniform(0.0, 5.0, 32)
+    scale, zp = qm.block_params(block, 0, 15, True, clip="mse", signed=True, row_weights=weights)
+    best = np.full(50, np.inf)
+    for r in np.linspace(1.0, 0.6, 24):  # the same grid, each candidate's weighted error by fake_quant
+        s = qm.signed_scale(block.min(axis=0) * r, block.max(axis=0) * r, 8)
+        err = (weights[:, None] * np.square(qm.fake_quant(block, s, 8, 0, 15) - block)).sum(axis=0)
+        best = np.minimum(best, err)
+    chosen = (weights[:, None] * np.square(qm.fake_quant(block, scale, zp, 0, 15) - block)).sum(axis=0)
+    np.testing.assert_allclose(chosen, best, rtol=1e-5)
+
+
+def _naive_gptq(w, h, order, scales, zps, group, damp=0.01):
+    """GPTQ as the paper writes it: the full inverse Hessian, updated by one Gaussian elimination step per row."""
+    w = np.array(w, np.float64)[order]
+    h = np.array(h, np.float64)[np.ix_(order, order)]
+    h[np.diag_indices(len(h))] += damp * np.mean(np.diag(h))
+    hinv = np.linalg.inv(h)
+    codes = np.zeros(w.shape, np.int64)
+    for i, row in enumerate(order):
+        g = row // group
+        q = qm.quantize(w[i], scales[g], zps[g], 0, 15)
+        codes[row] = q
+        err = (w[i] - (q - zps[g]) * scales[g].astype(np.float64)) / hinv[i, i]
+        w[i + 1 :] -= np.outer(hinv[i + 1 :, i], err)
+        hinv = hinv - np.outer(hinv[:, i], hinv[i, :]) / hinv[i, i]
+    return codes
+
+
+def test_gptq_in_act_order_with_static_groups_equals_the_textbook_algorithm():
+    x, w = _correlated_layer()
+    h = x.T @ x
+    factor = qm.hessian_factor(h, act_order=True)
+    assert np.all(np.diff(np.diag(h)[factor.order]) <= 0)  # descending Hessian diagonal
+    scales, zps = qm.block_params(w[:32], 0, 15, True, "none", signed=True)
+    fixed = (np.stack([qm.block_params(w[b : b + 32], 0, 15, True, "none", signed=True)[0] for b in range(0, 96, 32)]), np.full((3, 40), 8))
+    codes, out_scales, _ = qm.gptq(w, (factor.inverse, factor.dead), 32, fixed, 0, 15, order=factor.order)
+    np.testing.assert_array_equal(out_scales, fixed[0])  # static: the scales given
+    reference = _naive_gptq(w, h, factor.order, fixed[0], fixed[1], 32)
+    assert np.mean(codes == reference) > 0.995  # the same rounding (a few ties may break differently)
+    # the raw Hessian and the factor give the same codes; a row order without fixed scales is refused
+    np.testing.assert_array_equal(qm.gptq(w, h, 32, fixed, 0, 15, order=factor.order)[0], codes)
+    with pytest.raises(ValueError, match="static"):
+        qm.gptq(w, h, 32, lambda rows: (scales, zps), 0, 15, order=factor.order)
+
+
+def test_refit_block_scales_is_the_least_squares_solution_per_column():
+    x, w = _correlated_layer(k=64, n=12)
+    h = x.T @ x
+    codes, scales, zps = qm.quantize_blockwise(w, 16, 4, True, hessian=qm.gptq_inverse(h), signed=True)
+    codes[:16, 0] = 8  # column 0, block 0: every code at the zero point -> its scale is kept
+    refit = qm.refit_block_scales(w, codes, zps, scales, h, 16)
+    assert refit[0, 0] == scales[0, 0]
+    damped = h + 0.01 * np.mean(np.diag(h)) * np.eye(64)
+    root = np.linalg.cholesky(damped).T  # (w - Q s)^T H (w - Q s) = ||root (w - Q s)||^2
+    for col in range(1, 12):
+        q = np.zeros((64, 4))
+        for b in range(4):
+            q[b * 16 : (b + 1) * 16, b] = codes[b * 16 : (b + 1) * 16, col].astype(np.float64) - 8
+        expected = np.linalg.lstsq(root @ q, root @ w[:, col], rcond=None)[0]
+        np.testing.assert_allclose(refit[:, col], expected, rtol=1e-4)
+
+    def output_error(s):
+        return np.linalg.norm(x @ (qm.dequantize_blockwise(codes, s, zps, 16) - w))
+
+    assert output_error(refit) < output_error(scales)
+
+
+def test_hessian_aware_int4_lowers_the_output_error_of_symmetric_blocks():
+    x, w = _correlated_layer(k=128, n=64, rows=1000)
+    h = x.T @ x
+
+    def error(**kw):
+        codes, scales, zps = qm.quantize_blockwise(w, 32, 4, True, **kw)
+        return np.linalg.norm(x @ (qm.dequantize_blockwise(codes, scales, zps, 32) - w)) / np.linalg.norm(x @ w)
+
+    narrow = error(hessian=qm.gptq_inverse(h))
+    full = error(hessian=qm.gptq_inverse(h), signed=True)
+    refit = error(hessian=qm.hessian_factor(h), signed=True, refit=True)
+    act_order = error(hessian=qm.hessian_factor(h, act_order=True), signed=True, refit=True)
+    assert full < narrow and refit < full and act_order < refit
+    # a raw Hessian with act_order/refit builds the same factor itself
+    assert error(hessian=h, signed=True, act_order=True, refit=True) == pytest.approx(act_order, rel=1e-9)
