@@ -285,3 +285,20 @@ def test_a_held_out_mean_must_clear_the_budget_by_its_standard_error():
     # the standard error travels with the worst output
     worst = metrics.worst([{"cos": 0.99, "cos_se": 0.001}, {"cos": 0.97, "cos_se": 0.02}])
     assert worst == {"cos": 0.97, "cos_se": 0.02}
+
+
+def test_accept_conditions_on_a_task_decide_a_pipeline_verdict():
+    from onnxpress.models import digits
+
+    model = str(digits.build("mlp"))
+    _, report = onnxpress.optimize(model, "qdq(mode=weight)", task="digits", accept=["accuracy_drop<=1%", "agreement>=0.5"])
+    assert [a["condition"] for a in report.acceptance] == ["accuracy_drop<=1%", "agreement>=0.5"]
+    assert report.acceptance[0]["value"] == report.task_metrics["accuracy_drop"] and report.passed
+    assert not report.validation_decides and report.validation is not None  # the output comparison is still reported
+    _, strict = onnxpress.optimize(model, "qdq(mode=weight)", task="digits", accept="agreement>=1.01")
+    assert not strict.passed and not strict.acceptance[0]["passed"]
+    # without --accept (and no task default), the output floor decides as before
+    _, plain = onnxpress.optimize(model, "qdq(mode=weight)", task="digits")
+    assert plain.acceptance == [] and plain.validation_decides
+    with pytest.raises(UsageError, match="a --budget is its own"):
+        onnxpress.optimize(model, budget="accuracy_drop<=1%", task="digits", accept="agreement>=0.5")
