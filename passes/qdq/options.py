@@ -56,6 +56,26 @@ class QdqOptions:
         "matmulnbits", "int4: com.microsoft MatMulNBits/GatherBlockQuantized (ORT CPU/GPU kernels) or standard DequantizeLinear(block_size) (opset 21)"
     )
     int4_symmetric: bool = option(False, "int4: symmetric blocks (no zero points)")
+    int4_signed: bool = option(
+        False,
+        "int4_symmetric: all 16 levels (-8..7 around MatMulNBits' implicit zero point 8), each block's largest-magnitude "
+        "value on -8 with a signed scale (onnxruntime-genai's builder grid); false: 15 levels -7..7",
+    )
+    gptq_act_order: bool = option(
+        False,
+        "int4 GPTQ: round the rows in descending order of the Hessian diagonal, each block's scale fixed up front "
+        "(static groups) by a clip search weighted by that diagonal",
+    )
+    gptq_damp: float = option(
+        0.01,
+        "GPTQ: dampening added to the Hessian diagonal, as a fraction of its mean (more: less trust in the calibration "
+        "sample's input correlations, e.g. when a layer has more inputs than calibration tokens)",
+    )
+    gptq_refit: bool = option(
+        False,
+        "int4 GPTQ: after rounding, refit every block scale by least squares on the layer's output error for the "
+        "codes GPTQ chose (one small solve per column); the clip search before it is weighted by the Hessian diagonal",
+    )
     embedding_split: bool = option(
         False,
         "int4 embeddings: rows the calibration data indexes keep int4 (embedding_block_size), all others 2-bit "
@@ -103,6 +123,10 @@ class QdqOptions:
             raise ValueError("calibration_rows must be >= 16")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise ValueError("accuracy_level must be 0..4")
+        if not 0.0 < self.gptq_damp <= 10.0:
+            raise ValueError("gptq_damp must be in (0, 10]")
+        if self.int4_signed and not self.int4_symmetric:
+            raise ValueError("int4_signed applies to symmetric blocks: add int4_symmetric=true")
         if self.embedding_split:
             if self.int4_format != "matmulnbits":
                 raise ValueError("embedding_split needs int4_format=matmulnbits (2-bit rows are GatherBlockQuantized bits=2)")

@@ -19,6 +19,9 @@ from onnxpress.passes.qdq.cpu import resolved_weight_type
 from onnxpress.passes.qdq.options import SMOOTH_ALPHAS, QdqOptions
 from onnxpress.passes.qdq.targets import Target, bias_of, indexed_rows, is_float_initializer, rebind_tied, weight_matrix
 
+# What GPTQ gets for a layer input: ``gptq_inverse``'s (factor, dead inputs), or the Hessian with its factor
+GptqFactor = tuple[np.ndarray, np.ndarray] | qm.HessianFactor
+
 
 @dataclasses.dataclass
 class ActParams:
@@ -124,7 +127,7 @@ class LayerWeights:
 
 
 def _plan_weight(t: Target, w: np.ndarray, o: QdqOptions, stats: dict, hessians: set[str], smooth_of: dict[str, np.ndarray],
-                 hinv_cache: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]], embeddings: str, hot: dict[int, np.ndarray], row: dict[str, Any]) -> WeightParams:
+                 hinv_cache: dict[tuple[str, int], GptqFactor], embeddings: str, hot: dict[int, np.ndarray], row: dict[str, Any]) -> WeightParams:
     """One target's quantized weight (embedding table, int4 blocks or int8 per channel; GPTQ with the layer
     input's Hessian when there is one); fills the layer's report ``row``."""
     qmax_w = 63 if o.reduce_range else 127
@@ -145,7 +148,9 @@ def _plan_weight(t: Target, w: np.ndarray, o: QdqOptions, stats: dict, hessians:
         clip = "none" if method == "rtn" else "mse"
         row["method"] = method
         if o.mode == "int4":
-            codes, scales, zps = qm.quantize_blockwise(w, block, 4, o.int4_symmetric, clip=clip, hessian=h if method == "gptq" else None)
+            codes, scales, zps = qm.quantize_blockwise(
+                w, block, 4, o.int4_symmetric, clip=clip, hessian=h if method == "gptq" else None, damp=o.gptq_damp, signed=o.int4_signed
+            )
             wp = WeightParams(t.index, "tied4" if t.kind == "tied" else "int4", {"codes": codes, "scales": scales, "zero_points": zps})
             row["block_size"] = block
             if t.tied is not None:
@@ -164,9 +169,10 @@ def _plan_weight(t: Target, w: np.ndarray, o: QdqOptions, stats: dict, hessians:
 
 
 def _gptq_factor(st: ActStats, name: str, block: int, o: QdqOptions, smooth_of: dict[str, np.ndarray],
-                 cache: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray] | None:
-    """GPTQ's inverse factor of the layer input ``name`` (``quant_math.gptq_inverse``), made once per input and
-    block size; None without a Hessian. AWQ/SmoothQuant factors ``s`` rescale it: the layer sees ``x / s``."""
+                 cache: dict[tuple[str, int], GptqFactor]) -> GptqFactor | None:
+    """GPTQ's inverse factor of the layer input ``name`` (``quant_math.gptq_inverse``; ``hessian_factor`` when act
+    order or the scale refit need the Hessian itself), made once per input and block size; None without a Hessian.
+    AWQ/SmoothQuant factors ``s`` rescale it: the layer sees ``x / s``."""
     key = (name, block)
     if key not in cache:
         h = st.hessian
@@ -178,7 +184,10 @@ def _gptq_factor(st: ActStats, name: str, block: int, o: QdqOptions, smooth_of: 
         pad = (-h.shape[0]) % block if o.mode == "int4" else 0
         if pad:
             h = np.pad(h, ((0, pad), (0, pad)))
-        cache[key] = qm.gptq_inverse(h)
+        if o.mode == "int4" and (o.gptq_act_order or o.gptq_refit):  # the Hessian itself is needed: keep it with the factor
+            cache[key] = qm.hessian_factor(h, o.gptq_act_order, o.gptq_damp)
+        else:
+            cache[key] = qm.gptq_inverse(h, o.gptq_damp)
     return cache[key]
 
 
@@ -210,7 +219,7 @@ def _make_plan(model: ir.Model, targets: list[Target], o: QdqOptions, feeds) -> 
     # A layer input's statistics go after its last reader is planned, with its GPTQ factors: on SmolLM2 all of
     # them (0.6 GB, and 0.8 GB of factors) stayed until the lm_head, the largest layer, was planned.
     last_reader = {t.node.inputs[0].name: t.index for t in targets if t.kind in ("matmul", "gemm", "tied") and t.node.inputs[0].name in stats}
-    hinv_cache: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
+    hinv_cache: dict[tuple[str, int], GptqFactor] = {}
     for t in targets:
         row: dict[str, Any] = {"layer": t.label, "op": t.node.op_type}
         if t.weight is not None:
@@ -427,10 +436,12 @@ def _quantize_table(t: Target, w: np.ndarray, embeddings: str, o: QdqOptions, ho
     if embeddings == "int4" and hot is not None and 0 < hot.size < rows:
         # Frequency split: the rows the data uses keep 4 bits, the never-seen rest (most of a vocabulary) get 2
         clip = "none" if o.weight_method == "rtn" else "mse"
-        arrays = qm.quantize_split_rows(w, hot, o.embedding_block_size, o.embedding_cold_block_size, o.int4_symmetric, clip)
+        arrays = qm.quantize_split_rows(w, hot, o.embedding_block_size, o.embedding_cold_block_size, o.int4_symmetric, clip, signed=o.int4_signed)
         return WeightParams(t.index, "gather_split", arrays)
     if embeddings == "int4":
-        codes, scales, zps = qm.quantize_rows_blockwise(w, o.embedding_block_size, 4, o.int4_symmetric, "none" if o.weight_method == "rtn" else "mse")
+        codes, scales, zps = qm.quantize_rows_blockwise(
+            w, o.embedding_block_size, 4, o.int4_symmetric, "none" if o.weight_method == "rtn" else "mse", signed=o.int4_signed
+        )
         return WeightParams(t.index, "gather4", {"codes": codes, "scales": scales, "zero_points": zps})
     q, scale = qm.quantize_weight(w, 0, 127, "none" if o.weight_method == "rtn" else "mse")
     return WeightParams(t.index, "gather8", {"q": q, "scale": scale.reshape(-1, 1)})
@@ -508,7 +519,8 @@ def awq_plan(targets: list[Target], stats, weights: LayerWeights, smooth_of: dic
         if st is None or st.sample is None or len(st.sample) == 0:
             continue
         s, alpha, errors = qm.awq_search(
-            st.sample[:AWQ_SEARCH_ROWS], [weights[t.index] for t in group], o.block_size, 4, o.int4_symmetric, max_columns=AWQ_SEARCH_COLUMNS
+            st.sample[:AWQ_SEARCH_ROWS], [weights[t.index] for t in group], o.block_size, 4, o.int4_symmetric, max_columns=AWQ_SEARCH_COLUMNS,
+            signed=o.int4_signed,
         )
         info: dict[str, Any] = {"alpha": alpha, "error_vs_plain": round(errors[alpha] / errors[0.0], 4) if errors[0.0] > 0 else 1.0}
         if s is None:
