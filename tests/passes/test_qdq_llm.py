@@ -162,6 +162,28 @@ def test_tied_table_uses_gptq_on_the_head_input_with_calibration():
     assert row["method"] == "gptq" and row["output_cosine"] > 0.99 and row["block_size"] == 32
 
 
+@pytest.mark.parametrize("fmt", ["matmulnbits", "qdq"])
+def test_tied_table_on_the_signed_grid_with_act_order_and_refit(fmt):
+    """The recipe that meets issue 18 on SmolLM2 (int4_symmetric + int4_signed + gptq_act_order + gptq_refit) on a
+    tied table: no zero points stored (MatMulNBits/GatherBlockQuantized's implicit 8), signed scales, both uses
+    still read the one table and onnxruntime's output stays close to the float graph's."""
+    model = tied_model("builder")
+    p = Qdq(mode="int4", int4_format=fmt, embedding_block_size=32, int4_symmetric=True, int4_signed=True, gptq_act_order=True, gptq_refit=True)
+    out = run_pass(p, model, id_feeds())
+    check_full(out)
+    (row,) = [r for r in p.details if r.get("tied")]
+    assert row["method"] == "gptq" and row["output_cosine"] > 0.99
+    zero_points = [v.const_value.numpy() for name, v in out.graph.initializers.items() if "zero_point" in name]
+    if fmt == "matmulnbits":
+        assert not zero_points
+    else:  # DequantizeLinear of uint4 takes the middle code explicitly
+        assert len(zero_points) == 1 and np.all(zero_points[0] == 8)
+    scales = next(v for name, v in out.graph.initializers.items() if "scale" in name).const_value.numpy()
+    assert (scales < 0).any() and (scales > 0).any()
+    report = validate(ir.to_proto(model), out, inputs=id_feeds(1, seed=5)[0], tolerance=Tolerance(min_cosine=0.99))
+    assert report.passed, report.outputs
+
+
 def test_a_table_also_read_by_another_op_stays_float_with_the_reason():
     rng = np.random.default_rng(0)
     model = text_model(
