@@ -128,22 +128,67 @@ def _pad_hessian(h: np.ndarray, block: int) -> np.ndarray:
     return np.pad(h, ((0, pad), (0, pad))) if pad else h
 
 
+Factor = tuple[np.ndarray, np.ndarray]  # ``quant_math.gptq_inverse``: (upper Cholesky factor of the inverse, dead inputs)
+
+
+def gptq_factor(hessian: np.ndarray, option: QuantOption) -> Factor:
+    """GPTQ's inverse factor of ``hessian`` as ``quantized_codes`` uses it for ``option`` (int4: padded to whole
+    blocks; int8: as is). ``gptq_factor_key`` says which options share one."""
+    return qm.gptq_inverse(_pad_hessian(hessian, option.block) if option.kind == "int4" else hessian)
+
+
+def gptq_factor_key(k: int, option: QuantOption) -> int:
+    """The size of the factor ``option`` needs for ``K = k`` inputs: options with equal keys share one factor
+    (int8 and int4 blocks that divide K: K; other blocks: K padded to whole blocks)."""
+    return k + (-k) % option.block if option.kind == "int4" else k
+
+
+@dataclasses.dataclass
+class QuantizedMatrix:
+    """A MatMul-layout weight as the pass stores it: the codes (one byte per weight, a quarter of the float32
+    reconstruction) with their scales and zero points; ``dense()`` is dequant(quant(W)) in float32."""
+
+    option: QuantOption
+    codes: np.ndarray  # int8 [K, N] (int8: symmetric, one scale per column) or uint8 [K, N] (int4 block codes)
+    scales: np.ndarray  # int8: [N]; int4: [K / block, N]
+    zero_points: np.ndarray | None  # int4: [K / block, N]
+    transposed: bool = False  # the node keeps the weight as [N, K] (Gemm transB): ``dense()`` gives that layout
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.codes, self.scales, self.zero_points) if a is not None)
+
+    def dense(self) -> np.ndarray:
+        if self.option.kind == "int8":
+            w = qm.dequantize(self.codes, self.scales[None, :])
+        else:
+            w = qm.dequantize_blockwise(self.codes, self.scales, self.zero_points, self.option.block).astype(np.float32)
+        return np.ascontiguousarray(w.T) if self.transposed else w
+
+
+def quantized_codes(w: np.ndarray, option: QuantOption, hessian: np.ndarray | None, factor: Factor | None = None) -> QuantizedMatrix:
+    """quant(W) of a MatMul-layout ``W [K, N]`` as ``qdq(mode=weight|int4)`` computes it: GPTQ with the layer
+    input's ``X^T X`` when given (or its ``factor``, ``gptq_factor``, shared between options and layers with the
+    same input, as the pass's plan shares it), else the MSE clip search."""
+    w = np.asarray(w, np.float32)
+    if factor is None and hessian is not None:
+        factor = gptq_factor(hessian, option)
+    if option.kind == "int8":
+        if factor is not None:
+            q, scale = qm.gptq_per_channel(w, factor, 127, per_channel=True)
+        else:
+            q, scale = qm.quantize_weight(w, 1, 127, "mse")
+        return QuantizedMatrix(option, q, np.asarray(scale, np.float32), None)
+    if option.kind != "int4":
+        raise ValueError(f"{option}: a MatMul/Gemm weight takes int8 or int4/B")
+    codes, scales, zps = qm.quantize_blockwise(w, option.block, 4, False, clip="mse", hessian=factor)
+    return QuantizedMatrix(option, codes, scales, zps)
+
+
 def quantized_matrix(w: np.ndarray, option: QuantOption, hessian: np.ndarray | None) -> np.ndarray:
     """dequant(quant(W)) for a MatMul-layout ``W [K, N]`` as ``qdq(mode=weight|int4)`` computes it
     (GPTQ with the layer input's ``X^T X`` when given, else the MSE clip search)."""
-    w = np.asarray(w, np.float32)
-    if option.kind == "int8":
-        if hessian is not None:
-            q, scale = qm.gptq_per_channel(w, hessian, 127, per_channel=True)
-        else:
-            q, scale = qm.quantize_weight(w, 1, 127, "mse")
-        return qm.dequantize(q, scale[None, :])
-    if option.kind != "int4":
-        raise ValueError(f"{option}: a MatMul/Gemm weight takes int8 or int4/B")
-    block = option.block
-    h = qm.gptq_inverse(_pad_hessian(hessian, block)) if hessian is not None else None
-    codes, scales, zps = qm.quantize_blockwise(w, block, 4, False, clip="mse", hessian=h)
-    return qm.dequantize_blockwise(codes, scales, zps, block)
+    return quantized_codes(w, option, hessian).dense()
 
 
 def quantized_other(layer: LayerView, option: QuantOption) -> np.ndarray:
@@ -282,6 +327,11 @@ class QdqPlanner:
     def matrix_bytes(self, shape: tuple[int, int], option: str) -> int:
         return weight_bytes("matmul", tuple(shape), QuantOption.parse(option))
 
+    def __init__(self) -> None:
+        # GPTQ factors by (layer input, factor size): the layers reading one input (fused q/k/v; gate and up) and
+        # the options of one size (int8 and int4 blocks dividing K) share one, as in the pass's plan
+        self._factors: dict[tuple[str, int], Factor] = {}
+
     def reconstruct(self, layer: LayerView, option: str, stats: InputStats | None,
                     then: tuple[Any, str] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """(weight in the node's layout, None): qdq changes no bias. ``stats``: GPTQ rounds MatMul/Gemm weights
@@ -291,8 +341,28 @@ class QdqPlanner:
         q = QuantOption.parse(option)
         if layer.op in ("Conv", "Gather"):
             return quantized_other(layer, q).astype(np.float32), None
-        out = np.asarray(quantized_matrix(layer.matrix, q, stats.second_moment if stats is not None else None), np.float32)
-        return (np.ascontiguousarray(out.T) if layer.trans_b else out), None
+        return self.reconstruct_compact(layer, option, stats).dense(), None
+
+    def reconstruct_compact(self, layer: LayerView, option: str, stats: InputStats | None) -> QuantizedMatrix | None:
+        """``reconstruct``'s weight of a MatMul/Gemm as its codes (``QuantizedMatrix``: ``dense()`` is the weight,
+        in a quarter of its bytes); None for Conv and Gather layers (``reconstruct`` gives their float weight)."""
+        q = QuantOption.parse(option)
+        if layer.op in ("Conv", "Gather"):
+            return None
+        factor = None
+        if stats is not None and layer.x is not None:
+            key = (layer.x, gptq_factor_key(layer.matrix.shape[0], q))
+            factor = self._factors.get(key)
+            if factor is None:
+                factor = self._factors[key] = gptq_factor(stats.second_moment, q)
+        compact = quantized_codes(layer.matrix, q, None, factor)
+        compact.transposed = bool(layer.trans_b)
+        return compact
+
+    def release(self, input_name: str) -> None:
+        """Forget the GPTQ factors of the layer input ``input_name`` (its last reader is reconstructed)."""
+        for key in [k for k in self._factors if k[0] == input_name]:
+            del self._factors[key]
 
     def reconstruct_matrix(self, w: np.ndarray, option: str, hessian: np.ndarray | None) -> np.ndarray:
         return quantized_matrix(w, QuantOption.parse(option), hessian)
