@@ -52,7 +52,7 @@ Algorithm
    data for comparison. If it fails (the real passes differ from the reconstruction by rounding, or by
    statistics taken on the partly rewritten model; the held-out data is not the fit data), a build with an
    fit-dependent option (a planner's ``heldout_check``: the embedding split) drops those options first; otherwise the target moves to the safe side
-   (``Budget.backed_off``) and steps 5-6 repeat (``backoff`` times); as a last resort the lossless model is
+   (``Budget.aimed``: from the fit/held-out gaps of the builds so far) and steps 5-6 repeat (``backoff`` times); as a last resort the lossless model is
    returned and ``passed`` says so.
 
 Modules (imports run one way): ``spec`` (budget text) <- ``layers`` (planners, candidates, bytes, reconstructions)

@@ -199,12 +199,47 @@ def reconstruct(planners: Planners, layer: Layer, choice: Choice, stats: InputSt
     return planners.storage.reconstruct(layer, choice.storage, stats)
 
 
-def local_error(layer: Layer, weight: np.ndarray, stats: InputStats) -> float:
-    """The layer's own relative output error of a reconstruction, squared: tr(D^T S D) / tr(W^T S W), D = W' - W
-    (``weight`` in the node's layout, S the input's second moment). Cheap (no model run): the sensitivity
-    analysis scales it into a prediction of the model-output error."""
+@dataclasses.dataclass
+class Recon:
+    """A choice's reconstruction as the search keeps it: ``stored`` is the storage planner's compact form where it
+    has one (``reconstruct_compact``: qdq keeps the codes, a quarter of the float32 weight; SmolLM2's 450
+    candidates as float32 copies grew the search by ~1.3 GB), else the float weight; ``delta`` the output-bias
+    delta or None."""
+
+    stored: Any
+    delta: np.ndarray | None = None
+
+    def weight(self) -> np.ndarray:
+        """The dense float weight in the node's layout (dequantized on each call from a compact form)."""
+        return self.stored.dense() if hasattr(self.stored, "dense") else self.stored
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.stored.nbytes) + (0 if self.delta is None else int(self.delta.nbytes))
+
+
+def reconstruct_kept(planners: Planners, layer: Layer, choice: Choice, stats: InputStats | None) -> Recon:
+    """``reconstruct`` in the form the search keeps (``Recon``): compact where the storage planner offers it."""
+    compact_of = getattr(planners.storage, "reconstruct_compact", None)
+    if choice.structure is None and choice.storage is not None and compact_of is not None:
+        compact = compact_of(layer, choice.storage, stats)
+        if compact is not None:
+            return Recon(compact)
+    return Recon(*reconstruct(planners, layer, choice, stats))
+
+
+def weight_energy(layer: Layer, stats: InputStats) -> float:
+    """tr(W^T S W): the layer's output energy on its input's second moment ``S`` (``local_error``'s denominator)."""
     w = layer.matrix.astype(np.float64)
-    d = (weight.T if layer.trans_b else weight).astype(np.float64) - w
+    return float(np.einsum("kn,kn->", w, np.asarray(stats.second_moment, np.float64) @ w))
+
+
+def local_error(layer: Layer, weight: np.ndarray, stats: InputStats, energy: float | None = None) -> float:
+    """The layer's own relative output error of a reconstruction, squared: tr(D^T S D) / tr(W^T S W), D = W' - W
+    (``weight`` in the node's layout, S the input's second moment; ``energy``: the denominator, ``weight_energy``,
+    when already known). Cheap (no model run): the sensitivity analysis scales it into a prediction of the
+    model-output error."""
+    energy = weight_energy(layer, stats) if energy is None else energy
+    d = (weight.T if layer.trans_b else weight).astype(np.float64) - layer.matrix
     s = np.asarray(stats.second_moment, np.float64)
-    energy = float(np.einsum("kn,kn->", w, s @ w))
     return float(np.einsum("kn,kn->", d, s @ d)) / energy if energy > 0 else 0.0

@@ -103,7 +103,8 @@ def _margin(value: bool | float) -> float:
     return (1.0 if value else -1.0) if isinstance(value, (bool, np.bool_)) else float(value)
 
 
-def longest_passing_prefix(moves: Sequence[Move], probe: Callable[[int], bool | float], size_tol: float = 0.0, size0: float = 0.0) -> int:
+def longest_passing_prefix(moves: Sequence[Move], probe: Callable[[int], bool | float], size_tol: float = 0.0, size0: float = 0.0,
+                           margin0: float | None = None) -> int:
     """Largest k such that the prefix of length k passes; prefix 0 is assumed to pass.
 
     ``probe(k)`` returns a bool, or a margin (>= 0: passes; how far from the budget). With margins the
@@ -111,19 +112,29 @@ def longest_passing_prefix(moves: Sequence[Move], probe: Callable[[int], bool | 
     step whenever an interpolation did not halve the bracket; with bools it is a binary search. The search
     stops early once the bytes between the passing and the failing prefix are at most ``size_tol`` (bytes;
     with ``size0``, the bytes before any move: a fraction of the passing configuration's size).
+    ``margin0``: prefix 0's margin when known (the first step then interpolates instead of bisecting).
     """
+    return passing_bracket(moves, probe, size_tol, size0, margin0)[0]
+
+
+def passing_bracket(moves: Sequence[Move], probe: Callable[[int], bool | float], size_tol: float = 0.0, size0: float = 0.0,
+                    margin0: float | None = None) -> tuple[int, int]:
+    """``longest_passing_prefix``'s search, returning its bracket (lo, hi): prefix lo passes, hi fails (hi = n + 1
+    when every prefix passes); hi = lo + 1 when the move that broke the budget was found, larger when the search
+    stopped at ``size_tol``."""
     n = len(moves)
     if n == 0:
-        return 0
+        return 0, 1
     cost = np.concatenate([[0.0], np.cumsum([m.cost for m in moves])])
     saved = np.concatenate([[0.0], np.cumsum([m.saved for m in moves])])
     first = probe(n)
     interpolate = not isinstance(first, (bool, np.bool_))
     m_hi = _margin(first)
     if m_hi >= 0:
-        return n
-    lo, hi, m_lo = 0, n, None
-    bisect = True
+        return n, n + 1
+    lo, hi = 0, n
+    m_lo = margin0 if (interpolate and margin0 is not None and math.isfinite(margin0) and margin0 >= 0) else None
+    bisect = m_lo is None
     while hi - lo > 1 and saved[hi] - saved[lo] > size_tol * (size0 - saved[lo] if size0 else 1.0):
         width = hi - lo
         if bisect or not interpolate or m_lo is None or m_lo == m_hi or not math.isfinite(m_hi):
@@ -139,15 +150,19 @@ def longest_passing_prefix(moves: Sequence[Move], probe: Callable[[int], bool | 
         else:
             hi, m_hi = k, m
         bisect = (hi - lo) > width / 2
-    return lo
+    return lo, hi
 
 
 def search_path(
-    moves: Sequence[Move], probe: Callable[[dict[int, int]], bool | float], rounds: int = 4, size_tol: float = 0.0, size0: float = 0.0
+    moves: Sequence[Move], probe: Callable[[dict[int, int]], bool | float], rounds: int = 4, size_tol: float = 0.0, size0: float = 0.0,
+    margin0: float | None = None,
 ) -> tuple[dict[int, int], list[Move]]:
     """Accept the longest passing prefix of ``moves``; freeze the layer of the first move that failed and
     continue with the other layers' remaining moves, up to ``rounds`` rounds. ``probe(config)``: bool or
-    margin (>= 0 passes). Returns (config, accepted moves)."""
+    margin (>= 0 passes); ``margin0``: the margin of the empty configuration, when known. A next round needs
+    the failing move pinned down and saving more than the tolerance: when the search stopped at the size
+    tolerance, or the move that broke the budget saves less, what another round could gain is below the
+    tolerance too (the moves after it are less efficient). Returns (config, accepted moves)."""
     accepted: list[Move] = []
     config: dict[int, int] = {}
     remaining = list(moves)
@@ -158,10 +173,14 @@ def search_path(
             break
         base = dict(config)
         done_saved = sum(m.saved for m in accepted)
-        k = longest_passing_prefix(remaining, lambda j: probe(apply_moves(remaining[:j], base)), size_tol, size0 - done_saved if size0 else 0.0)
+        tol_size = size0 - done_saved if size0 else 0.0
+        k, hi = passing_bracket(remaining, lambda j: probe(apply_moves(remaining[:j], base)), size_tol, tol_size, margin0 if not accepted else None)
         config = apply_moves(remaining[:k], config)
         accepted.extend(remaining[:k])
         if k == len(remaining):
+            break
+        tolerance = size_tol * ((tol_size - sum(m.saved for m in remaining[:k])) if size0 else 1.0)
+        if hi > k + 1 or remaining[k].saved <= tolerance:
             break
         # moves of the layer whose move failed cannot follow (they start from the option it would have left)
         frozen.add(remaining[k].layer)

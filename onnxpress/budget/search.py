@@ -27,7 +27,7 @@ import onnx_ir as ir
 
 from onnxpress.budget import cache as sens_cache
 from onnxpress.budget.build import build
-from onnxpress.budget.layers import FP32, Choice, Grid, Planners, choice_bytes, find_layers, local_error, reconstruct
+from onnxpress.budget.layers import FP32, Choice, Grid, Planners, Recon, choice_bytes, find_layers, local_error, reconstruct_kept, weight_energy
 from onnxpress.budget.paths import TINY, Move, greedy_path, lower_hull, search_path
 from onnxpress.budget.spec import CONFIDENCE_Z
 from onnxpress.budget.progress import Reporter
@@ -56,6 +56,10 @@ class SearchOptions:
     baselines: bool = False
     predict: bool = True
     refine_rounds: int = 3
+    # plain quantizations measured per layer: "all", "one" (the most compressing; the others predicted from its
+    # gain and their local errors), "auto" ("one" when the grid has no structural option, whose predictions need
+    # every quantization's gain)
+    measure_quants: str = "auto"
 
 
 @dataclasses.dataclass
@@ -189,12 +193,18 @@ class BudgetSearch:
         key = sens_cache.digest(self.working, self.sens_feeds, json.dumps([sens_cache.CACHE_VERSION, dataclasses.asdict(self.grid), hot_sizes]))
         cache_path = sens_cache.cache_file(self.opt.cache, key)
         self.cached = sens_cache.load(cache_path)
-        self.recon_memo: dict[tuple[int, Choice], tuple[np.ndarray, np.ndarray | None]] = {}
+        self.recon_memo: dict[tuple[int, Choice], Recon] = {}
         self.tables: list[list[tuple[float, float]]] = []
         self.layer_options: list[list[Choice]] = []
         self.candidates: list[dict[str, Any]] = []
         self.predicted: set[tuple[int, Choice]] = set()  # (layer, choice) whose d is predicted, not measured yet
         self.local_errors: dict[tuple[int, Choice], float] = {}
+        self.energies: dict[int, float] = {}  # layer -> tr(W^T S W), the denominator of its local errors
+        self.quant_predicted: set[tuple[int, Choice]] = set()  # plain quantizations predicted from their layer's anchor
+        self.last_reader = {layer.x: li for li, layer in enumerate(layers) if layer.x is not None}
+        self.measure_quants = self.opt.measure_quants
+        if self.measure_quants == "auto":  # with no structural option, nothing needs every quantization's gain
+            self.measure_quants = "all" if any(c.structure is not None for layer in layers for c in layer.choices) else "one"
         self.sim.references(self.sens_feeds)
         with self.rep.stage("sensitivity (layer x candidate)", sum(len(layer.choices) for layer in layers)) as advance, blas_threads(1):
             pool = concurrent.futures.ThreadPoolExecutor(max_workers=self.jobs) if self.jobs > 1 else None
@@ -208,8 +218,9 @@ class BudgetSearch:
         self.seconds["sensitivity"] = time.perf_counter() - t0
 
     def _layer_sensitivity(self, li: int, pool: Any, advance: Callable[..., None]) -> None:
-        """One layer's table: groups of candidates, the plain quantizations (measured) first, then one group
-        per ratio (largest first); a ratio whose error alone passes ``max_layer_error`` ends the layer."""
+        """One layer's table: groups of candidates, the plain quantizations first (measured, or with
+        ``measure_quants="one"`` only the most compressing one and the others predicted from its gain), then one
+        group per ratio (largest first); a ratio whose error alone passes ``max_layer_error`` ends the layer."""
         layer = self.layers[li]
         table = [(float(layer.fp32_bytes), 0.0)]
         tried: list[Choice] = []
@@ -220,24 +231,34 @@ class BudgetSearch:
         for gi, group in enumerate(groups):
             if gi == 1 and self.opt.predict:
                 gain = self.layer_gain(li, tried, table)
+            anchor = self._quant_anchor(li, group) if gi == 0 else None
             todo = [c for c in group if f"{layer.name}|{c.label}" not in self.cached and gain is None]
             # candidates are computed on the pool while onnxruntime measures the ones ready
             futures = {c: pool.submit(self.recon, li, c) for c in todo} if pool is not None and len(todo) > 1 else {}
             group_best = float("inf")
+            if anchor is not None:  # the anchor first: the group's other candidates are predicted from its gain
+                group = [anchor, *(c for c in group if c != anchor)]
             for c in group:
                 d = self._candidate_d(li, c, gain, futures)
+                if anchor is not None and c == anchor:
+                    gain = self.layer_gain(li, [anchor], [table[0], (0.0, d)])
                 nbytes = choice_bytes(self.planners, layer, c)
                 table.append((float(nbytes), d))
                 tried.append(c)
                 group_best = min(group_best, d)
                 self.candidates.append({"layer": layer.name, "op": layer.op, "choice": c.label, "technique": c.technique, "bytes_before": layer.fp32_bytes,
-                                        "bytes": nbytes, "d": d, "measured": (li, c) not in self.predicted})
+                                        "bytes": nbytes, "d": d, "measured": (li, c) not in self.predicted and (li, c) not in self.quant_predicted})
                 advance()
+            if anchor is not None:
+                gain = None
             if gi > 0 and group_best > self.grid.max_layer_error:
                 skipped_count = sum(len(g) for g in groups[gi + 1 :])
                 if skipped_count:
                     advance(skipped_count)
                 break
+        order = sorted(range(len(tried)), key=lambda i: layer.choices.index(tried[i]))  # the layer's own order
+        tried, rows = [tried[i] for i in order], [table[1 + i] for i in order]
+        table = [table[0], *rows]
         opts = [FP32, *tried]
         self.tables.append(table)
         self.layer_options.append(opts)
@@ -247,26 +268,53 @@ class BudgetSearch:
         for c in tried:
             if c not in keep and c.structure is not None:
                 self.recon_memo.pop((li, c), None)
+        self._release_inputs(li)
+
+    def _quant_anchor(self, li: int, group: Sequence[Choice]) -> Choice | None:
+        """With ``measure_quants="one"``: the plain quantization of layer ``li`` that is measured (the most
+        compressing: the largest error, the most reliable gain); None: every one is measured."""
+        layer = self.layers[li]
+        if self.measure_quants != "one" or layer.x is None or len(group) < 2:
+            return None
+        return min(group, key=lambda c: choice_bytes(self.planners, layer, c))
+
+    def _release_inputs(self, li: int) -> None:
+        """After the last layer reading an input: the storage planner's factors for it go (``release``), and its
+        statistics too where no reader has a structural choice (only predictions and refinement read them later;
+        every plain reconstruction is kept)."""
+        x = self.layers[li].x
+        if x is None or self.last_reader.get(x) != li:
+            return
+        release = getattr(self.planners.storage, "release", None)
+        if release is not None:
+            release(x)
+        readers = [layer for layer in self.layers if layer.x == x]
+        if not any(c.structure is not None for layer in readers for c in layer.choices):
+            self.stats.pop(x, None)
 
     def _candidate_d(self, li: int, c: Choice, gain: float | None, futures: dict[Choice, Any]) -> float:
         """``d`` of one candidate: from the cache, predicted from the layer's gain, or measured."""
         key = f"{self.layers[li].name}|{c.label}"
         if key in self.cached:
             return float(self.cached[key])
+        if c in futures:
+            futures[c].result()
+        if gain is not None and c.structure is None:  # a plain quantization beside the measured anchor
+            self.quant_predicted.add((li, c))
+            return gain * self.local(li, c)
         if gain is not None:
             self.predicted.add((li, c))
             return self.predict_d(li, c, gain)
-        if c in futures:
-            futures[c].result()
         return self.measure_alone(li, c)
 
     def recon(self, li: int, choice: Choice) -> tuple[np.ndarray, np.ndarray | None]:
-        """(weight, bias delta) of layer ``li`` rewritten by ``choice``, memoised."""
+        """(weight, bias delta) of layer ``li`` rewritten by ``choice``; kept compact (``layers.Recon``)."""
         key = (li, choice)
-        if key not in self.recon_memo:
+        kept = self.recon_memo.get(key)
+        if kept is None:
             layer = self.layers[li]
-            self.recon_memo[key] = reconstruct(self.planners, layer, choice, self.stats.get(layer.x) if layer.x else None)
-        return self.recon_memo[key]
+            kept = self.recon_memo[key] = reconstruct_kept(self.planners, layer, choice, self.stats.get(layer.x) if layer.x else None)
+        return kept.weight(), kept.delta
 
     def measure_alone(self, li: int, c: Choice) -> float:
         """``d`` of candidate ``c`` applied to layer ``li`` alone, measured in the simulation session."""
@@ -274,9 +322,17 @@ class BudgetSearch:
         w, delta = self.recon(li, c)
         d = self.sim.error(self.sens_feeds, self.sim.override(layer, w, delta)).d
         self.cached[f"{layer.name}|{c.label}"] = d
-        if layer.x is not None and c.structure is None:
-            self.local_errors[(li, c)] = local_error(layer, w, self.stats[layer.x])
         return d
+
+    def local(self, li: int, c: Choice) -> float:
+        """The layer's own relative output error of candidate ``c`` (``layers.local_error``), memoised."""
+        key = (li, c)
+        if key not in self.local_errors:
+            layer = self.layers[li]
+            if li not in self.energies:
+                self.energies[li] = weight_energy(layer, self.stats[layer.x])
+            self.local_errors[key] = local_error(layer, self.recon(li, c)[0], self.stats[layer.x], self.energies[li])
+        return self.local_errors[key]
 
     def layer_gain(self, li: int, measured: Sequence[Choice], table: Sequence[tuple[float, float]]) -> float | None:
         """How much of a layer's own relative output error reaches the model output (d / local error), from
@@ -286,9 +342,9 @@ class BudgetSearch:
             return None
         ratios = []
         for i, c in enumerate(measured, start=1):
-            if (li, c) not in self.local_errors and c.structure is None:
-                self.local_errors[(li, c)] = local_error(layer, self.recon(li, c)[0], self.stats[layer.x])
-            e = self.local_errors.get((li, c), 0.0)
+            if c.structure is not None:
+                continue
+            e = self.local(li, c)
             if e > 0 and table[i][1] > 0:
                 ratios.append(math.log(table[i][1] / e))
         return math.exp(sum(ratios) / len(ratios)) if ratios else None
@@ -350,7 +406,10 @@ class BudgetSearch:
         """Search the current path (``config``, ``accepted``) under a progress stage called ``name``."""
         with self.rep.stage(name, 2 * int(math.log2(len(self.path) + 1) + 1) * max(self.opt.rounds, 1)) as advance:
             self._tick = advance
-            self.config, self.accepted = search_path(self.path, self.probe, self.opt.rounds, size_tol=self.opt.size_tol, size0=float(self.working_bytes))
+            original = self.checked.get((), self.budget.ideal)  # the unchanged model's value (its ideal for output metrics)
+            margin0 = self.target.margin(original) if original is not None else None
+            self.config, self.accepted = search_path(self.path, self.probe, self.opt.rounds, size_tol=self.opt.size_tol, size0=float(self.working_bytes),
+                                                     margin0=margin0)
 
     def search_on_path(self) -> None:
         from onnxpress.io import model_bytes
@@ -435,6 +494,7 @@ class BudgetSearch:
         self._reference_outputs()
         self.final: Built | None = None
         fit_dependent_banned = False
+        builds: list[tuple[float, float]] = []  # (simulated fit value, held-out value) of the builds that missed
         backoff = self.opt.backoff
         with self.rep.stage("build and verify", backoff + 1) as advance:
             for attempt in range(backoff + 3):  # + 1: a held-out failure with a fit-dependent option first drops those options
@@ -454,7 +514,8 @@ class BudgetSearch:
                     fit_dependent_banned = True
                     self._ban_fit_dependent(check_rows)
                     continue
-                self.target = self.target.backed_off(simulated, built.value)
+                builds.append((simulated, built.value))
+                self.target = self.budget.aimed(builds)
                 if not np.isfinite(self.target.value):
                     self.config = {}
                     continue
