@@ -402,6 +402,25 @@ def test_predicted_search_measures_fewer_candidates_and_still_meets_the_budget(m
     assert fast.bytes_after <= 1.05 * full.bytes_after
 
 
+def test_one_measured_quantization_per_layer_predicts_the_others(mlp):
+    """A grid without structural options measures only each layer's most compressing quantization and predicts
+    the others from its gain (``measure_quants="auto"``): within 2x of their measurements, the same result size."""
+    model, calib, evals = mlp
+    grid = Grid(quants=("int8", "int4/32", "int4/128"), splits=(), ratios=())
+    full = bg.search(model, "cos>=0.995", calibration=calib, evaluation=evals, grid=grid, cache=False, measure_quants="all")
+    fast = bg.search(model, "cos>=0.995", calibration=calib, evaluation=evals, grid=grid, cache=False)
+    assert fast.passed and full.passed
+    measured = [c for c in fast.candidates if c["measured"]]
+    smallest = {}
+    for c in fast.candidates:
+        smallest[c["layer"]] = min(smallest.get(c["layer"], c["bytes"]), c["bytes"])
+    assert len(measured) == 3 and all(c["bytes"] == smallest[c["layer"]] for c in measured)  # int4/128; fc1 (K = 64): int4/32
+    truth = {(c["layer"], c["choice"]): c["d"] for c in full.candidates}
+    for c in fast.candidates:
+        assert 0.5 < c["d"] / truth[(c["layer"], c["choice"])] < 2.0, c
+    assert fast.bytes_after <= 1.05 * full.bytes_after
+
+
 def test_an_evaluate_that_accepts_sessions_scores_the_simulation_session(mlp):
     model, calib, evals = mlp
     planners = Planners.registered()

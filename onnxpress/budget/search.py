@@ -203,6 +203,8 @@ class BudgetSearch:
         self.quant_predicted: set[tuple[int, Choice]] = set()  # plain quantizations predicted from their layer's anchor
         self.last_reader = {layer.x: li for li, layer in enumerate(layers) if layer.x is not None}
         self.measure_quants = self.opt.measure_quants
+        if self.measure_quants not in ("auto", "all", "one"):
+            raise UsageError(f"measure_quants must be 'auto', 'all' or 'one', not '{self.measure_quants}'")
         if self.measure_quants == "auto":  # with no structural option, nothing needs every quantization's gain
             self.measure_quants = "all" if any(c.structure is not None for layer in layers for c in layer.choices) else "one"
         self.sim.references(self.sens_feeds)
@@ -660,6 +662,7 @@ def search(
     baselines: bool = False,
     predict: bool = True,
     refine_rounds: int = 3,
+    measure_quants: str = "auto",
     progress: Any = False,
 ) -> BudgetResult:
     """Find the smallest per-layer mix of factorization and quantization that meets ``budget``.
@@ -681,11 +684,15 @@ def search(
     everywhere (for the report and plot; a few more checks). ``predict``: measure only the plain
     quantizations of every layer; predict the factorization candidates' errors from the layer's gain
     (measured d / its own output error) and measure, after a first search, only those the search uses or
-    could use (``refine_rounds`` times at most); False measures every candidate. ``cache``: True (``$ONNXPRESS_CACHE`` or
+    could use (``refine_rounds`` times at most); False measures every candidate. ``measure_quants``: "all" plain
+    quantizations of a layer measured, or "one" (the most compressing; the others predicted from its gain and
+    their local errors: a third of the model runs on a decoder's int8/int4/32/int4/128 grid); "auto": "one" when
+    the grid has no structural option. ``cache``: True (``$ONNXPRESS_CACHE`` or
     ``~/.cache/onnxpress``), a folder, or False. Returns a ``BudgetResult``.
     """
     options = SearchOptions(grid=grid, jobs=jobs, cache=cache, sensitivity_batches=sensitivity_batches, rounds=rounds, size_tol=size_tol,
-                            backoff=backoff, baselines=baselines, predict=predict, refine_rounds=refine_rounds)
+                            backoff=backoff, baselines=baselines, predict=predict, refine_rounds=refine_rounds,
+                            measure_quants=measure_quants)
     runner = BudgetSearch(model, budget, options, task=task, evaluate=evaluate)
     runner.prepare_data(calibration, evaluation, holdout, data, base)
     return runner.run(progress)

@@ -359,6 +359,11 @@ class QdqPlanner:
         compact.transposed = bool(layer.trans_b)
         return compact
 
+    @property
+    def held_factors(self) -> list[tuple[str, int]]:
+        """The (layer input, size) of the GPTQ factors held now (sorted)."""
+        return sorted(self._factors)
+
     def release(self, input_name: str) -> None:
         """Forget the GPTQ factors of the layer input ``input_name`` (its last reader is reconstructed)."""
         for key in [k for k in self._factors if k[0] == input_name]:
