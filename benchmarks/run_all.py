@@ -35,9 +35,9 @@ def _markdown(path: Path) -> list[str]:
     return ["--markdown", str(path)]
 
 
-# name -> (script, arguments given the table's path, extra arguments for --quick); order: cheap first, so a
-# partial run still yields tables
-BENCHMARKS: dict[str, tuple[str, Callable[[Path], list[str]], list[str]]] = {
+# name -> (script, arguments given the table's path, extra arguments for --quick, or None: not in the quick run);
+# order: cheap first, so a partial run still yields tables
+BENCHMARKS: dict[str, tuple[str, Callable[[Path], list[str]], list[str] | None]] = {
     "tool_speed": ("tool_speed_bench.py", _markdown, ["--quick"]),
     "qdq": ("qdq_bench.py", lambda path: ["--profile", *_markdown(path)], ["--skip-minilm", "--runs", "3"]),
     "factorize": ("factorize_bench.py", _markdown, ["--skip-minilm", "--skip-lm"]),
@@ -46,6 +46,11 @@ BENCHMARKS: dict[str, tuple[str, Callable[[Path], list[str]], list[str]]] = {
     "heldout": ("heldout_bench.py", _markdown, ["--quick"]),
     "mobile": ("mobile_bench.py", _markdown, ["--skip-minilm", "--runs", "5"]),
     "scale": ("scale_bench.py", lambda path: ["--out", str(path)], ["--sizes", "0.05"]),
+    # the LLM benchmarks need the SmolLM2 export (~8 min) and minutes per model: not in CI's quick run (the slow
+    # tests run the same code on SmolLM2 and a tiny llama)
+    "llm_int4": ("llm_int4_bench.py", _markdown, None),
+    "llm_budget": ("llm_budget_bench.py", _markdown, None),
+    "llm_scale": ("llm_scale.py", _markdown, None),
 }
 
 
@@ -170,6 +175,31 @@ def _headline_heldout(text: str) -> str:
     return "; ".join(f"n={r['calibration n']}: {r['MB']} MB, held-out {r['held-out cos']} vs {unseen} {r[unseen]}" for r in rows) + "."
 
 
+def _headline_llm_int4(text: str) -> str:
+    rows = _rows(text)
+    peer = _find(rows, model="builder int4")
+    ours = [r for r in rows if r.get("model", "").startswith("onnxpress") and r.get("MB")]
+    best = min(ours, key=lambda r: float(r["ppl increase"].rstrip("%")))
+    return (f"SmolLM2-135M int4 (source weights Q4_1): onnxpress best {best['MB']} MB at {best['ppl increase']} perplexity, "
+            f"{best['decode tok/s (2 threads)']} tok/s vs the onnxruntime-genai builder {peer['MB']} MB at {peer['ppl increase']}, "
+            f"{peer['decode tok/s (2 threads)']} tok/s.")
+
+
+def _headline_llm_budget(text: str) -> str:
+    rows = _rows(text)
+    ours = _find(rows, model="--budget")
+    peer = _find(rows, model="builder int8")
+    return (f"SmolLM2-135M ppl_increase_rel<=3%: {ours['MB']} MB at {ours['ppl increase']} held-out in {ours['build wall s']} s, "
+            f"{ours['build peak RSS GB']} GB; builder int8 {peer['MB']} MB at {peer['ppl increase']}.")
+
+
+def _headline_llm_scale(text: str) -> str:
+    rows = [r for r in _rows(text) if r.get("int4 MB")]
+    if not rows:
+        raise LookupError("no scale rows")
+    return "; ".join(f"{r['params M']}M: int4 stage {r['int4 wall / CPU s']} s, {r['int4 RSS GB']} GB" for r in rows) + " (wall / CPU s, peak RSS)."
+
+
 HEADLINES: dict[str, Callable[[str], str]] = {
     "tool_speed": _headline_tool_speed,
     "qdq": _headline_qdq,
@@ -179,6 +209,9 @@ HEADLINES: dict[str, Callable[[str], str]] = {
     "heldout": _headline_heldout,
     "mobile": _headline_mobile,
     "scale": _headline_scale,
+    "llm_int4": _headline_llm_int4,
+    "llm_budget": _headline_llm_budget,
+    "llm_scale": _headline_llm_scale,
 }
 
 
@@ -329,11 +362,14 @@ def main(argv: list[str] | None = None) -> int:
     ran: dict[str, tuple[int, float]] = {}
     for name in args.names or list(BENCHMARKS):
         script, table_args, quick_args = BENCHMARKS[name]
+        if args.quick and quick_args is None:
+            print(f"== {name}: not in the quick run (minutes per model on the real LLM)")
+            continue
         path = HERE / script
         if not path.exists():
             print(f"== {name}: {script} not present, skipped")
             continue
-        command = [sys.executable, str(path), *table_args(results / f"{name}.md"), *(quick_args if args.quick else [])]
+        command = [sys.executable, str(path), *table_args(results / f"{name}.md"), *(quick_args if args.quick and quick_args else [])]
         print(f"== {name}: {' '.join(command[1:])}", flush=True)
         start = time.perf_counter()
         # a temporary CWD: peers such as onnxruntime.quantization drop *.data / sym_shape_infer_temp.onnx into it
