@@ -39,6 +39,9 @@ RECIPES = {
     "onnxpress int4 GPTQ": "qdq(mode=int4,accuracy_level=4)",
     "onnxpress int4 AWQ + GPTQ": "qdq(mode=int4,awq=true,accuracy_level=4)",
     "onnxpress int4 AWQ + GPTQ, symmetric blocks (no zero points)": "qdq(mode=int4,awq=true,accuracy_level=4,int4_symmetric=true)",
+    "onnxpress int4 AWQ + GPTQ, signed 16-level symmetric blocks, act order, scale refit, damp 0.3 (no zero points)": (
+        "qdq(mode=int4,awq=true,accuracy_level=4,int4_symmetric=true,int4_signed=true,gptq_act_order=true,gptq_refit=true,gptq_damp=0.3)"
+    ),
 }
 COPY = ("genai_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 MAX_TOKENS = 256

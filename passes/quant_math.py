@@ -382,7 +382,8 @@ def _gptq_with_hessian(
     """``quantize_blockwise``'s GPTQ when the Hessian itself is known: clip search weighted by its diagonal, act
     order with static groups when ``factor.order`` is set, least-squares scale refit after rounding."""
     importance = np.maximum(np.diag(factor.hessian), 0.0)
-    original = work.copy() if refit else None  # GPTQ overwrites ``work`` with its compensated rows
+    # GPTQ in natural order overwrites ``work`` with its compensated rows; in act order it works on a permuted copy
+    original = work.copy() if (refit and factor.order is None) else work
     if factor.order is None:
         params = lambda blk, weights: block_params(blk, qmin, qmax, symmetric, clip, signed=signed, row_weights=weights)  # noqa: E731
         codes, scales, zps = gptq(work, (factor.inverse, factor.dead), block_size, params, qmin, qmax, damp, copy=False, row_weights=importance)

@@ -21,6 +21,16 @@ SMOOTH_ALPHAS = (0.0, 0.25, 0.4, 0.5, 0.6, 0.75, 0.85, 0.95)
 
 @dataclasses.dataclass(frozen=True)
 class QdqOptions:
+    """Options of the ``qdq`` pass (each field is a pipeline key; its help text is its documentation).
+
+    int4 for a deployed decoder LLM (issue 18, SmolLM2-135M from Q4_1 source weights, benchmarks/llm_int4_bench.py):
+    ``qdq(mode=int4,awq=true,int4_symmetric=true,int4_signed=true,gptq_act_order=true,gptq_refit=true,gptq_damp=0.3)``
+    stores no zero points (MatMulNBits decodes at the speed of onnxruntime-genai's int4, smaller than its file) and
+    keeps perplexity within +10%: the 16-level signed grid, GPTQ in act order with static groups, the
+    least-squares scale refit and a stronger dampening each took part of the gap to asymmetric blocks
+    (measured in benchmarks/results/llm_int4.md). Defaults are unchanged: each of these options is off.
+    """
+
     mode: Literal["static", "weight", "int4"] = option(
         "static", "static: int8 weights and activations (needs calibration data); weight: int8 weights only; int4: block-wise 4-bit weights"
     )
