@@ -305,7 +305,9 @@ def signed_scale(lo, hi, levels_below: int) -> np.ndarray:
     return np.where(np.abs(s) < _TINY, _TINY, s).astype(np.float32)
 
 
-def _ratio_params(lo0: np.ndarray, hi0: np.ndarray, r, qmin: int, qmax: int, symmetric: bool, mid: int, n: int, signed: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def _ratio_params(
+    lo0: np.ndarray, hi0: np.ndarray, r, qmin: int, qmax: int, symmetric: bool, mid: int, n: int, signed: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """Scale and zero point of each column clipped to ``r`` times its range ``[lo0, hi0]``."""
     if symmetric and signed:
         return signed_scale(lo0 * r, hi0 * r, mid - qmin), np.full(n, mid, np.int64)
@@ -314,7 +316,9 @@ def _ratio_params(lo0: np.ndarray, hi0: np.ndarray, r, qmin: int, qmax: int, sym
     return affine_params(lo0 * r, hi0 * r, qmin, qmax)
 
 
-def _blockwise_rtn(work: np.ndarray, block_size: int, qmin: int, qmax: int, symmetric: bool, clip: str, signed: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _blockwise_rtn(
+    work: np.ndarray, block_size: int, qmin: int, qmax: int, symmetric: bool, clip: str, signed: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``quantize_blockwise`` without a Hessian: each block's parameters from its own values, several blocks at
     a time (their columns side by side for ``block_params``); codes written straight into uint8."""
     k, n = work.shape
