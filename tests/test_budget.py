@@ -403,8 +403,8 @@ def test_predicted_search_measures_fewer_candidates_and_still_meets_the_budget(m
 
 
 def test_one_measured_quantization_per_layer_predicts_the_others(mlp):
-    """A grid without structural options measures only each layer's most compressing quantization and predicts
-    the others from its gain (``measure_quants="auto"``): within 2x of their measurements, the same result size."""
+    """A grid without structural options measures each layer's least and most compressing quantization and
+    interpolates the others (``measure_quants="auto"``): within 2x of their measurements, the same result size."""
     model, calib, evals = mlp
     grid = Grid(quants=("int8", "int4/32", "int4/128"), splits=(), ratios=())
     full = bg.search(model, "cos>=0.995", calibration=calib, evaluation=evals, grid=grid, cache=False, measure_quants="all")
@@ -414,11 +414,47 @@ def test_one_measured_quantization_per_layer_predicts_the_others(mlp):
     smallest = {}
     for c in fast.candidates:
         smallest[c["layer"]] = min(smallest.get(c["layer"], c["bytes"]), c["bytes"])
-    assert len(measured) == 3 and all(c["bytes"] == smallest[c["layer"]] for c in measured)  # int4/128; fc1 (K = 64): int4/32
+    largest = {}
+    for c in fast.candidates:
+        largest[c["layer"]] = max(largest.get(c["layer"], c["bytes"]), c["bytes"])
+    # fc2, fc3: int8 and int4/128 measured, int4/32 interpolated; fc1 (K = 64) has only int8 and int4/32: both measured
+    assert len(measured) == 6 and all(c["bytes"] in (smallest[c["layer"]], largest[c["layer"]]) for c in measured)
     truth = {(c["layer"], c["choice"]): c["d"] for c in full.candidates}
     for c in fast.candidates:
         assert 0.5 < c["d"] / truth[(c["layer"], c["choice"])] < 2.0, c
     assert fast.bytes_after <= 1.05 * full.bytes_after
+
+
+@pytest.mark.parametrize("option", ["int4/32", "int4/128"])
+def test_simulation_quantizes_the_input_as_the_built_kernel_does(mlp, option):
+    """MatMulNBits computes at accuracy_level 4 with its input quantized per row in blocks: the simulation's
+    switched input quantization reproduces the built model as onnxruntime runs it, not just in error size."""
+    model, calib, evals = mlp
+    planners = Planners.registered()
+    layers, _ = find_layers(model, Grid(ratios=()), planners)
+    layer = next(layer for layer in layers if layer.name == "fc2")
+    block = planners.storage.activation_block(layer, option)
+    assert block == int(option.split("/")[1])
+    w, delta = reconstruct(planners, layer, Choice(None, option), None)
+    sim = Simulator(model, layers, [], act_blocks={"fc2": [32, 128]})
+    original = sim.run(evals)
+    assert compare(sim.run(evals, sim.override(layer, w, delta)), original).d > 0  # the switch is off by default
+    simulated = sim.run(evals, sim.override(layer, w, delta, block))
+    built, _ = bg.build(model, {"fc2": Choice(None, option)}, [], planners)  # no calibration: MSE rounding on both sides
+    real = [runtime.run(runtime.make_session(built), f) for f in evals]
+    assert compare(simulated, real).metrics()["max_rel_l2"] < 1e-5
+    weight_only = compare(sim.run(evals, sim.override(layer, w, delta)), real).metrics()["max_rel_l2"]
+    assert weight_only > 100 * compare(simulated, real).metrics()["max_rel_l2"]
+
+
+def test_int8_input_quantization_is_checked_on_the_model(mlp):
+    """Whether onnxruntime fuses int8 DequantizeLinear + MatMul into MatMulNBits (input quantized per block of 32)
+    depends on the graph: the search checks it once on the model. On this MLP it does not fuse."""
+    model, calib, evals = mlp
+    grid = Grid(quants=("int8", "int4/32"), splits=(), ratios=())
+    result = bg.search(model, "cos>=0.995", calibration=calib, evaluation=evals, grid=grid, cache=False)
+    assert any(n.startswith("int8: onnxruntime does not quantize the layer input") for n in result.notes), result.notes
+    assert result.passed
 
 
 def test_an_evaluate_that_accepts_sessions_scores_the_simulation_session(mlp):

@@ -27,12 +27,12 @@ import onnx_ir as ir
 
 from onnxpress.budget import cache as sens_cache
 from onnxpress.budget.build import build
-from onnxpress.budget.layers import FP32, Choice, Grid, Planners, Recon, choice_bytes, find_layers, local_error, reconstruct_kept, weight_energy
+from onnxpress.budget.layers import FP32, Choice, Grid, Layer, Planners, Recon, choice_bytes, find_layers, local_error, reconstruct, reconstruct_kept, weight_energy
 from onnxpress.budget.paths import TINY, Move, greedy_path, lower_hull, search_path
 from onnxpress.budget.spec import CONFIDENCE_Z
 from onnxpress.budget.progress import Reporter
 from onnxpress.budget.result import BudgetResult, LayerDecision, Point
-from onnxpress.budget.simulate import Simulator, output_metrics
+from onnxpress.budget.simulate import Simulator, compare, output_metrics
 from onnxpress.budget.spec import OUTPUT_METRICS, Budget
 from onnxpress.errors import UsageError
 from onnxpress.passes.calib_stats import blas_threads, collect_input_stats
@@ -56,9 +56,9 @@ class SearchOptions:
     baselines: bool = False
     predict: bool = True
     refine_rounds: int = 3
-    # plain quantizations measured per layer: "all", "one" (the most compressing; the others predicted from its
-    # gain and their local errors), "auto" ("one" when the grid has no structural option, whose predictions need
-    # every quantization's gain)
+    # plain quantizations measured per layer: "all", or "one" (the least and the most compressing; the others
+    # interpolated between them on their local errors), "auto" ("one" when the grid has no structural option,
+    # whose predictions need every quantization's gain)
     measure_quants: str = "auto"
 
 
@@ -182,7 +182,11 @@ class BudgetSearch:
         (plain quantizations measured; factorizations predicted from the layer's gain when ``predict``)."""
         t0 = time.perf_counter()
         layers = self.layers
-        self.sim = Simulator(self.working, layers, [layer for layer in layers if any(c.structure is not None for c in layer.choices)], threads=self.jobs)
+        self.runtime_quantized: dict[str, bool] = {}  # storage option -> its input quantization checked on this model
+        act_blocks = {layer.name: sorted({b for c in layer.choices if (b := self.act_block(layer, c, checked=False)) is not None}) for layer in layers}
+        self.sim = Simulator(self.working, layers, [layer for layer in layers if any(c.structure is not None for c in layer.choices)], threads=self.jobs,
+                             act_blocks={name: blocks for name, blocks in act_blocks.items() if blocks})
+        self.check_runtime_quantization()
         if not self.budget.is_output_metric:
             # fail fast on a metric the task does not report, or a budget the original model misses itself
             original_value = _task_value(self.evaluate, self.task_model({}), self.budget.metric)
@@ -200,7 +204,7 @@ class BudgetSearch:
         self.predicted: set[tuple[int, Choice]] = set()  # (layer, choice) whose d is predicted, not measured yet
         self.local_errors: dict[tuple[int, Choice], float] = {}
         self.energies: dict[int, float] = {}  # layer -> tr(W^T S W), the denominator of its local errors
-        self.quant_predicted: set[tuple[int, Choice]] = set()  # plain quantizations predicted from their layer's anchor
+        self.quant_predicted: set[tuple[int, Choice]] = set()  # plain quantizations interpolated between their layer's anchors
         self.last_reader = {layer.x: li for li, layer in enumerate(layers) if layer.x is not None}
         self.measure_quants = self.opt.measure_quants
         if self.measure_quants not in ("auto", "all", "one"):
@@ -221,7 +225,7 @@ class BudgetSearch:
 
     def _layer_sensitivity(self, li: int, pool: Any, advance: Callable[..., None]) -> None:
         """One layer's table: groups of candidates, the plain quantizations first (measured, or with
-        ``measure_quants="one"`` only the most compressing one and the others predicted from its gain), then one
+        ``measure_quants="one"`` the least and the most compressing, the others interpolated), then one
         group per ratio (largest first); a ratio whose error alone passes ``max_layer_error`` ends the layer."""
         layer = self.layers[li]
         table = [(float(layer.fp32_bytes), 0.0)]
@@ -233,17 +237,18 @@ class BudgetSearch:
         for gi, group in enumerate(groups):
             if gi == 1 and self.opt.predict:
                 gain = self.layer_gain(li, tried, table)
-            anchor = self._quant_anchor(li, group) if gi == 0 else None
+            anchors = self._quant_anchors(li, group) if gi == 0 else ()
             todo = [c for c in group if f"{layer.name}|{c.label}" not in self.cached and gain is None]
             # candidates are computed on the pool while onnxruntime measures the ones ready
             futures = {c: pool.submit(self.recon, li, c) for c in todo} if pool is not None and len(todo) > 1 else {}
             group_best = float("inf")
-            if anchor is not None:  # the anchor first: the group's other candidates are predicted from its gain
-                group = [anchor, *(c for c in group if c != anchor)]
+            if anchors:  # the anchors first: the group's other candidates are interpolated between them
+                group = [*anchors, *(c for c in group if c not in anchors)]
             for c in group:
-                d = self._candidate_d(li, c, gain, futures)
-                if anchor is not None and c == anchor:
-                    gain = self.layer_gain(li, [anchor], [table[0], (0.0, d)])
+                if anchors and c not in anchors:
+                    d = self._interpolated_d(li, c, anchors, [table[1 + tried.index(a)][1] for a in anchors])
+                else:
+                    d = self._candidate_d(li, c, gain, futures)
                 nbytes = choice_bytes(self.planners, layer, c)
                 table.append((float(nbytes), d))
                 tried.append(c)
@@ -251,8 +256,6 @@ class BudgetSearch:
                 self.candidates.append({"layer": layer.name, "op": layer.op, "choice": c.label, "technique": c.technique, "bytes_before": layer.fp32_bytes,
                                         "bytes": nbytes, "d": d, "measured": (li, c) not in self.predicted and (li, c) not in self.quant_predicted})
                 advance()
-            if anchor is not None:
-                gain = None
             if gi > 0 and group_best > self.grid.max_layer_error:
                 skipped_count = sum(len(g) for g in groups[gi + 1 :])
                 if skipped_count:
@@ -272,13 +275,28 @@ class BudgetSearch:
                 self.recon_memo.pop((li, c), None)
         self._release_inputs(li)
 
-    def _quant_anchor(self, li: int, group: Sequence[Choice]) -> Choice | None:
-        """With ``measure_quants="one"``: the plain quantization of layer ``li`` that is measured (the most
-        compressing: the largest error, the most reliable gain); None: every one is measured."""
+    def _quant_anchors(self, li: int, group: Sequence[Choice]) -> tuple[Choice, ...]:
+        """With ``measure_quants="one"``: the plain quantizations of layer ``li`` that are measured, the least and the
+        most compressing; the others are interpolated between them (``_interpolated_d``). Empty: every one is measured."""
         layer = self.layers[li]
-        if self.measure_quants != "one" or layer.x is None or len(group) < 2:
-            return None
-        return min(group, key=lambda c: choice_bytes(self.planners, layer, c))
+        if self.measure_quants != "one" or layer.x is None or len(group) < 3:
+            return ()
+        by_bytes = sorted(group, key=lambda c: choice_bytes(self.planners, layer, c))
+        return (by_bytes[-1], by_bytes[0])
+
+    def _interpolated_d(self, li: int, c: Choice, anchors: Sequence[Choice], anchor_d: Sequence[float]) -> float:
+        """``d`` of a plain quantization between the two measured anchors of its layer, linear in the layer's local
+        (weight) error: the run-time quantization of the input, which the local error does not see, is in both
+        anchors' measurements (int8 and int4/32 quantize it in the same blocks); a cached measurement wins."""
+        key = f"{self.layers[li].name}|{c.label}"
+        if key in self.cached:
+            return float(self.cached[key])
+        (lo, hi), (d_lo, d_hi) = anchors, anchor_d
+        e_lo, e_hi, e = self.local(li, lo), self.local(li, hi), self.local(li, c)
+        if not e_hi > e_lo:
+            return self.measure_alone(li, c)
+        self.quant_predicted.add((li, c))
+        return d_lo + min(max((e - e_lo) / (e_hi - e_lo), 0.0), 1.0) * (d_hi - d_lo)
 
     def _release_inputs(self, li: int) -> None:
         """After the last layer reading an input: the storage planner's factors for it go (``release``), and its
@@ -301,9 +319,6 @@ class BudgetSearch:
             return float(self.cached[key])
         if c in futures:
             futures[c].result()
-        if gain is not None and c.structure is None:  # a plain quantization beside the measured anchor
-            self.quant_predicted.add((li, c))
-            return gain * self.local(li, c)
         if gain is not None:
             self.predicted.add((li, c))
             return self.predict_d(li, c, gain)
@@ -318,11 +333,50 @@ class BudgetSearch:
             kept = self.recon_memo[key] = reconstruct_kept(self.planners, layer, choice, self.stats.get(layer.x) if layer.x else None)
         return kept.weight(), kept.delta
 
+    def act_block(self, layer: Layer, c: Choice, checked: bool = True) -> int | None:
+        """The block in which ``c``'s kernel quantizes the layer's input at run time (the storage planner's
+        ``activation_block``; ``checked``: where that depends on the session, only if ``check_runtime_quantization``
+        saw it), or None."""
+        block_of = getattr(self.planners.storage, "activation_block", None)
+        if block_of is None or c.structure is not None or c.storage is None:
+            return None
+        if checked and not self.runtime_quantized.get(c.storage, True):
+            return None
+        return block_of(layer, c.storage)
+
+    def check_runtime_quantization(self) -> None:
+        """For each storage option whose run-time input quantization depends on the session's fusions (the
+        planner's ``activation_block_measured``), build it with the real pass on one layer (MSE rounding, no
+        calibration) and see on one fit feed whether onnxruntime's output is the simulation's with the input
+        quantized or without: whichever is closer decides for every layer."""
+        from onnxpress import runtime
+
+        measured = getattr(self.planners.storage, "activation_block_measured", None)
+        if measured is None:
+            return
+        options = dict.fromkeys(c.storage for layer in self.layers for c in layer.choices
+                                if c.structure is None and c.storage is not None and measured(c.storage))
+        for option in options:
+            choice = Choice(None, option)
+            layer = next((lay for lay in self.layers if choice in lay.choices and self.act_block(lay, choice, checked=False) is not None), None)
+            if layer is None:
+                continue
+            w, delta = reconstruct(self.planners, layer, choice, None)
+            built, _ = build(self.working, {layer.name: choice}, [], self.planners)
+            session = runtime.make_session(built, threads=self.jobs)
+            real = [runtime.run(session, feed, self.sim.output_names) for feed in self.sens_feeds[:1]]
+            del session, built
+            with_input = compare(self.sim.run(self.sens_feeds[:1], self.sim.override(layer, w, delta, self.act_block(layer, choice, checked=False))), real).d
+            without = compare(self.sim.run(self.sens_feeds[:1], self.sim.override(layer, w, delta)), real).d
+            self.runtime_quantized[option] = with_input < without
+            self.notes.append(f"{option}: onnxruntime {'quantizes' if with_input < without else 'does not quantize'} the layer input at run time "
+                              f"(checked on {layer.name}); the simulation {'does' if with_input < without else 'does not'} too")
+
     def measure_alone(self, li: int, c: Choice) -> float:
         """``d`` of candidate ``c`` applied to layer ``li`` alone, measured in the simulation session."""
         layer = self.layers[li]
         w, delta = self.recon(li, c)
-        d = self.sim.error(self.sens_feeds, self.sim.override(layer, w, delta)).d
+        d = self.sim.error(self.sens_feeds, self.sim.override(layer, w, delta, self.act_block(layer, c))).d
         self.cached[f"{layer.name}|{c.label}"] = d
         return d
 
@@ -374,8 +428,9 @@ class BudgetSearch:
         for li, o in config.items():
             if o == 0:
                 continue
-            w, delta = self.recon(li, self.layer_options[li][o])
-            out.update(self.sim.override(self.layers[li], w, delta))
+            c = self.layer_options[li][o]
+            w, delta = self.recon(li, c)
+            out.update(self.sim.override(self.layers[li], w, delta, self.act_block(self.layers[li], c)))
         return out
 
     def task_model(self, over: dict[str, np.ndarray]) -> Any:
@@ -685,9 +740,9 @@ def search(
     quantizations of every layer; predict the factorization candidates' errors from the layer's gain
     (measured d / its own output error) and measure, after a first search, only those the search uses or
     could use (``refine_rounds`` times at most); False measures every candidate. ``measure_quants``: "all" plain
-    quantizations of a layer measured, or "one" (the most compressing; the others predicted from its gain and
-    their local errors: a third of the model runs on a decoder's int8/int4/32/int4/128 grid); "auto": "one" when
-    the grid has no structural option. ``cache``: True (``$ONNXPRESS_CACHE`` or
+    quantizations of a layer measured, or "one" (the least and the most compressing; the others interpolated on
+    their local errors: two thirds of the model runs on a decoder's int8/int4/32/int4/128 grid); "auto": "one"
+    when the grid has no structural option. ``cache``: True (``$ONNXPRESS_CACHE`` or
     ``~/.cache/onnxpress``), a folder, or False. Returns a ``BudgetResult``.
     """
     options = SearchOptions(grid=grid, jobs=jobs, cache=cache, sensitivity_batches=sensitivity_batches, rounds=rounds, size_tol=size_tol,

@@ -73,9 +73,63 @@ def bias_name(layer: Layer) -> str:
     return f"{layer.weight}/budget_delta"
 
 
-def simulation_model(model: ir.Model, layers: Sequence[Layer], with_bias: Sequence[Layer]) -> ir.Model:
+def switch_name(layer: Layer, block: int) -> str:
+    return f"{layer.weight}/budget_act_int8_{block}"
+
+
+def _constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    value = ir.Value(name=name, type=ir.TensorType(ir.DataType.from_numpy(array.dtype)), shape=ir.Shape(array.shape), const_value=ir.tensor(array, name=name))
+    graph.register_initializer(value)
+    return value
+
+
+def _quantized_input(graph: ir.Graph, node: ir.Node, layer: Layer, blocks: Sequence[int], opset: int) -> None:
+    """Feed ``node`` its input as a kernel that quantizes it per row in blocks computes with: ``x + sum_B s_B *
+    (fq_B(x) - x)``, ``fq_B`` symmetric int8 per row and block of ``B`` along K (scale max|x| / 127, round to
+    nearest even: MatMulNBits at accuracy_level 4, exactly), ``s_B`` an overridable switch, 0 by default."""
+    x = node.inputs[0]
+    k = layer.matrix.shape[0]
+    new: list[ir.Node] = []
+
+    def op(kind: str, inputs: Sequence[ir.Value], tag: str, **attributes: object) -> ir.Value:
+        out = ir.Value(name=f"{prefix}/{tag}")
+        new.append(ir.node(kind, list(inputs), attributes or None, outputs=[out], name=f"{prefix}/{tag}"))
+        return out
+
+    total = x
+    for block in blocks:
+        prefix = switch_name(layer, block)
+        switch = _constant(graph, prefix, np.zeros((), np.float32))
+        graph.inputs.append(switch)
+        padded = -(-k // block) * block
+        rows = op("Reshape", [x, _constant(graph, f"{prefix}/rows_shape", np.array([-1, k], np.int64))], "rows")
+        if padded != k:
+            rows = op("Pad", [rows, _constant(graph, f"{prefix}/pads", np.array([0, 0, 0, padded - k], np.int64))], "padded")
+        blocked = op("Reshape", [rows, _constant(graph, f"{prefix}/block_shape", np.array([-1, padded // block, block], np.int64))], "blocked")
+        magnitude = op("Abs", [blocked], "abs")
+        if opset >= 18:
+            amax = op("ReduceMax", [magnitude, _constant(graph, f"{prefix}/axes", np.array([-1], np.int64))], "amax", keepdims=1)
+        else:
+            amax = op("ReduceMax", [magnitude], "amax", axes=[-1], keepdims=1)
+        scale = op("Div", [amax, _constant(graph, f"{prefix}/qmax", np.array(127.0, np.float32))], "scale")
+        safe = op("Max", [scale, _constant(graph, f"{prefix}/tiny", np.array(1e-30, np.float32))], "safe_scale")
+        codes = op("Round", [op("Div", [blocked, safe], "scaled")], "codes")
+        flat = op("Reshape", [op("Mul", [codes, scale], "dequantized"), _constant(graph, f"{prefix}/flat_shape", np.array([-1, padded], np.int64))], "flat")
+        if padded != k:
+            flat = op("Slice", [flat, _constant(graph, f"{prefix}/starts", np.array([0], np.int64)), _constant(graph, f"{prefix}/ends", np.array([k], np.int64)),
+                                _constant(graph, f"{prefix}/slice_axes", np.array([1], np.int64))], "unpadded")
+        back = op("Reshape", [flat, op("Shape", [x], "shape")], "back")
+        total = op("Add", [total, op("Mul", [op("Sub", [back, x], "change"), switch], "switched")], "sum")
+    graph.insert_before(node, new)
+    node.replace_input_with(0, total)
+
+
+def simulation_model(model: ir.Model, layers: Sequence[Layer], with_bias: Sequence[Layer],
+                     act_blocks: Mapping[str, Sequence[int]] | None = None) -> ir.Model:
     """A copy of ``model`` whose layer weights are overridable and where each layer in ``with_bias`` is
-    followed by ``Add(y, delta)`` with an overridable zero ``delta`` (the bias a calibrated factorization adds)."""
+    followed by ``Add(y, delta)`` with an overridable zero ``delta`` (the bias a calibrated factorization adds).
+    ``act_blocks``: layer name -> block sizes whose int8 quantization of the layer's input at run time a
+    candidate brings (``_quantized_input``: switched off until an override switches one on)."""
     clone = runtime.copy_model(model)  # keeps where external weights live (a proto round trip forgets the folder)
     graph = clone.graph
     for layer in layers:
@@ -83,6 +137,11 @@ def simulation_model(model: ir.Model, layers: Sequence[Layer], with_bias: Sequen
         if not value.is_graph_input():
             graph.inputs.append(value)
     nodes = list(graph)
+    opset = clone.opset_imports.get("", 17)
+    for layer in layers:
+        blocks = (act_blocks or {}).get(layer.name, ())
+        if blocks:
+            _quantized_input(graph, nodes[layer.index], layer, sorted(blocks), opset)
     for layer in with_bias:
         node = nodes[layer.index]
         out = node.outputs[0]
@@ -111,16 +170,25 @@ def simulation_model(model: ir.Model, layers: Sequence[Layer], with_bias: Sequen
 class Simulator:
     """One ORT session that computes the model with any layers replaced by reconstructions."""
 
-    def __init__(self, model: ir.Model, layers: Sequence[Layer], with_bias: Sequence[Layer], threads: int | None = None) -> None:
-        self.model = simulation_model(model, layers, with_bias)
+    def __init__(self, model: ir.Model, layers: Sequence[Layer], with_bias: Sequence[Layer], threads: int | None = None,
+                 act_blocks: Mapping[str, Sequence[int]] | None = None) -> None:
+        self.model = simulation_model(model, layers, with_bias, act_blocks)
         self.with_bias = {layer.name for layer in with_bias}
-        self.overridable = {layer.weight for layer in layers} | {bias_name(layer) for layer in with_bias}
+        self.act_blocks = {name: set(blocks) for name, blocks in (act_blocks or {}).items()}
+        self.overridable = ({layer.weight for layer in layers} | {bias_name(layer) for layer in with_bias}
+                            | {switch_name(layer, b) for layer in layers for b in self.act_blocks.get(layer.name, ())})
         self.session = runtime.make_session(self.model, threads=threads)
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._references: dict[int, list[dict[str, np.ndarray]]] = {}
 
-    def override(self, layer: Layer, weight: np.ndarray, delta: np.ndarray | None) -> Override:
+    def override(self, layer: Layer, weight: np.ndarray, delta: np.ndarray | None, act_block: int | None = None) -> Override:
+        """The feeds that replace ``layer``'s weight (and bias delta; ``act_block``: its input quantized per row in
+        blocks of that size, as the rewritten kernel computes)."""
         feed = {layer.weight: np.ascontiguousarray(weight, np.float32)}
+        if act_block is not None:
+            if act_block not in self.act_blocks.get(layer.name, ()):
+                raise ValueError(f"layer '{layer.name}' has no int8 input switch for blocks of {act_block}")
+            feed[switch_name(layer, act_block)] = np.array(1.0, np.float32)
         if delta is not None:
             if layer.name not in self.with_bias:
                 raise ValueError(f"layer '{layer.name}' has no bias slot in the simulation model")

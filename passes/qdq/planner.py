@@ -31,6 +31,9 @@ from onnxpress.passes.qdq.pass_ import Qdq
 from onnxpress.passes.qdq.targets import find_targets, index_values, indexed_rows
 
 MATMUL_MAX_BLOCK = 256  # MatMulNBits' CPU kernels take blocks of 16..256; GatherBlockQuantized takes larger
+# onnxruntime's CPU session fuses an int8 DequantizeLinear + MatMul into MatMulNBits(bits=8, accuracy_level=4) with
+# blocks of this many inputs (its session defaults), so the input is quantized per row in blocks of 32
+ORT_INT8_MATMUL_BLOCK = 32
 UNNAMED = "unnamed node (pipeline options select layers by name)"
 
 
@@ -358,6 +361,27 @@ class QdqPlanner:
         compact = quantized_codes(layer.matrix, q, None, factor)
         compact.transposed = bool(layer.trans_b)
         return compact
+
+    def activation_block(self, layer: LayerView, option: str) -> int | None:
+        """The block size in which the rewritten layer quantizes its input to int8 when onnxruntime runs it, or None.
+
+        ``int4/B`` on a MatMul/Gemm is MatMulNBits, whose default ``accuracy_level=4`` computes with the input
+        quantized per row in blocks of ``B`` (symmetric, max/127); ``int8`` on a MatMul is DequantizeLinear +
+        MatMul, which onnxruntime's CPU session may fuse into MatMulNBits(bits=8) at accuracy_level 4 with blocks
+        of 32 (both measured bit-exact against that fake quantization; ``activation_block_measured``). On a SmolLM2 mixed build this was +20% on
+        the perplexity increase that a simulation with the dequantized weights alone did not see."""
+        q = QuantOption.parse(option)
+        if q.kind == "int8":
+            return ORT_INT8_MATMUL_BLOCK if layer.op == "MatMul" else None
+        if q.kind != "int4" or layer.op not in ("MatMul", "Gemm") or QdqOptions().accuracy_level != 4:
+            return None
+        return q.block
+
+    def activation_block_measured(self, option: str) -> bool:
+        """Whether ``activation_block`` of ``option`` depends on the session's fusions (int8: onnxruntime fused it
+        on SmolLM2's graph and on one-MatMul graphs, not on the budget tests' MLP), so that the search must check it
+        on the model once (``BudgetSearch.check_runtime_quantization``); int4 is MatMulNBits itself."""
+        return QuantOption.parse(option).kind == "int8"
 
     @property
     def held_factors(self) -> list[tuple[str, int]]:
