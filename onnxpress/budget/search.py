@@ -103,6 +103,7 @@ class BudgetSearch:
         self.points: list[Point] = []
         self.attempts: list[dict[str, Any]] = []
         self.checked: dict[tuple[tuple[int, int], ...], float] = {}  # configuration -> measured budget metric
+        self._sim: Simulator | None = None
         self._tick: Callable[..., None] = lambda *a, **k: None  # the progress of the stage searching now
 
     # -- data ---------------------------------------------------------------------------------------------
@@ -184,8 +185,8 @@ class BudgetSearch:
         layers = self.layers
         self.runtime_quantized: dict[str, bool] = {}  # storage option -> its input quantization checked on this model
         act_blocks = {layer.name: sorted({b for c in layer.choices if (b := self.act_block(layer, c, checked=False)) is not None}) for layer in layers}
-        self.sim = Simulator(self.working, layers, [layer for layer in layers if any(c.structure is not None for c in layer.choices)], threads=self.jobs,
-                             act_blocks={name: blocks for name, blocks in act_blocks.items() if blocks})
+        self._sim_args = (layers, [layer for layer in layers if any(c.structure is not None for c in layer.choices)],
+                          {name: blocks for name, blocks in act_blocks.items() if blocks})
         self.check_runtime_quantization()
         if not self.budget.is_output_metric:
             # fail fast on a metric the task does not report, or a budget the original model misses itself
@@ -333,6 +334,19 @@ class BudgetSearch:
             kept = self.recon_memo[key] = reconstruct_kept(self.planners, layer, choice, self.stats.get(layer.x) if layer.x else None)
         return kept.weight(), kept.delta
 
+    @property
+    def sim(self) -> Simulator:
+        """The simulation session, made on first use and again after ``drop_simulator``."""
+        if self._sim is None:
+            layers, with_bias, act_blocks = self._sim_args
+            self._sim = Simulator(self.working, layers, with_bias, threads=self.jobs, act_blocks=act_blocks)
+        return self._sim
+
+    def drop_simulator(self) -> None:
+        """Free the simulation session (its copy of every weight: ~0.6 GB on SmolLM2) while the passes build and the
+        built model is verified; a search after a back-off makes it again (seconds)."""
+        self._sim = None
+
     def act_block(self, layer: Layer, c: Choice, checked: bool = True) -> int | None:
         """The block in which ``c``'s kernel quantizes the layer's input at run time (the storage planner's
         ``activation_block``; ``checked``: where that depends on the session, only if ``check_runtime_quantization``
@@ -376,7 +390,7 @@ class BudgetSearch:
         """``d`` of candidate ``c`` applied to layer ``li`` alone, measured in the simulation session."""
         layer = self.layers[li]
         w, delta = self.recon(li, c)
-        d = self.sim.error(self.sens_feeds, self.sim.override(layer, w, delta, self.act_block(layer, c))).d
+        d = self.sim.error(self.sens_feeds, self.sim.override(layer, w, delta, self.act_block(layer, c)), per_sample=False).d
         self.cached[f"{layer.name}|{c.label}"] = d
         return d
 
@@ -559,7 +573,10 @@ class BudgetSearch:
                 if last_resort:
                     self.config = {}
                     self.notes.append("no configuration met the budget when built with the real passes: returned the lossless model")
-                built, simulated, check_rows = self._build_once()
+                simulated = self.measure(self.config)  # before the simulation session goes
+                self.drop_simulator()
+                self.final = None  # a failed build's model goes before the next is built
+                built, check_rows = self._build_once(simulated)
                 advance()
                 self.final = built
                 if built.passed or last_resort:
@@ -589,9 +606,10 @@ class BudgetSearch:
             self.reference_outputs = [_float_outputs(runtime.run(ref_session, f)) for f in self.eval_feeds]
             self.fit_reference = [_float_outputs(runtime.run(ref_session, f)) for f in self.calib]
 
-    def _build_once(self) -> tuple[Built, float, list[dict[str, Any]]]:
-        """Build ``config``, measure it on held-out and fit data; (the build, its simulated value, the
-        embedding splits' held-out coverage). Appends the attempt to ``attempts``."""
+    def _build_once(self, simulated: float) -> tuple[Built, list[dict[str, Any]]]:
+        """Build ``config``, measure it on held-out and fit data; (the build, the embedding splits' held-out
+        coverage). ``simulated``: the configuration's simulated value on the fit data. Appends the attempt to
+        ``attempts``."""
         from onnxpress.io import model_bytes
         from onnxpress.pipeline import Pipeline
 
@@ -612,12 +630,11 @@ class BudgetSearch:
         if self.budget.ok(value) and not ok:
             self.notes.append(f"held-out {self.budget.metric} {value:.6g} meets the budget, but not by {CONFIDENCE_Z} standard errors "
                               f"(s.e. {standard_error:.3g} over {len(self.eval_feeds)} held-out feeds): not enough evidence; backing off")
-        simulated = self.measure(config)
         check_rows = self._heldout_checks(config)
         self.attempts.append({"pipeline": text, "bytes": model_bytes(built_model), "value": value, "fit_value": fit_value,
                               "standard_error": standard_error, "simulated": simulated, "passed": ok, "target": self.target.value,
                               "heldout_checks": check_rows})
-        return Built(built_model, text, metrics, value, fit_value, ok, dict(config)), simulated, check_rows
+        return Built(built_model, text, metrics, value, fit_value, ok, dict(config)), check_rows
 
     def _heldout_checks(self, config: dict[int, int]) -> list[dict[str, Any]]:
         """The planners' held-out checks of the fit-dependent options in ``config`` (``heldout_check``: e.g. how
