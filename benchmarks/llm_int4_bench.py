@@ -205,7 +205,7 @@ def main() -> None:
             models[label]["tok_s"].append(decode_tok_s(sessions[label], spec, prompt))
         decode_load.append(os.getloadavg()[0])
     del sessions
-    baseline = next((np.array(m["tok_s"]) for label, m in models.items() if "builder" in label), None)
+    baseline = next((np.array(m["tok_s"]) for label, m in models.items() if label.startswith("onnxruntime-genai builder int4")), None)
     reference_tokens = task.greedy(runtime.make_session(source / "model.onnx"), [prompt], 8, spec)[0]
     rows = []
     for label, m in models.items():
