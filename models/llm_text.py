@@ -1,4 +1,5 @@
-"""English prose for the LLM task: 20 calibration and 40 evaluation paragraphs that never overlap.
+"""English prose for the LLM task: 20 calibration and 40 evaluation paragraphs that never overlap, and 40
+confirmation paragraphs (``confirm_texts``) that no choice was made on.
 
 There is no dataset download; the paragraphs are the prose paragraphs of the Python standard library's
 docstrings (read with ``ast``, nothing imported), harvested once by ``python -m onnxpress.models.llm_text``
@@ -22,8 +23,12 @@ from onnxpress.models import common
 
 CALIBRATION_FILE = "llm_calibration.txt"
 EVAL_FILE = "llm_eval.txt"
+# 40 more paragraphs that no choice in onnxpress was ever made on: a recipe picked while looking at the
+# evaluation paragraphs (e.g. a GPTQ dampening) is confirmed here
+CONFIRM_FILE = "llm_confirm.txt"
 N_CALIBRATION = 20
 N_EVAL = 40
+N_CONFIRM = 40
 SHINGLE = 8  # words: two paragraphs sharing a run this long count as overlapping
 
 _SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "ensurepip", "turtledemo", "__pycache__"}
@@ -36,6 +41,10 @@ def calibration_texts() -> list[str]:
 
 def eval_texts() -> list[str]:
     return common.read_lines(EVAL_FILE)
+
+
+def confirm_texts() -> list[str]:
+    return common.read_lines(CONFIRM_FILE)
 
 
 def token_ids(tokenizer, texts: Sequence[str], max_tokens: int = 256) -> list[list[int]]:
@@ -91,13 +100,15 @@ def harvest(lib: Path | None = None) -> list[str]:
 def main() -> None:  # pragma: no cover - run by hand
     paras = harvest()
     random.Random(0).shuffle(paras)
-    if len(paras) < N_CALIBRATION + N_EVAL:
+    if len(paras) < N_CALIBRATION + N_EVAL + N_CONFIRM:
         raise SystemExit(f"only {len(paras)} prose paragraphs found")
     head = "# {} paragraphs (onnxpress.models.llm_text): Python 3.11 standard-library docstring prose, seeded split\n"
-    for name, part in ((CALIBRATION_FILE, paras[:N_CALIBRATION]), (EVAL_FILE, paras[N_CALIBRATION : N_CALIBRATION + N_EVAL])):
-        text = head.format("LLM calibration" if name == CALIBRATION_FILE else "LLM evaluation") + "\n".join(part) + "\n"
-        (common.DATA_DIR / name).write_text(text, encoding="utf-8")
-    print(f"{len(paras)} paragraphs harvested; wrote {N_CALIBRATION} + {N_EVAL}")
+    end = N_CALIBRATION + N_EVAL
+    parts = ((CALIBRATION_FILE, "LLM calibration", paras[:N_CALIBRATION]), (EVAL_FILE, "LLM evaluation", paras[N_CALIBRATION:end]),
+             (CONFIRM_FILE, "LLM confirmation", paras[end : end + N_CONFIRM]))
+    for name, what, part in parts:
+        (common.DATA_DIR / name).write_text(head.format(what) + "\n".join(part) + "\n", encoding="utf-8")
+    print(f"{len(paras)} paragraphs harvested; wrote {N_CALIBRATION} + {N_EVAL} + {N_CONFIRM}")
 
 
 if __name__ == "__main__":  # pragma: no cover
