@@ -1,5 +1,6 @@
-"""English prose for the LLM task: 20 calibration and 40 evaluation paragraphs that never overlap, and 40
-confirmation paragraphs (``confirm_texts``) that no choice was made on.
+"""English prose for the LLM task: 20 calibration and 40 evaluation paragraphs that never overlap, 20 selection
+paragraphs the budget search compares configurations on (``select_texts``), and 40 confirmation paragraphs
+(``confirm_texts``) that no choice was made on.
 
 There is no dataset download; the paragraphs are the prose paragraphs of the Python standard library's
 docstrings (read with ``ast``, nothing imported), harvested once by ``python -m onnxpress.models.llm_text``
@@ -26,9 +27,13 @@ EVAL_FILE = "llm_eval.txt"
 # 40 more paragraphs that no choice in onnxpress was ever made on: a recipe picked while looking at the
 # evaluation paragraphs (e.g. a GPTQ dampening) is confirmed here
 CONFIRM_FILE = "llm_confirm.txt"
+# 20 paragraphs the budget search compares configurations on: text the passes did not calibrate on (GPTQ/AWQ fit
+# the calibration paragraphs, whose perplexity increase under-states the held-out one ~3x on SmolLM2)
+SELECT_FILE = "llm_select.txt"
 N_CALIBRATION = 20
 N_EVAL = 40
 N_CONFIRM = 40
+N_SELECT = 20
 SHINGLE = 8  # words: two paragraphs sharing a run this long count as overlapping
 
 _SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "ensurepip", "turtledemo", "__pycache__"}
@@ -45,6 +50,10 @@ def eval_texts() -> list[str]:
 
 def confirm_texts() -> list[str]:
     return common.read_lines(CONFIRM_FILE)
+
+
+def select_texts() -> list[str]:
+    return common.read_lines(SELECT_FILE)
 
 
 def token_ids(tokenizer, texts: Sequence[str], max_tokens: int = 256) -> list[list[int]]:
@@ -100,15 +109,16 @@ def harvest(lib: Path | None = None) -> list[str]:
 def main() -> None:  # pragma: no cover - run by hand
     paras = harvest()
     random.Random(0).shuffle(paras)
-    if len(paras) < N_CALIBRATION + N_EVAL + N_CONFIRM:
+    if len(paras) < N_CALIBRATION + N_EVAL + N_CONFIRM + N_SELECT:
         raise SystemExit(f"only {len(paras)} prose paragraphs found")
     head = "# {} paragraphs (onnxpress.models.llm_text): Python 3.11 standard-library docstring prose, seeded split\n"
     end = N_CALIBRATION + N_EVAL
     parts = ((CALIBRATION_FILE, "LLM calibration", paras[:N_CALIBRATION]), (EVAL_FILE, "LLM evaluation", paras[N_CALIBRATION:end]),
-             (CONFIRM_FILE, "LLM confirmation", paras[end : end + N_CONFIRM]))
+             (CONFIRM_FILE, "LLM confirmation", paras[end : end + N_CONFIRM]),
+             (SELECT_FILE, "LLM selection", paras[end + N_CONFIRM : end + N_CONFIRM + N_SELECT]))
     for name, what, part in parts:
         (common.DATA_DIR / name).write_text(head.format(what) + "\n".join(part) + "\n", encoding="utf-8")
-    print(f"{len(paras)} paragraphs harvested; wrote {N_CALIBRATION} + {N_EVAL} + {N_CONFIRM}")
+    print(f"{len(paras)} paragraphs harvested; wrote {N_CALIBRATION} + {N_EVAL} + {N_CONFIRM} + {N_SELECT}")
 
 
 if __name__ == "__main__":  # pragma: no cover

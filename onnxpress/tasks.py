@@ -119,6 +119,7 @@ class Task:
     # a task with data of its own may score the budget search's comparisons on its *fit* part (the data the
     # passes calibrate on) so that its evaluation set decides only the verdict: ``fit_fn(model) -> metrics``
     fit_fn: Callable[[Any], dict[str, float]] | None = None
+    fit_source: str = "the calibration part"  # what fit_fn scores on, in words
     budget_grid: Any = None  # the budget grid (onnxpress.budget.Grid keyword arguments) that suits the task, or None
     # the condition on the task's held-out metrics that decides a lossy -p run's verdict when the user gives
     # neither --accept nor an output tolerance (None: the output comparison decides)
@@ -311,9 +312,12 @@ def llm_task(reference: Any, max_tokens: int = 128, calibration: Any = None, eva
             figures["ref"] = llm.reference_figures(session(), data, spec)
         return llm.evaluate(model, figures["ref"], data, spec=spec)
 
-    # the budget search compares configurations on the calibration sequences (perplexity only: no greedy
-    # generation, the costliest part) and the evaluation sequences decide the verdict: held-out truth
-    fit_data = llm.LLMData.from_ids(calibration_ids, n_prompts=0)
+    # the budget search compares configurations on the 20 selection paragraphs (perplexity only: no greedy
+    # generation, the costliest part) and the evaluation sequences decide the verdict: held-out truth. Not on
+    # the calibration sequences: GPTQ/AWQ fit those, and on SmolLM2 their perplexity increase was a third of the
+    # held-out one, so every first build missed and backed off (~330 s of a 19-minute search)
+    select_ids = llm_text.token_ids(tokenizer, llm_text.select_texts(), max_tokens=max_tokens)
+    fit_data = llm.LLMData.from_ids(select_ids, n_prompts=0)
 
     def fit(model: Any) -> dict[str, float]:
         if "fit_ref" not in figures:
@@ -324,6 +328,6 @@ def llm_task(reference: Any, max_tokens: int = 128, calibration: Any = None, eva
     # (SmolLM2-135M: 1,980 candidates, 19 of 66 minutes refining factorizations) and the result used one
     grid = {"quants": ("int8", "int4/32", "int4/128"), "splits": (), "ratios": ()}
     task = Task("llm", evaluate, accepts_session=True, uses_data=False, fit_fn=fit, budget_grid=grid, default_accept=LLM_DEFAULT_ACCEPT,
-                owns_data=True)
+                owns_data=True, fit_source=f"{len(select_ids)} selection paragraphs no pass calibrates on")
     task.module = LLMTaskData(spec, calibration_ids, evaluation_ids, lambda: runtime.make_session(os.fspath(reference)), calibration_source, evaluation_source)
     return task

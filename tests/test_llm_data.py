@@ -73,11 +73,14 @@ def test_bad_token_ids_are_one_line_errors(tmp_path, content, match):
         data.read(tmp_path / "bad.json", None, 8, "calibration", limit=10)
 
 
-def test_the_three_prose_sets_never_share_a_sentence():
+def test_the_four_prose_sets_never_share_a_sentence():
     from onnxpress.models import llm_text
 
-    sets = {"calibration": llm_text.calibration_texts(), "evaluation": llm_text.eval_texts(), "confirmation": llm_text.confirm_texts()}
-    assert [len(v) for v in sets.values()] == [llm_text.N_CALIBRATION, llm_text.N_EVAL, llm_text.N_CONFIRM]
+    sets = {"calibration": llm_text.calibration_texts(), "evaluation": llm_text.eval_texts(), "confirmation": llm_text.confirm_texts(),
+            "selection": llm_text.select_texts()}
+    assert [len(v) for v in sets.values()] == [llm_text.N_CALIBRATION, llm_text.N_EVAL, llm_text.N_CONFIRM, llm_text.N_SELECT]
     keys = {name: set().union(*(llm_text.shingles(p) for p in paras)) for name, paras in sets.items()}
-    assert not keys["calibration"] & keys["evaluation"]
-    assert not keys["confirmation"] & (keys["calibration"] | keys["evaluation"])
+    names = list(keys)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            assert not keys[a] & keys[b], (a, b)

@@ -145,7 +145,7 @@ class BudgetSearch:
             fit = resolved.fit_evaluator()
             if fit is not None:
                 self.evaluate = fit
-                self.notes.append(f"task {resolved.name} compares configurations on its fit data (the calibration part) and decides on its held-out evaluation set")
+                self.notes.append(f"task {resolved.name} compares configurations on its fit data ({resolved.fit_source}) and decides on its held-out evaluation set")
             elif not resolved.uses_data:
                 self.notes.append(f"task {resolved.name} scores every configuration on its own evaluation set (the passes fit only the calibration data)")
         if not self.budget.is_output_metric:
