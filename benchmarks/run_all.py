@@ -186,11 +186,11 @@ def _headline_llm_int4(text: str) -> str:
 
 
 def _headline_llm_budget(text: str) -> str:
-    rows = _rows(text)
-    ours = _find(rows, model="--budget")
+    rows = [r for r in _rows(text) if r.get("held-out ppl increase")]
+    ours = next(r for r in reversed(rows) if r.get("model", "").startswith("onnxpress budget") and r.get("MB", "-") != "-")
     peer = _find(rows, model="builder int8")
-    return (f"SmolLM2-135M ppl_increase_rel<=3%: {ours['MB']} MB at {ours['ppl increase']} held-out in {ours['build wall s']} s, "
-            f"{ours['build peak RSS GB']} GB; builder int8 {peer['MB']} MB at {peer['ppl increase']}.")
+    return (f"SmolLM2-135M ppl_increase_rel<=3%: {ours['MB']} MB at {ours['held-out ppl increase']} held-out in {ours['build wall']}, "
+            f"{ours['build peak RSS']}; builder int8 {peer['MB']} MB at {peer['held-out ppl increase']}.")
 
 
 def _headline_llm_scale(text: str) -> str:
