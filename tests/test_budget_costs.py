@@ -96,3 +96,37 @@ def test_compact_reconstruction_is_the_reconstruction_in_a_quarter_of_the_bytes(
     assert planner.held_factors == [("x", 96), ("x", 128)]
     planner.release("x")
     assert planner.held_factors == []
+
+
+def test_a_warm_sensitivity_cache_gives_the_cold_run_s_decisions(tmp_path):
+    """A cached ``d`` skips the layer's reconstruction in the sensitivity stage; the search makes it later from the
+    input statistics, which must still be there (they were released, and the warm run simulated its configurations
+    with calibration-free reconstructions: another first build, a negative back-off target, an unchanged model)."""
+    import onnxpress
+    from graphs import mlp_model
+
+    model = mlp_model(k=16, h=32, n=8)
+    for i, node in enumerate(model.graph):
+        node.name = f"node{i}"
+    src = tmp_path / "in.onnx"
+    onnxpress.save(model, src)
+    x = np.random.default_rng(0).standard_normal((64, 16)).astype(np.float32)
+    ev = np.random.default_rng(1).standard_normal((64, 16)).astype(np.float32)
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])
+    labels = {row.tobytes(): int(p) for rows in (x, ev) for row, p in zip(rows, session.run(None, {"x": rows})[0].argmax(-1))}
+
+    def accuracy(session_factory, data):
+        s = session_factory()
+        hits = [int(p) == labels[row.tobytes()] for feed in data for p, row in zip(s.run(None, feed)[0].argmax(-1), feed["x"])]
+        return {"accuracy": float(np.mean(hits))}
+
+    runs = []
+    for _ in range(2):
+        _, report = onnxpress.optimize(str(src), budget="accuracy_drop<=2%", task=accuracy, calibration={"x": x}, evaluation={"x": ev},
+                                       budget_options={"cache": str(tmp_path / "cache")})
+        runs.append((report.budget.pipeline, [(a["fit_value"], a["value"], a.get("simulated")) for a in report.budget.attempts], report.bytes_after))
+    assert list((tmp_path / "cache").rglob("*.json")), "the first run wrote its sensitivity cache"
+    assert runs[0] == runs[1]
+    assert runs[0][2] < src.stat().st_size

@@ -309,8 +309,12 @@ class BudgetSearch:
         release = getattr(self.planners.storage, "release", None)
         if release is not None:
             release(x)
-        readers = [layer for layer in self.layers if layer.x == x]
-        if not any(c.structure is not None for layer in readers for c in layer.choices):
+        readers = [(ri, layer) for ri, layer in enumerate(self.layers) if layer.x == x]
+        if any(c.structure is not None for _, layer in readers for c in layer.choices):
+            return
+        # a cached d skips its reconstruction here, and the search makes it later from these statistics: keep them
+        # unless every plain reconstruction of every reader is already made
+        if all((ri, c) in self.recon_memo for ri, layer in readers for c in layer.choices if c.structure is None):
             self.stats.pop(x, None)
 
     def _candidate_d(self, li: int, c: Choice, gain: float | None, futures: dict[Choice, Any]) -> float:
