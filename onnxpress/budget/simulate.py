@@ -24,6 +24,7 @@ import onnx_ir as ir
 from onnxpress import metrics as metrics_mod
 from onnxpress import runtime
 from onnxpress.budget.layers import Layer
+from onnxpress.passes.graph_utils import new_initializer
 
 Feed = dict[str, np.ndarray]
 Override = dict[str, np.ndarray]
@@ -79,12 +80,6 @@ def switch_name(layer: Layer, block: int) -> str:
     return f"{layer.weight}/budget_act_int8_{block}"
 
 
-def _constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(name=name, type=ir.TensorType(ir.DataType.from_numpy(array.dtype)), shape=ir.Shape(array.shape), const_value=ir.tensor(array, name=name))
-    graph.register_initializer(value)
-    return value
-
-
 def _quantized_input(graph: ir.Graph, node: ir.Node, layer: Layer, blocks: Sequence[int], opset: int) -> None:
     """Feed ``node`` its input as a kernel that quantizes it per row in blocks computes with: ``x + sum_B s_B *
     (fq_B(x) - x)``, ``fq_B`` symmetric int8 per row and block of ``B`` along K (scale max|x| / 127, round to
@@ -101,25 +96,25 @@ def _quantized_input(graph: ir.Graph, node: ir.Node, layer: Layer, blocks: Seque
     total = x
     for block in blocks:
         prefix = switch_name(layer, block)
-        switch = _constant(graph, prefix, np.zeros((), np.float32))
+        switch = new_initializer(graph, prefix, np.zeros((), np.float32))
         graph.inputs.append(switch)
         padded = -(-k // block) * block
-        rows = op("Reshape", [x, _constant(graph, f"{prefix}/rows_shape", np.array([-1, k], np.int64))], "rows")
+        rows = op("Reshape", [x, new_initializer(graph, f"{prefix}/rows_shape", np.array([-1, k], np.int64))], "rows")
         if padded != k:
-            rows = op("Pad", [rows, _constant(graph, f"{prefix}/pads", np.array([0, 0, 0, padded - k], np.int64))], "padded")
-        blocked = op("Reshape", [rows, _constant(graph, f"{prefix}/block_shape", np.array([-1, padded // block, block], np.int64))], "blocked")
+            rows = op("Pad", [rows, new_initializer(graph, f"{prefix}/pads", np.array([0, 0, 0, padded - k], np.int64))], "padded")
+        blocked = op("Reshape", [rows, new_initializer(graph, f"{prefix}/block_shape", np.array([-1, padded // block, block], np.int64))], "blocked")
         magnitude = op("Abs", [blocked], "abs")
         if opset >= 18:
-            amax = op("ReduceMax", [magnitude, _constant(graph, f"{prefix}/axes", np.array([-1], np.int64))], "amax", keepdims=1)
+            amax = op("ReduceMax", [magnitude, new_initializer(graph, f"{prefix}/axes", np.array([-1], np.int64))], "amax", keepdims=1)
         else:
             amax = op("ReduceMax", [magnitude], "amax", axes=[-1], keepdims=1)
-        scale = op("Div", [amax, _constant(graph, f"{prefix}/qmax", np.array(127.0, np.float32))], "scale")
-        safe = op("Max", [scale, _constant(graph, f"{prefix}/tiny", np.array(1e-30, np.float32))], "safe_scale")
+        scale = op("Div", [amax, new_initializer(graph, f"{prefix}/qmax", np.array(127.0, np.float32))], "scale")
+        safe = op("Max", [scale, new_initializer(graph, f"{prefix}/tiny", np.array(1e-30, np.float32))], "safe_scale")
         codes = op("Round", [op("Div", [blocked, safe], "scaled")], "codes")
-        flat = op("Reshape", [op("Mul", [codes, scale], "dequantized"), _constant(graph, f"{prefix}/flat_shape", np.array([-1, padded], np.int64))], "flat")
+        flat = op("Reshape", [op("Mul", [codes, scale], "dequantized"), new_initializer(graph, f"{prefix}/flat_shape", np.array([-1, padded], np.int64))], "flat")
         if padded != k:
-            flat = op("Slice", [flat, _constant(graph, f"{prefix}/starts", np.array([0], np.int64)), _constant(graph, f"{prefix}/ends", np.array([k], np.int64)),
-                                _constant(graph, f"{prefix}/slice_axes", np.array([1], np.int64))], "unpadded")
+            flat = op("Slice", [flat, new_initializer(graph, f"{prefix}/starts", np.array([0], np.int64)), new_initializer(graph, f"{prefix}/ends", np.array([k], np.int64)),
+                                new_initializer(graph, f"{prefix}/slice_axes", np.array([1], np.int64))], "unpadded")
         back = op("Reshape", [flat, op("Shape", [x], "shape")], "back")
         total = op("Add", [total, op("Mul", [op("Sub", [back, x], "change"), switch], "switched")], "sum")
     graph.insert_before(node, new)
@@ -149,8 +144,7 @@ def simulation_model(model: ir.Model, layers: Sequence[Layer], with_bias: Sequen
         out = node.outputs[0]
         n = layer.matrix.shape[1]
         name = bias_name(layer)
-        delta = ir.Value(name=name, type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([n]), const_value=ir.tensor(np.zeros(n, np.float32), name=name))
-        graph.register_initializer(delta)
+        delta = new_initializer(graph, name, np.zeros(n, np.float32))
         graph.inputs.append(delta)
         added = ir.Value(name=f"{out.name}/budget_biased", type=out.type, shape=out.shape)
         add = ir.node("Add", [out, delta], outputs=[added], name=f"{node.name}/budget_bias")
