@@ -157,8 +157,10 @@ def resolve(task: Any, reference: Any, calibration: Any = None, evaluation: Any 
     ``calibration`` / ``evaluation``: the run's data; a task that ``owns_data`` (llm) reads it itself, other
     tasks leave it to ``rundata``; text data without such a task is refused here."""
     if task is None or not (isinstance(task, str) and task == "llm"):
+        from onnxpress.llm.data import LLM_ONLY_SUFFIXES
+
         for value, what in ((calibration, "calibration"), (evaluation, "evaluation")):
-            if isinstance(value, (str, os.PathLike)) and Path(value).suffix.lower() in (".txt", ".json"):
+            if isinstance(value, (str, os.PathLike)) and Path(value).suffix.lower() in LLM_ONLY_SUFFIXES:
                 raise UsageError(f"{value}: {what} text or token ids need --task llm (a causal LM's tokenizer and KV cache); other models take .npz feeds")
     if task is None:
         return None

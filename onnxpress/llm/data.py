@@ -26,7 +26,7 @@ import numpy as np
 
 from onnxpress.errors import UsageError
 
-SUFFIXES = (".txt", ".json", ".npz")
+LLM_ONLY_SUFFIXES = (".txt", ".json")  # sources no other task reads (an .npz is feeds elsewhere)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,13 +54,6 @@ def spread(sequences: list[list[int]], limit: int) -> list[list[int]]:
         return sequences
     picks = np.unique(np.linspace(0, len(sequences) - 1, limit).round().astype(int))
     return [sequences[i] for i in picks]
-
-
-def is_token_source(value: Any) -> bool:
-    """A path with one of ``SUFFIXES`` or a list of id lists: data this module reads."""
-    if isinstance(value, (str, os.PathLike)):
-        return Path(value).suffix.lower() in SUFFIXES
-    return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(s, (list, tuple, np.ndarray)) for s in value)
 
 
 def read(value: Any, tokenizer: Any, max_tokens: int, what: str, limit: int, vocab: int | None = None) -> TokenData:
